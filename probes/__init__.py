@@ -1,0 +1,1 @@
+"""Hook-based probes (capture) and interventions (steering). Installed as `workbench.probes`."""

@@ -1,0 +1,115 @@
+"""Analyses: pure functions from a run to tidy polars DataFrames, plus plotly figures made from them.
+
+Every analysis module `workbench/analysis/<name>.py` exposes:
+
+    analyze(run, **options) -> AnalysisResult    # tables (polars DataFrames), main table name, summary
+    figures(result) -> dict[str, plotly Figure]  # built only from result.tables
+    add_arguments(parser)                        # its CLI options (workbench analyze <name> RUN ...)
+    options_from_args(args) -> dict              # CLI namespace -> analyze() keyword arguments
+
+plus the individual functions a notebook user calls directly. Analyses never touch hooks; those
+that evaluate an intervention load the model through `workbench.steering`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from ..errors import WorkbenchError
+
+MODULES = {"stats": "stats", "super-experts": "super_experts", "lrc": "lrc", "multilingual": "multilingual",
+           "behavior": "behavior", "atlas": "atlas"}
+
+
+@dataclass
+class AnalysisResult:
+    name: str
+    tables: dict[str, pl.DataFrame]
+    main: str
+    summary: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def table(self) -> pl.DataFrame:
+        return self.tables[self.main]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.tables.items())
+        return f"AnalysisResult({self.name!r}, main={self.main!r}, tables=[{shapes}])"
+
+
+def module(name: str):
+    import importlib
+
+    if name not in MODULES:
+        raise WorkbenchError(f"unknown analysis {name!r}; choose from {', '.join(MODULES)}")
+    return importlib.import_module(f"workbench.analysis.{MODULES[name]}")
+
+
+def analyze(name: str, run, **options) -> AnalysisResult:
+    """`analyze("lrc", run, m=[4, 16])` — the same as `workbench.analysis.lrc.analyze(run, m=[4, 16])`."""
+    from ..store import Run, open_run
+
+    if not isinstance(run, Run):
+        run = open_run(run)
+    return module(name).analyze(run, **options)
+
+
+def write_table(df: pl.DataFrame, path: str | Path) -> None:
+    """Write a table in the format its extension names (.parquet, .csv, .json)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        df.write_parquet(path)
+    elif suffix == ".csv":
+        df.with_columns(pl.col(c).cast(pl.List(pl.Utf8)).list.join(";") for c, t in df.schema.items()
+                        if isinstance(t, pl.List)).write_csv(path)
+    elif suffix == ".json":
+        df.write_json(path)
+    else:
+        raise WorkbenchError(f"--out {path}: use a .parquet, .csv or .json file name")
+
+
+def write_figures(figs: dict, folder: str | Path) -> list[Path]:
+    """Figures as standalone HTML (plotly.js inlined once per file); PNG too when kaleido is installed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        import kaleido  # noqa: F401
+
+        png = True
+    except ImportError:
+        png = False
+    for name, fig in figs.items():
+        p = folder / f"{name}.html"
+        fig.write_html(p, include_plotlyjs=True, full_html=True)
+        written.append(p)
+        if png:
+            try:
+                fig.write_image(folder / f"{name}.png")
+            except Exception:
+                png = False
+    return written
+
+
+def run_cli(name: str, args) -> None:
+    """`workbench analyze NAME RUN ...`: main table to --out, summary to stdout, figures to --figures."""
+    from ..store import open_run
+
+    mod = module(name)
+    run = open_run(args.run)
+    options = mod.options_from_args(args) if hasattr(mod, "options_from_args") else {}
+    result = mod.analyze(run, **options)
+    if args.out:
+        write_table(result.table, args.out)
+    print(result.summary or repr(result))
+    if args.out:
+        print(f"wrote {result.main} ({result.table.height} rows) to {args.out}")
+    if args.figures:
+        paths = write_figures(mod.figures(result), args.figures)
+        print(f"wrote {len(paths)} figures to {args.figures}")

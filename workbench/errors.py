@@ -1,0 +1,5 @@
+"""One exception type for user-facing errors: the CLI prints its message as one line, exit code 2."""
+
+
+class WorkbenchError(Exception):
+    """Bad input or an unsupported model, explained in one sentence."""

@@ -1,0 +1,268 @@
+"""Load a transformers MoE model and describe where its routing lives, from the family table."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import WorkbenchError
+from .families import FAMILIES, GENERIC_BLOCK_NAMES, GENERIC_ROUTER_NAMES, UNSUPPORTED, Family
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+
+SUPPORTED_SENTENCE = (
+    "supported: " + ", ".join(sorted(FAMILIES)) + ", and any decoder whose router returns "
+    "(logits, weights, indices) with a fused experts module"
+)
+
+
+@dataclass
+class MoELayer:
+    """One MoE decoder layer: `index` is the decoder-layer index, never a position among MoE layers."""
+
+    index: int
+    block: torch.nn.Module
+    router: torch.nn.Module
+    experts: torch.nn.Module
+    shared: torch.nn.Module | None = None
+    shared_gate: torch.nn.Module | None = None
+
+
+@dataclass
+class MoEModel:
+    """A loaded model plus the facts every probe, intervention and analysis needs."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    family: Family
+    generic: bool
+    spec: str
+    path: str
+    n_layers: int
+    layers: list[MoELayer]
+    n_experts: int
+    top_k: int
+    file_hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [layer.index for layer in self.layers]
+
+    def layer(self, index: int) -> MoELayer:
+        for layer in self.layers:
+            if layer.index == index:
+                return layer
+        raise KeyError(index)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_shared(self) -> int:
+        return int(any(layer.shared is not None for layer in self.layers))
+
+    def describe(self) -> dict:
+        """The `model` section of a run manifest."""
+        cfg = self.model.config
+        return {
+            "spec": self.spec,
+            "path": self.path,
+            "model_type": cfg.model_type,
+            "family": "generic" if self.generic else self.family.model_type,
+            "routing_rule": self.family.rule,
+            "norm_topk_prob": bool(getattr(cfg, "norm_topk_prob", False)),
+            "n_layers": self.n_layers,
+            "moe_layers": self.moe_layers,
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "shared_experts": self.n_shared,
+            "hidden_size": int(cfg.hidden_size),
+            "vocab_size": int(cfg.vocab_size),
+            "revision": getattr(cfg, "_commit_hash", None),
+            "file_hashes": self.file_hashes,
+        }
+
+    def steer(self, **interventions):
+        """Context manager applying interventions (ban/force/boost/zero/scale) for its body."""
+        from ..probes.interventions import steer
+
+        return steer(self, **interventions)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def resolve_model_path(spec: str) -> str:
+    """`demo` -> the bundled model; a folder -> itself; anything else is treated as a hub id."""
+    if spec == "demo":
+        if not (DEMO_MODEL_DIR / "config.json").exists():
+            raise WorkbenchError(f"the bundled demo model is missing from {DEMO_MODEL_DIR}")
+        return str(DEMO_MODEL_DIR)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise WorkbenchError(f"{spec} is a folder without a config.json, not a transformers model")
+        return str(p.resolve())
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
+        raise WorkbenchError(f"model path {spec} does not exist")
+    return spec  # hub id
+
+
+def _hash_files(path: str) -> dict[str, str]:
+    p = Path(path)
+    if not p.is_dir():
+        return {}
+    out = {}
+    for f in sorted(p.iterdir()):
+        if f.suffix in (".json", ".safetensors") and f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[f.name] = h.hexdigest()[:16]
+    return out
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    for get in (lambda m: m.get_decoder().layers, lambda m: m.model.layers, lambda m: m.layers):
+        with contextlib.suppress(AttributeError):
+            layers = get(model)
+            if isinstance(layers, torch.nn.ModuleList):
+                return layers
+    raise WorkbenchError(f"cannot find the decoder layers of {type(model).__name__}; {SUPPORTED_SENTENCE}")
+
+
+def _looks_like_experts(mod) -> bool:
+    return mod is not None and hasattr(mod, "down_proj") and getattr(mod.down_proj, "ndim", 0) == 3
+
+
+def find_moe_layers(model, family: Family | None) -> tuple[Family, bool, list[MoELayer]]:
+    """Locate router/experts per decoder layer from the family row, or by structure (generic)."""
+    generic = family is None
+    layers = []
+    for i, dec in enumerate(_decoder_layers(model)):
+        names = family.block if family else GENERIC_BLOCK_NAMES
+        block = next((getattr(dec, n) for n in names if hasattr(dec, n)), None)
+        if block is None:
+            continue
+        if family:
+            router, experts = getattr(block, family.router, None), getattr(block, family.experts, None)
+        else:
+            router = next((getattr(block, n) for n in GENERIC_ROUTER_NAMES if hasattr(block, n)), None)
+            experts = getattr(block, "experts", None)
+        if router is None or not _looks_like_experts(experts):
+            continue  # a dense layer
+        shared = getattr(block, family.shared, None) if family and family.shared else None
+        sgate = getattr(block, family.shared_gate, None) if family and family.shared_gate else None
+        layers.append(MoELayer(i, block, router, experts, shared, sgate))
+    if generic:
+        rule = "generic"
+        family = Family(model_type=model.config.model_type, rule=rule)
+    return family, generic, layers
+
+
+def _config_int(cfg, keys) -> int | None:
+    for k in keys:
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_model(
+    spec: str,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    experts_implementation: str | None = "eager",
+) -> MoEModel:
+    """Load `spec` (hub id, local folder or `demo`) in eval mode and map its MoE layers.
+
+    The `eager` experts implementation is the default so that captured routing and outputs are
+    bit-comparable with the reference path on CPU; pass None to keep the model's default.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise WorkbenchError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise WorkbenchError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    mt = cfg.model_type
+    if mt in UNSUPPORTED:
+        raise WorkbenchError(f"{mt} is not supported ({UNSUPPORTED[mt]}); {SUPPORTED_SENTENCE}")
+    torch_dtype = _parse_dtype(dtype)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise WorkbenchError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if device:
+        model.to(device)
+    return wrap_model(model, tok, spec=spec, path=path)
+
+
+def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> MoEModel:
+    """Wrap an already-loaded transformers model (e.g. built in a notebook) for the workbench."""
+    model.eval()  # from_config builds in training mode; PhiMoE routes randomly while training
+    if getattr(model, "use_kernels", False):
+        raise WorkbenchError(
+            "hub kernels (use_kernels=True) replace the MoE block so probes would not fire; reload without them"
+        )
+    cfg = model.config
+    family = FAMILIES.get(cfg.model_type)
+    family, generic, layers = find_moe_layers(model, family)
+    if not layers:
+        what = "a dense model" if family and not generic or not layers else "an unsupported MoE"
+        raise WorkbenchError(f"{spec} ({cfg.model_type}) has no MoE layers the workbench can probe: {what}; {SUPPORTED_SENTENCE}")
+    n_exp = _config_int(cfg, family.n_experts_keys) or int(layers[0].experts.down_proj.shape[0])
+    top_k = _config_int(cfg, family.top_k_keys) or getattr(layers[0].router, "top_k", None)
+    if not top_k:
+        raise WorkbenchError(f"cannot tell how many experts a token uses in {cfg.model_type}; {SUPPORTED_SENTENCE}")
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    n_layers = len(_decoder_layers(model))
+    return MoEModel(
+        model=model,
+        tokenizer=tokenizer,
+        family=family,
+        generic=generic,
+        spec=spec,
+        path=path,
+        n_layers=n_layers,
+        layers=layers,
+        n_experts=int(n_exp),
+        top_k=int(top_k),
+        file_hashes=_hash_files(path) if path else {},
+    )
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
+
+
+def _parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise WorkbenchError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def config_json(path: str) -> dict:
+    with open(Path(path) / "config.json") as f:
+        return json.load(f)
