@@ -7,26 +7,13 @@
     with mm.steer(ban="L3:E5"): ...                # interventions around forward / generate / capture
 """
 
+from .capture import capture, capture_generate  # functions shadow the submodule name on purpose
 from .errors import WorkbenchError
 from .models.loading import MoEModel, load_model, wrap_model
 from .store import Run, open_run
 
 __all__ = ["MoEModel", "Run", "WorkbenchError", "capture", "capture_generate", "load_model", "open_run",
            "tiny", "wrap_model"]
-
-
-def capture(*args, **kwargs) -> Run:
-    """See `workbench.capture.capture`."""
-    from .capture import capture as _capture
-
-    return _capture(*args, **kwargs)
-
-
-def capture_generate(*args, **kwargs) -> Run:
-    """See `workbench.capture.capture_generate`."""
-    from .capture import capture_generate as _cg
-
-    return _cg(*args, **kwargs)
 
 
 def tiny(model_type: str, out, **kwargs):
