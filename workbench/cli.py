@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-hidden", metavar="LAYERS", help="store full residual vectors after these layers, e.g. 1,3")
     p.add_argument("--dump-format", choices=["fp16", "int8"], default="fp16")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--part-tokens", type=int, default=65536, help="tokens per Parquet part (the unit of resume)")
     p.add_argument("--no-progress", action="store_true")
     _add_intervention_args(p)
 
@@ -131,7 +132,7 @@ def cmd_capture(args) -> None:
     run = capture(mm, args.data, args.out, probes=[s.strip() for s in args.probes.split(",") if s.strip()],
                   logits=args.logits, batch_size=args.batch_size, max_tokens=args.max_tokens, seq_len=args.seq_len,
                   resume=args.resume, overwrite=args.overwrite, interventions=_interventions(args) or None,
-                  progress=not args.no_progress, **opts)
+                  progress=not args.no_progress, part_tokens=args.part_tokens, **opts)
     n = sum(p["tokens"] for p in run.manifest["parts"])
     print(f"captured {n} tokens x {len(run.moe_layers)} MoE layers of {run.model_info['model_type']} into {run.path}")
 
