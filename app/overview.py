@@ -1,0 +1,85 @@
+"""Overview: what the run is (model, data, probes, interventions, sizes) and the layer x expert load."""
+
+from __future__ import annotations
+
+import json
+
+from dash import html
+
+from .analyses import async_section, section
+from .ui import Page, card, graph, human_bytes
+
+
+def _load_figure(app_ctx, key, res, figs):
+    name = next((n for n in figs if "load" in n and "heat" in n), None) or next((n for n in figs if "load" in n), None)
+    if name is None:
+        return html.Div("The stats analysis returned no load figure.", className="computing")
+    return [graph(figs[name]), html.Div(["More per-expert statistics on the ", html.A("Experts", href=app_ctx.href("/experts")),
+                                         " page."], style={"fontSize": "13px"})]
+
+
+section("overview-load", "stats", _load_figure)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v) if v else "-"
+    if isinstance(v, dict):
+        return json.dumps(v, default=str) if v else "-"
+    return "-" if v is None else str(v)
+
+
+def layout(app_ctx):
+    run, m, s = app_ctx.run, app_ctx.run.manifest, app_ctx.data.summary()
+    mi = m.get("model", {})
+    ds = m.get("dataset", {})
+    moe = mi.get("moe_layers", [])
+    model = card("Model", [
+        ("spec", mi.get("spec")), ("model type / family", f"{mi.get('model_type')} / {mi.get('family')}"),
+        ("routing rule", mi.get("routing_rule")),
+        ("layers", f"{mi.get('n_layers')} decoder layers, {len(moe)} MoE ({_ranges(moe)})"),
+        ("experts", f"{mi.get('n_experts')} routed, top-{mi.get('top_k')}, {mi.get('shared_experts', 0)} shared"),
+        ("dtype / device", f"{m.get('dtype')} / {m.get('device')}"),
+    ])
+    data = card("Data", [
+        ("dataset", ds.get("name")), ("records", ds.get("records")),
+        ("labels", ", ".join(f"{c}: {', '.join(v for v, _ in vals[:6])}{'…' if len(vals) > 6 else ''}"
+                             for c, vals in s["labels"].items()) or "-"),
+        ("status", f"{m.get('status')} (created {m.get('created', '-')}, finished {m.get('finished', '-')})"),
+    ])
+    probes = card("Probes and interventions", [
+        ("probes", ", ".join(f"{k}{' ' + json.dumps(v) if v else ''}" for k, v in (m.get("probes") or {}).items())),
+        ("interventions", _fmt(m.get("interventions"))),
+        ("settings", _fmt({k: v for k, v in (m.get("settings") or {}).items() if k != "probes" and v is not None})),
+    ])
+    sizes = card("Sizes", [("captured", f"{s['tokens']:,} tokens in {s['docs']:,} documents")] + [
+        (t, f"{v['rows']:,} rows, {human_bytes(v['bytes'])}, {v['parts']} part{'s' if v['parts'] != 1 else ''}")
+        for t, v in s["tables"].items()
+    ])
+    versions = m.get("versions") or {}
+    ver = html.Div(" · ".join(f"{k} {v}" for k, v in versions.items()), style={"fontSize": "12px", "color": "#667",
+                                                                                 "marginTop": "6px"})
+    return html.Div([
+        html.H2(f"Run {run.path.name}"),
+        html.Div([model, data, probes, sizes], className="cards"), ver,
+        html.H3("Load per layer and expert"),
+        async_section(app_ctx, "overview-load"),
+    ])
+
+
+def _ranges(xs) -> str:
+    xs = sorted(int(x) for x in xs)
+    if not xs:
+        return "-"
+    out, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
+
+
+PAGE = Page("/", "Overview", layout)

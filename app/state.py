@@ -1,0 +1,240 @@
+"""What the app knows about its run: cached per-run aggregates and analysis results.
+
+Pages never compute on the request thread what they can reuse: every aggregate is computed once per
+run (first request, or the warm-up thread) and kept in memory. Analyses run on one background worker
+(two CPU cores are shared with the model service), so a page renders at once with a "computing"
+notice and fills in when the result lands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from ..errors import WorkbenchError
+from ..store import TABLES, Run, open_run
+
+log = logging.getLogger("workbench.app")
+
+# What a user must capture or pass for each analysis; shown instead of an error when it cannot run.
+CAPTURE_HINTS = {
+    "stats": "workbench capture MODEL --data DATA --out RUN  (the routing probe is on by default)",
+    "super-experts": "workbench capture MODEL --data calibration --out RUN --probes routing,experts,hidden,attention",
+    "lrc": "workbench capture MODEL --data calibration --out RUN --seq-len 512  (long sequences)",
+    "multilingual": "workbench capture MODEL --data multilingual --out RUN  (records with `lang` and `key` labels)",
+    "behavior": "workbench capture MODEL --data behavior --out RUN  (records with a `class` label, target vs control)",
+    "atlas": "workbench capture MODEL --data DATA --out RUN  (labels such as `lang` or `class` colour the map)",
+}
+TABLE_HINTS = {
+    "expert_stats": "add `experts` to --probes (workbench capture ... --probes routing,experts)",
+    "hidden": "add `hidden` to --probes (workbench capture ... --probes routing,hidden)",
+    "attention": "add `attention` to --probes (workbench capture ... --probes routing,attention)",
+    "routing": "capture with the routing probe (the default): workbench capture MODEL --data DATA --out RUN",
+    "tokens": "capture with workbench capture MODEL --data DATA --out RUN",
+}
+
+
+@dataclass
+class Unavailable:
+    """Why a page cannot show something, and what to do about it (rendered as a notice, not an error)."""
+
+    message: str
+    hint: str = ""
+    kind: str = "missing"  # missing | unavailable | failed
+
+
+@dataclass
+class Job:
+    future: Future
+    started: float = field(default_factory=time.time)
+
+
+def analysis_available(name: str) -> bool:
+    from ..analysis import MODULES
+
+    mod = MODULES.get(name, name.replace("-", "_"))
+    try:
+        return importlib.util.find_spec(f"workbench.analysis.{mod}") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class RunData:
+    """One run, its cached aggregates and analyses. Thread-safe; shared by every browser session."""
+
+    def __init__(self, run: Run | str, analysis_options: dict | None = None):
+        self.run = run if isinstance(run, Run) else open_run(run)
+        self.analysis_options = dict(analysis_options or {})
+        self._cache: dict = {}
+        self._locks: dict = {}
+        self._guard = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workbench-analysis")
+
+    # -- small cached aggregates, computed on the calling thread ------------------------------------
+    def _cached(self, key, fn):
+        if key in self._cache:
+            return self._cache[key]
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # two first requests for the same key compute it once
+            if key not in self._cache:
+                self._cache[key] = fn()
+        return self._cache[key]
+
+    def tables_present(self) -> list[str]:
+        return [t for t in TABLES if self.run.has(t)]
+
+    def summary(self) -> dict:
+        return self._cached("summary", self._summary)
+
+    def _summary(self) -> dict:
+        run, m = self.run, self.run.manifest
+        sizes = {}
+        for t in TABLES:
+            files = run.files(t)
+            if files:
+                rows = sum(_parquet_rows(f) for f in files)
+                sizes[t] = {"rows": rows, "bytes": sum(f.stat().st_size for f in files), "parts": len(files)}
+        n_docs = 0
+        if run.has("tokens"):
+            n_docs = int(run.tokens.select(pl.col("doc_id").n_unique()).collect().item())
+        labels = {}
+        for c in run.label_columns:
+            try:
+                vc = run.tokens.group_by(c).agg(pl.len()).sort("len", descending=True).head(12).collect()
+                labels[c] = [(str(v), int(n)) for v, n in vc.iter_rows()]
+            except Exception:  # a label column a part lacks: skip, the overview is best-effort
+                continue
+        return {"tokens": sum(p["tokens"] for p in m.get("parts", [])), "docs": n_docs, "tables": sizes,
+                "labels": labels}
+
+    def docs(self) -> pl.DataFrame:
+        """One row per document: doc_id, n_tokens, its labels and the first characters of its text."""
+        return self._cached("docs", self._docs)
+
+    def _docs(self) -> pl.DataFrame:
+        cols = [c for c in self.run.label_columns]
+        lf = self.run.tokens
+        names = set(lf.collect_schema().names())
+        cols = [c for c in cols if c in names]
+        head = (lf.filter(pl.col("pos") < 48).sort("doc_id", "pos").group_by("doc_id", maintain_order=True)
+                .agg(pl.col("token").str.join("").str.slice(0, 60).alias("preview")))
+        per = lf.group_by("doc_id").agg(pl.len().alias("n_tokens"), *[pl.col(c).first() for c in cols])
+        return per.join(head, on="doc_id", how="left").sort("doc_id").collect()
+
+    def doc_routing(self, doc_id: int) -> tuple[pl.DataFrame, dict]:
+        """Tokens of one document and, per MoE layer, the experts and weights of each token.
+
+        Returns (tokens frame sorted by pos, {layer: (experts [T,K] int, weights [T,K] float)}).
+        """
+        key = ("doc", int(doc_id))
+        if key in self._cache:
+            return self._cache[key]
+        run = self.run
+        toks = (run.tokens.filter(pl.col("doc_id") == int(doc_id)).select("pos", "token", "token_id", "phase")
+                .sort("pos").collect())
+        rt = (run.routing.filter(pl.col("doc_id") == int(doc_id)).select("pos", "layer", "experts", "weights")
+              .sort("layer", "pos").collect())
+        per_layer = {}
+        k = run.top_k
+        pos_index = {p: i for i, p in enumerate(toks["pos"].to_list())}
+        for (layer,), g in rt.group_by("layer", maintain_order=True):
+            ex = np.full((toks.height, k), -1, np.int32)
+            w = np.zeros((toks.height, k), np.float32)
+            idx = np.array([pos_index.get(p, -1) for p in g["pos"].to_list()])
+            ok = idx >= 0
+            ex[idx[ok]] = g["experts"].list.to_array(k).to_numpy()[ok]
+            w[idx[ok]] = g["weights"].list.to_array(k).to_numpy()[ok]
+            per_layer[int(layer)] = (ex, w)
+        out = (toks, per_layer)
+        with self._guard:
+            docs_cached = [c for c in self._cache if isinstance(c, tuple) and c[0] == "doc"]
+            if len(docs_cached) > 64:  # documents are cheap to reload; keep memory bounded
+                self._cache.pop(docs_cached[0], None)
+            self._cache[key] = out
+        return out
+
+    # -- analyses, computed on the background worker ---------------------------------------------------
+    def analysis(self, name: str, wait: float = 0.0):
+        """AnalysisResult, Unavailable, or None while it is being computed (started if needed)."""
+        key = ("analysis", name)
+        if key in self._cache:
+            return self._cache[key]
+        if not analysis_available(name):
+            return Unavailable(f"The {name} analysis is not available yet in this version of the workbench.",
+                               kind="unavailable")
+        with self._guard:
+            job = self._jobs.get(name)
+            if job is None:
+                job = self._jobs[name] = Job(self._pool.submit(self._compute, name))
+        if wait > 0:
+            try:
+                job.future.result(timeout=wait)
+            except Exception:
+                pass
+        if job.future.done():
+            return self._cache.get(key)
+        return None
+
+    def started(self, name: str) -> float | None:
+        job = self._jobs.get(name)
+        return job.started if job else None
+
+    def _compute(self, name: str):
+        key = ("analysis", name)
+        t0 = time.perf_counter()
+        try:
+            from ..analysis import module
+
+            mod = module(name)
+            result = mod.analyze(self.run, **self.analysis_options.get(name, {}))
+            try:
+                figs = mod.figures(result) if hasattr(mod, "figures") else {}
+            except WorkbenchError:
+                figs = {}
+            self._cache[("figures", name)] = figs
+            self._cache[key] = result
+        except WorkbenchError as e:
+            self._cache[key] = Unavailable(str(e), CAPTURE_HINTS.get(name, ""))
+        except Exception as e:  # a bug in an analysis must not take the dashboard down
+            log.error("analysis %s failed:\n%s", name, traceback.format_exc())
+            self._cache[key] = Unavailable(f"The {name} analysis failed: {type(e).__name__}: {e}", kind="failed")
+        self._cache[("seconds", name)] = time.perf_counter() - t0
+        return self._cache[key]
+
+    def figures(self, name: str) -> dict:
+        return self._cache.get(("figures", name), {})
+
+    def seconds(self, name: str) -> float | None:
+        return self._cache.get(("seconds", name))
+
+    def warm(self, names) -> None:
+        """Queue analyses so they are ready before anyone opens their pages."""
+        for n in names:
+            self.analysis(n)
+
+    def computed_analyses(self) -> dict:
+        """name -> AnalysisResult for every analysis already computed successfully."""
+        from ..analysis import AnalysisResult
+
+        return {k[1]: v for k, v in list(self._cache.items())
+                if isinstance(k, tuple) and k[0] == "analysis" and isinstance(v, AnalysisResult)}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _parquet_rows(path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows

@@ -1,0 +1,270 @@
+"""Steering lab: pick experts (click heatmap cells or type a SPEC), ban/force/boost/zero them, and compare
+baseline and steered continuations of a prompt, live.
+
+The toggles live in the browser tab (a session-storage dcc.Store), so every tab steers on its own; the
+server only keeps queued jobs, keyed by a random id. Generation runs on the model service's worker
+(see service.py) and the page polls for the result, so nothing blocks a request thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import polars as pl
+from dash import Input, Output, State, ctx as dash_ctx, dash_table, dcc, html, no_update
+
+from ..errors import WorkbenchError
+from .service import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MODES, spec_of
+from .state import Unavailable
+from .ui import GRAPH_CONFIG, Page, notice, table_page
+
+MODE_CODE = {m: i + 1 for i, m in enumerate(MODES)}
+MODE_COLOUR = {"ban": "#e03131", "force": "#2f9e44", "boost": "#1971c2", "zero": "#495057"}
+DEFAULT_PROMPT = "The quick brown fox"
+
+
+def layout(app_ctx):
+    svc = app_ctx.service
+    if svc is None:
+        return html.Div([html.H2("Steering lab"), notice(Unavailable(
+            "The Steering lab needs a live model; this dashboard was started without one.",
+            f"workbench app {app_ctx.run.path} --model {app_ctx.run.model_info.get('spec') or 'MODEL'}"))])
+    mm = svc.mm
+    return html.Div([
+        html.H2("Steering lab"),
+        html.P(f"Model {mm.spec} ({mm.model.config.model_type}): {len(mm.moe_layers)} MoE layers x {mm.n_experts} "
+               f"experts, top-{mm.top_k}. Click cells to toggle experts with the chosen action, or type a SPEC "
+               "such as L1:E3,L2:E5. Every change re-runs baseline and steered generation.",
+               style={"fontSize": "13px"}),
+        html.Div([
+            html.Div([
+                html.Div([
+                    html.Div([html.Label("action for clicks and SPEC"),
+                              dcc.RadioItems(id="steer-mode", options=[{"label": m, "value": m} for m in MODES],
+                                             value="ban", inline=True, inputStyle={"marginRight": "3px",
+                                                                                    "marginLeft": "8px"})]),
+                    html.Div([html.Label("boost lambda (x std of logits)"),
+                              dcc.Input(id="steer-lambda", type="number", value=0.5, step=0.25,
+                                        style={"width": "80px"})]),
+                ], className="controls"),
+                dcc.Graph(id="steer-map", config=GRAPH_CONFIG, figure=_map_figure(mm, [])),
+                html.Div([
+                    html.Div([html.Label("SPEC"), dcc.Input(id="steer-spec", type="text", placeholder="L1:E3,L2:E5",
+                                                            maxLength=2000, style={"width": "220px"})]),
+                    html.Button("add", id="steer-add", n_clicks=0),
+                    html.Button("clear all", id="steer-clear", n_clicks=0),
+                ], className="controls"),
+                html.Div(id="steer-spec-error", className="error"),
+                html.Div(id="steer-chips"),
+            ], className="col"),
+            html.Div([
+                html.Label("prompt"),
+                dcc.Textarea(id="steer-prompt", value=DEFAULT_PROMPT, maxLength=MAX_PROMPT_CHARS, debounce=True,
+                             style={"width": "100%", "height": "70px"}),
+                html.Div([
+                    html.Div([html.Label("new tokens"),
+                              dcc.Slider(id="steer-n", min=1, max=MAX_NEW_TOKENS, step=1, value=16, marks=None,
+                                         tooltip={"placement": "bottom", "always_visible": True})],
+                             style={"minWidth": "240px"}),
+                    html.Div([dcc.Checklist(id="steer-sample", options=[{"label": " sample", "value": "sample"}],
+                                            value=[])]),
+                    html.Div([html.Label("seed"), dcc.Input(id="steer-seed", type="number", value=0, min=0,
+                                                            style={"width": "80px"})]),
+                ], className="controls"),
+                html.Div(id="steer-status", style={"fontSize": "13px", "minHeight": "1.2em"}),
+                html.Div(id="steer-out"),
+            ], className="col"),
+        ], className="row"),
+        dcc.Store(id="steer-job"),
+        dcc.Interval(id="steer-poll", interval=400, disabled=True),
+    ])
+
+
+def _map_figure(mm, items):
+    layers = mm.moe_layers
+    E = mm.n_experts
+    row = {lay: i for i, lay in enumerate(layers)}
+    z = np.zeros((len(layers), E), np.float32)
+    text = [[f"L{lay}:E{e}" for e in range(E)] for lay in layers]
+    for it in items:
+        lay, e, mode = int(it[0]), int(it[1]), it[2]
+        if lay in row and 0 <= e < E:
+            z[row[lay], e] = MODE_CODE.get(mode, 0)
+            text[row[lay]][e] += f" · {mode}" + (f" {it[3]}" if mode == "boost" and len(it) > 3 else "")
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(E)), y=layers, text=text, hoverinfo="text", zmin=-0.5, zmax=4.5,
+                               colorscale=_step_scale(), showscale=False, xgap=1, ygap=1))
+    fig.update_layout(height=max(220, 26 * len(layers) + 90), margin=dict(l=50, r=10, t=10, b=40),
+                      xaxis=dict(title="expert", dtick=max(1, E // 16)), yaxis=dict(title="layer", tickvals=layers,
+                                                                                    autorange="reversed"),
+                      template="plotly_white", clickmode="event")
+    return fig
+
+
+def _step_scale():
+    cols = ["#f1f3f5"] + [MODE_COLOUR[m] for m in MODES]
+    n = len(cols)
+    scale = []
+    for i, c in enumerate(cols):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+def _chips(items):
+    if not items:
+        return html.Div("No experts selected: steered = baseline.", style={"fontSize": "13px", "color": "#667"})
+    out = []
+    for m in MODES:
+        sel = [it for it in items if it[2] == m]
+        if sel:
+            label = spec_of([(it[0], it[1]) for it in sel])
+            if m == "boost":
+                label = ",".join(f"L{it[0]}:E{it[1]}={it[3]}" for it in sel)
+            out.append(html.Span(f"{m} {label}", className=f"chip {m}"))
+    return html.Div(out, id="steer-chip-list")
+
+
+def _toggle(items, layer, expert, mode, value):
+    items = [list(it) for it in items or []]
+    same = [it for it in items if int(it[0]) == layer and int(it[1]) == expert]
+    items = [it for it in items if not (int(it[0]) == layer and int(it[1]) == expert)]
+    if not same or same[0][2] != mode:
+        items.append([layer, expert, mode, value if mode == "boost" else None])
+    return sorted(items, key=lambda it: (it[0], it[1]))
+
+
+def register(app, app_ctx):
+    svc = app_ctx.service
+
+    @app.callback(Output("steer-state", "data"), Output("steer-spec-error", "children"),
+                  Output("steer-map", "clickData"),
+                  Input("steer-map", "clickData"), Input("steer-add", "n_clicks"), Input("steer-clear", "n_clicks"),
+                  State("steer-mode", "value"), State("steer-lambda", "value"), State("steer-spec", "value"),
+                  State("steer-state", "data"), prevent_initial_call=True)
+    def edit(click, _add, _clear, mode, lam, spec, state):
+        if svc is None:
+            return no_update, no_update, None
+        items = list((state or {}).get("items", []))
+        lam = float(lam) if lam is not None else 0.5
+        trig = dash_ctx.triggered_id
+        if trig == "steer-clear":
+            return {"items": []}, "", None
+        if trig == "steer-map":
+            if not click or not click.get("points"):
+                return no_update, no_update, None
+            pt = click["points"][0]
+            return {"items": _toggle(items, int(pt["y"]), int(pt["x"]), mode, lam)}, "", None
+        if trig == "steer-add":
+            try:
+                pairs = svc.parse(spec or "")
+            except WorkbenchError as e:
+                return no_update, str(e), None
+            if not pairs:
+                return no_update, "type a SPEC such as L1:E3,L2:E5", None
+            for lay, e in pairs:
+                items = [it for it in items if not (int(it[0]) == lay and int(it[1]) == e)]
+                items.append([lay, e, mode, lam if mode == "boost" else None])
+            return {"items": sorted(items, key=lambda it: (it[0], it[1]))}, "", None
+        return no_update, no_update, None
+
+    @app.callback(Output("steer-map", "figure"), Output("steer-chips", "children"), Input("steer-state", "data"))
+    def show(state):
+        if svc is None:
+            return no_update, no_update
+        items = (state or {}).get("items", [])
+        return _map_figure(svc.mm, items), _chips(items)
+
+    @app.callback(Output("steer-job", "data"), Output("steer-poll", "disabled"), Output("steer-status", "children"),
+                  Input("steer-state", "data"), Input("steer-prompt", "value"), Input("steer-n", "value"),
+                  Input("steer-sample", "value"), Input("steer-seed", "value"), State("session-id", "data"))
+    def submit(state, prompt, n_new, sample, seed, session):
+        if svc is None:
+            return no_update, True, ""
+        items = (state or {}).get("items", [])
+        try:
+            job = svc.submit(session or "anon", prompt, items, max_new_tokens=n_new or 16,
+                             sample="sample" in (sample or []), seed=seed or 0)
+        except WorkbenchError as e:
+            return None, True, html.Span(str(e), className="error")
+        return {"id": job}, False, "generating…"
+
+    @app.callback(Output("steer-out", "children"), Output("steer-poll", "disabled", allow_duplicate=True),
+                  Output("steer-status", "children", allow_duplicate=True),
+                  Input("steer-poll", "n_intervals"), State("steer-job", "data"), prevent_initial_call=True)
+    def poll(_n, job):
+        if svc is None or not job:
+            return no_update, True, no_update
+        state, payload = svc.poll(job["id"])
+        if state in ("queued", "running"):
+            return no_update, False, f"generating… ({state}, {payload:.1f} s)"
+        if state == "done":
+            res = payload["result"]
+            return render_result(res), True, f"done in {payload['seconds']:.2f} s · {_describe(payload['interventions'])}"
+        return no_update, True, html.Span(str(payload), className="error")
+
+
+def _describe(inter: dict) -> str:
+    if not inter:
+        return "no intervention (steered = baseline)"
+    parts = []
+    for k, v in inter.items():
+        parts.append(f"{k} " + (",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else spec_of(v)))
+    return "; ".join(parts)
+
+
+def _field(res, *names, default=None):
+    for n in names:
+        if hasattr(res, n):
+            return getattr(res, n)
+        if isinstance(res, dict) and n in res:
+            return res[n]
+    return default
+
+
+def render_result(res):
+    """Baseline vs steered side by side (changed tokens marked), per-token KL, routing changes."""
+    prompt = _field(res, "prompt", default="")
+    b_toks = [str(t) for t in _field(res, "baseline_tokens", default=[]) or []]
+    s_toks = [str(t) for t in _field(res, "steered_tokens", default=[]) or []]
+    kl = [float(x) for x in (_field(res, "kl", "per_token_kl", default=[]) or [])]
+    changes = _field(res, "routing_changes", "changes", default=None)
+
+    def spans(toks, other, side):
+        out = [html.Span(prompt, style={"color": "#868e96"})] if prompt else []
+        for i, t in enumerate(toks):
+            changed = i >= len(other) or other[i] != t
+            out.append(html.Span(t, className="tok changed" if changed else "tok", id=f"{side}-tok-{i}"))
+        return out
+
+    n_changed = sum(1 for i, t in enumerate(s_toks) if i >= len(b_toks) or b_toks[i] != t)
+    gen = html.Div([
+        html.Div([html.H3("baseline"), html.Div(spans(b_toks, s_toks, "base"), className="gen", id="steer-baseline")],
+                 className="col"),
+        html.Div([html.H3(f"steered ({n_changed} of {len(s_toks)} tokens differ)"),
+                  html.Div(spans(s_toks, b_toks, "steered"), className="gen", id="steer-steered")], className="col"),
+    ], className="row")
+    out = [gen]
+    if kl:
+        fig = go.Figure(go.Bar(x=list(range(len(kl))), y=kl, marker_color="#4c6ef5",
+                               hovertext=[f"step {i}: baseline {b_toks[i] if i < len(b_toks) else ''!r}, steered "
+                                          f"{s_toks[i] if i < len(s_toks) else ''!r}, KL {v:.4f}"
+                                          for i, v in enumerate(kl)], hoverinfo="text"))
+        fig.update_layout(height=220, margin=dict(l=50, r=10, t=30, b=40), template="plotly_white",
+                          title=dict(text="KL(baseline || steered) of the next-token distribution", font=dict(size=13)),
+                          xaxis_title="generated position", yaxis_title="KL (nats)")
+        out.append(dcc.Graph(figure=fig, config=GRAPH_CONFIG, id="steer-kl"))
+    if isinstance(changes, pl.DataFrame):
+        out.append(html.H3(f"Routing changes ({changes.height:,} token x layer decisions differ)"))
+        if changes.height and "layer" in changes.columns:
+            per = changes.group_by("layer").agg(pl.len().alias("changed")).sort("layer")
+            fig = go.Figure(go.Bar(x=per["layer"].to_list(), y=per["changed"].to_list(), marker_color="#e8590c"))
+            fig.update_layout(height=200, margin=dict(l=50, r=10, t=10, b=40), template="plotly_white",
+                              xaxis_title="layer", yaxis_title="changed decisions")
+            out.append(dcc.Graph(figure=fig, config=GRAPH_CONFIG))
+        rows, cols, _ = table_page(changes.head(300), 0, 300, [])
+        out.append(dash_table.DataTable(id="steer-changes", data=rows, columns=cols, page_size=12,
+                                        style_cell={"fontSize": 13, "fontFamily": "ui-monospace, monospace"},
+                                        style_table={"overflowX": "auto"}))
+    return out
+
+
+PAGE = Page("/steering", "Steering lab", layout, register)
