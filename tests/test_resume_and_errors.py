@@ -130,7 +130,7 @@ def test_bad_inputs_are_one_line_errors(tiny_dir, dense_dir, tmp_path, capsys, m
     dbrx.mkdir()
     (dbrx / "config.json").write_text(json.dumps({"model_type": "dbrx"}))
     cases = [
-        (["capture", str(tmp_path / "nope"), "--data", str(empty)], "does not exist"),
+        (["capture", str(tmp_path / "nope"), "--data", "x.txt"], "does not exist"),
         (["capture", model, "--data", str(tmp_path / "missing.jsonl")], "does not exist"),
         (["capture", model, "--data", str(bad_jsonl)], f"{bad_jsonl}:2"),
         (["capture", model, "--data", str(empty)], "no non-empty text"),

@@ -122,3 +122,44 @@ def load_dataset(data, limit: int | None = None) -> Dataset:
     if not records:
         raise WorkbenchError(f"dataset {name} has no non-empty text records")
     return Dataset(name=name, records=records, sha256=digest, source=source)
+
+
+def subset(ds: Dataset, where: dict | None = None, first_keys: int | None = None, limit: int | None = None,
+           key: str = "key") -> Dataset:
+    """Records matching `where` ({column: value or list}), the first `first_keys` distinct `key`
+    values (keeps parallel translations together), then the first `limit` records."""
+    recs = ds.records
+    desc = []
+    if where:
+        for col, val in where.items():
+            vals = {str(v) for v in (val if isinstance(val, (list, tuple, set)) else [val])}
+            recs = [r for r in recs if str(r.get(col)) in vals]
+            desc.append(f"{col}={','.join(sorted(vals))}")
+        if not recs:
+            raise WorkbenchError(f"no records of {ds.name} match {' '.join(desc)}")
+    if first_keys is not None:
+        keys: dict = {}
+        for r in recs:
+            if r.get(key) is not None and r[key] not in keys and len(keys) < first_keys:
+                keys[r[key]] = None
+        recs = [r for r in recs if r.get(key) in keys]
+        desc.append(f"first {first_keys} {key}s")
+    if limit is not None:
+        recs = recs[:limit]
+        desc.append(f"first {limit}")
+    if not recs:
+        raise WorkbenchError(f"the selection {' '.join(desc)} of {ds.name} is empty")
+    digest = _hash((ds.sha256 + json.dumps(desc)).encode())
+    return Dataset(name=f"{ds.name}[{'; '.join(desc)}]" if desc else ds.name, records=recs, sha256=digest,
+                   source=ds.source)
+
+
+def parse_where(items: list[str] | None) -> dict:
+    """CLI `--where lang=en,de --where set=refusal` -> {"lang": ["en", "de"], "set": ["refusal"]}."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise WorkbenchError(f"--where {item!r} must look like COLUMN=VALUE[,VALUE...]")
+        col, vals = item.split("=", 1)
+        out[col.strip()] = [v for v in vals.split(",") if v]
+    return out
