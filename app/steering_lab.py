@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
-import polars as pl
 from dash import Input, Output, State, ctx as dash_ctx, dash_table, dcc, html, no_update
 
 from ..errors import WorkbenchError
@@ -211,56 +210,51 @@ def _describe(inter: dict) -> str:
     return "; ".join(parts)
 
 
-def _field(res, *names, default=None):
-    for n in names:
-        if hasattr(res, n):
-            return getattr(res, n)
-        if isinstance(res, dict) and n in res:
-            return res[n]
-    return default
-
-
 def render_result(res):
-    """Baseline vs steered side by side (changed tokens marked), per-token KL, routing changes."""
-    prompt = _field(res, "prompt", default="")
-    b_toks = [str(t) for t in _field(res, "baseline_tokens", default=[]) or []]
-    s_toks = [str(t) for t in _field(res, "steered_tokens", default=[]) or []]
-    kl = [float(x) for x in (_field(res, "kl", "per_token_kl", default=[]) or [])]
-    changes = _field(res, "routing_changes", "changes", default=None)
+    """Baseline vs steered side by side (changed tokens marked), per-token KL, routing changes.
 
-    def spans(toks, other, side):
-        out = [html.Span(prompt, style={"color": "#868e96"})] if prompt else []
+    `res` is a workbench.steering.SteerResult.
+    """
+    b_toks, s_toks = list(res.baseline_tokens), list(res.steered_tokens)
+    b_ids, s_ids = list(res.baseline_ids), list(res.steered_ids)
+
+    def spans(toks, ids, other_ids, side):
+        out = [html.Span(res.prompt, style={"color": "#868e96"})]
         for i, t in enumerate(toks):
-            changed = i >= len(other) or other[i] != t
-            out.append(html.Span(t, className="tok changed" if changed else "tok", id=f"{side}-tok-{i}"))
+            changed = i >= len(other_ids) or other_ids[i] != ids[i]
+            out.append(html.Span(t, className="tok changed" if changed else "tok",
+                                 title=f"generated token {i}" + (" (differs)" if changed else "")))
         return out
 
-    n_changed = sum(1 for i, t in enumerate(s_toks) if i >= len(b_toks) or b_toks[i] != t)
-    gen = html.Div([
-        html.Div([html.H3("baseline"), html.Div(spans(b_toks, s_toks, "base"), className="gen", id="steer-baseline")],
-                 className="col"),
-        html.Div([html.H3(f"steered ({n_changed} of {len(s_toks)} tokens differ)"),
-                  html.Div(spans(s_toks, b_toks, "steered"), className="gen", id="steer-steered")], className="col"),
-    ], className="row")
-    out = [gen]
+    n_changed = sum(1 for i in range(len(s_ids)) if i >= len(b_ids) or b_ids[i] != s_ids[i])
+    first = res.first_divergence
+    head = (f"steered: {n_changed} of {len(s_ids)} tokens differ, from token {first}" if first is not None
+            else "steered: identical to the baseline")
+    out = [html.Div([
+        html.Div([html.H3("baseline"), html.Div(spans(b_toks, b_ids, s_ids, "base"), className="gen",
+                                                id="steer-baseline")], className="col"),
+        html.Div([html.H3(head), html.Div(spans(s_toks, s_ids, b_ids, "steered"), className="gen",
+                                          id="steer-steered")], className="col"),
+    ], className="row")]
+    kl = [float(x) for x in res.kl]
     if kl:
-        fig = go.Figure(go.Bar(x=list(range(len(kl))), y=kl, marker_color="#4c6ef5",
-                               hovertext=[f"step {i}: baseline {b_toks[i] if i < len(b_toks) else ''!r}, steered "
-                                          f"{s_toks[i] if i < len(s_toks) else ''!r}, KL {v:.4f}"
-                                          for i, v in enumerate(kl)], hoverinfo="text"))
+        fig = go.Figure(go.Bar(x=list(range(len(kl))), y=kl, marker_color="#4c6ef5", hoverinfo="text",
+                               hovertext=[f"predicting baseline token {i} {b_toks[i]!r}: KL {v:.4f}"
+                                          for i, v in enumerate(kl)]))
         fig.update_layout(height=220, margin=dict(l=50, r=10, t=30, b=40), template="plotly_white",
-                          title=dict(text="KL(baseline || steered) of the next-token distribution", font=dict(size=13)),
+                          title=dict(text="KL(baseline || steered) of the next-token distribution, on the baseline "
+                                          "text", font=dict(size=13)),
                           xaxis_title="generated position", yaxis_title="KL (nats)")
         out.append(dcc.Graph(figure=fig, config=GRAPH_CONFIG, id="steer-kl"))
-    if isinstance(changes, pl.DataFrame):
-        out.append(html.H3(f"Routing changes ({changes.height:,} token x layer decisions differ)"))
-        if changes.height and "layer" in changes.columns:
-            per = changes.group_by("layer").agg(pl.len().alias("changed")).sort("layer")
-            fig = go.Figure(go.Bar(x=per["layer"].to_list(), y=per["changed"].to_list(), marker_color="#e8590c"))
-            fig.update_layout(height=200, margin=dict(l=50, r=10, t=10, b=40), template="plotly_white",
-                              xaxis_title="layer", yaxis_title="changed decisions")
-            out.append(dcc.Graph(figure=fig, config=GRAPH_CONFIG))
-        rows, cols, _ = table_page(changes.head(300), 0, 300, [])
+    changes = res.routing_changes
+    out.append(html.H3(f"Routing changes: {changes.height:,} of {res.n_decisions:,} token x layer decisions differ"))
+    if changes.height:
+        per = res.changes_by_layer()
+        fig = go.Figure(go.Bar(x=per["layer"].to_list(), y=per["changed"].to_list(), marker_color="#e8590c"))
+        fig.update_layout(height=200, margin=dict(l=50, r=10, t=10, b=40), template="plotly_white",
+                          xaxis=dict(title="layer", tickvals=per["layer"].to_list()), yaxis_title="changed decisions")
+        out.append(dcc.Graph(figure=fig, config=GRAPH_CONFIG, id="steer-changes-fig"))
+        rows, cols, _ = table_page(changes.head(500), 0, 500, [])
         out.append(dash_table.DataTable(id="steer-changes", data=rows, columns=cols, page_size=12,
                                         style_cell={"fontSize": 13, "fontFamily": "ui-monospace, monospace"},
                                         style_table={"overflowX": "auto"}))

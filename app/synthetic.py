@@ -26,11 +26,11 @@ _WORDS = ["the", " model", " routes", " every", " token", " to", " a", " few", "
 def write_synthetic_run(path, n_tokens: int = 20_000, n_layers: int = 4, n_experts: int = 16, top_k: int = 2,
                         seq_len: int = 256, first_dense: int = 0, probes=("routing", "experts", "hidden", "attention"),
                         part_tokens: int = 65_536, super_expert: tuple[int, int] | None = (1, 3), seed: int = 0,
-                        overwrite: bool = True, progress: bool = False):
+                        labels: bool = True, overwrite: bool = True, progress: bool = False):
     """Write a run of `n_tokens` tokens in documents of `seq_len` tokens; returns the opened Run.
 
     Decoder layers are `first_dense + n_layers`; the first `first_dense` are dense (not in routing).
-    Every document has labels lang, key (aligned across languages), set and class.
+    Every document has labels lang, key (aligned across languages), set and class (none if not `labels`).
     """
     rng = np.random.default_rng(seed)
     moe_layers = list(range(first_dense, first_dense + n_layers))
@@ -52,7 +52,7 @@ def write_synthetic_run(path, n_tokens: int = 20_000, n_layers: int = 4, n_exper
                   "moe_layers": moe_layers, "n_experts": n_experts, "top_k": top_k, "shared_experts": 0,
                   "hidden_size": 64, "vocab_size": len(_WORDS), "revision": None, "file_hashes": {}},
         "dataset": {"name": "synthetic", "source": "workbench.app.synthetic", "records": n_docs},
-        "label_columns": ["lang", "key", "set", "class"],
+        "label_columns": ["lang", "key", "set", "class"] if labels else [],
         "probes": {p: {} for p in probes}, "settings": {"seq_len": seq_len, "synthetic": True},
         "interventions": {}, "dtype": "float32", "device": "cpu", "versions": {},
     }
@@ -72,7 +72,7 @@ def write_synthetic_run(path, n_tokens: int = 20_000, n_layers: int = 4, n_exper
         cls = (docs // len(LANGS)) % len(CLASSES)
         tok_lang, tok_cls = np.repeat(lang, lens), np.repeat(cls, lens)
         token_id = rng.integers(0, len(_WORDS), t).astype(np.int32)
-        tables = {"tokens": pa.table({
+        tokens = pa.table({
             "doc_id": pa.array(doc, pa.int64()), "pos": pa.array(pos, pa.int32()),
             "token_id": pa.array(token_id, pa.int32()),
             "token": pa.array(np.asarray(_WORDS, dtype=object)[token_id], pa.string()),
@@ -81,7 +81,8 @@ def write_synthetic_run(path, n_tokens: int = 20_000, n_layers: int = 4, n_exper
             "key": pa.array((doc // len(LANGS)).astype(np.int64), pa.int64()),
             "set": pa.array(np.full(t, "synthetic", dtype=object), pa.string()),
             "class": pa.array(np.asarray(CLASSES, dtype=object)[tok_cls], pa.string()),
-        })}
+        })
+        tables = {"tokens": tokens if labels else tokens.select(["doc_id", "pos", "token_id", "token", "phase"])}
         experts = np.empty((t, n_layers, top_k), np.int16)
         weights = np.empty((t, n_layers, top_k), np.float32)
         # Slowly drifting per-document preference: what makes routing locally consistent.
