@@ -1,0 +1,640 @@
+"""Interventions: ban, force, boost, zero and scale experts, exactly, for every routing rule.
+
+In transformers 5 the top-k happens inside the router, so editing the logits it returns changes
+nothing. A ban / force / boost therefore replaces the router's output through a forward hook that
+redoes the family's own routing rule (families.py names it) from the logits the router returned,
+with per-expert offsets on the *selection* score. Weights always come from the natural scores:
+forcing an expert selects it, it does not inflate its weight. zero / scale leave routing alone and
+edit the routing weights on their way into the experts module (a forward pre-hook), or the shared
+expert's output (`E-1`).
+
+Hooks are registered with prepend=True so that capture hooks see the steered routing. Nested
+`steer` contexts compose: each model keeps a stack of active plans and one set of hooks that
+applies their union.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import WorkbenchError
+from ..models.families import (
+    DEEPSEEK_V2,
+    SIGMOID_BIAS_GROUP,
+    SOFTMAX_TOPK,
+    SOFTMAX_TOPK_RENORM,
+    SPARSEMIXER,
+    TOPK_SOFTMAX,
+)
+
+KINDS = ("ban", "force", "boost", "zero", "scale")
+ROUTING_KINDS = ("ban", "force", "boost")  # need the family's routing rule
+VALUED_KINDS = ("boost", "scale")
+DEFAULT_BOOST = 0.5
+SHARED = -1
+RULES = (SOFTMAX_TOPK, SOFTMAX_TOPK_RENORM, TOPK_SOFTMAX, DEEPSEEK_V2, SIGMOID_BIAS_GROUP, SPARSEMIXER)
+
+_ITEM = re.compile(r"^L(\d+):E(-1|\d+)$", re.IGNORECASE)
+_EXAMPLE = "write L<layer>:E<expert>[,...], e.g. L3:E54,L4:E38 (E-1 = shared expert)"
+
+Expert = tuple[int, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC parsing
+
+
+def format_spec(experts: Iterable[Expert]) -> str:
+    """[(3, 54), (4, 38)] -> "L3:E54,L4:E38" (the inverse of parse_spec)."""
+    return ",".join(f"L{layer}:E{expert}" for layer, expert in experts)
+
+
+def _is_pair(x) -> bool:
+    return (isinstance(x, (tuple, list)) and len(x) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in x))
+
+
+def _parse_item(item: str, what: str) -> Expert:
+    m = _ITEM.match(re.sub(r"\s+", "", item))
+    if not m:
+        raise WorkbenchError(f"malformed expert {item.strip()!r} in {what}: {_EXAMPLE}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _split(spec: str) -> list[str]:
+    items = [s for s in spec.split(",")]
+    if any(not s.strip() for s in items):
+        raise WorkbenchError(f"malformed SPEC {spec!r}: empty item; {_EXAMPLE}")
+    return items
+
+
+def parse_spec(spec, mm=None, what: str = "SPEC") -> list[Expert]:
+    """"L3:E54,L4:E38" (or a list of (layer, expert) tuples / such strings) -> [(3, 54), (4, 38)].
+
+    Duplicates are dropped, order kept. With `mm`, each expert is checked against the model:
+    the layer exists, is an MoE layer, and the expert is in range (E-1 needs a shared expert).
+    """
+    out: list[Expert] = []
+    if spec is None:
+        return out
+    if isinstance(spec, str):
+        if not spec.strip():
+            return out
+        if "=" in spec:
+            raise WorkbenchError(f"{what} takes no values (only --boost and --scale do): {spec!r}")
+        out = [_parse_item(s, what) for s in _split(spec)]
+    elif _is_pair(spec):
+        out = [(int(spec[0]), int(spec[1]))]
+    elif isinstance(spec, Iterable) and not isinstance(spec, Mapping):
+        for x in spec:
+            if _is_pair(x):
+                out.append((int(x[0]), int(x[1])))
+            elif isinstance(x, str):
+                out.extend(parse_spec(x, None, what))
+            else:
+                raise WorkbenchError(f"malformed expert {x!r} in {what}: {_EXAMPLE}")
+    else:
+        raise WorkbenchError(f"malformed {what} {spec!r}: {_EXAMPLE}")
+    out = list(dict.fromkeys(out))
+    if mm is not None:
+        for layer, expert in out:
+            check_expert(mm, layer, expert, what)
+    return out
+
+
+def parse_values(spec, mm=None, default: float | None = DEFAULT_BOOST, what: str = "SPEC") -> dict[Expert, float]:
+    """Experts with a value: {"L12:E7": 0.5}, {(12, 7): 0.5}, "L12:E7=0.5,L3:E1" or a plain SPEC.
+
+    Items without `=value` get `default`; default None means a value is required. A repeated
+    expert keeps its last value.
+    """
+    out: dict[Expert, float] = {}
+    if spec is None:
+        return out
+    if isinstance(spec, Mapping):
+        items = []
+        for k, v in spec.items():
+            key = (int(k[0]), int(k[1])) if _is_pair(k) else None
+            if key is None:
+                if not isinstance(k, str):
+                    raise WorkbenchError(f"malformed expert {k!r} in {what}: {_EXAMPLE}")
+                keys = parse_spec(k, None, what)
+            else:
+                keys = [key]
+            for key in keys:
+                items.append((key, _number(v, what, key)))
+    elif isinstance(spec, str):
+        if not spec.strip():
+            return out
+        items = []
+        for s in _split(spec):
+            name, eq, val = s.partition("=")
+            key = _parse_item(name, what)
+            if eq:
+                items.append((key, _number(val, what, key)))
+            else:
+                items.append((key, _default(default, what, key)))
+    else:
+        items = [(k, _default(default, what, k)) for k in parse_spec(spec, None, what)]
+    for k, v in items:
+        out[k] = v
+    if mm is not None:
+        for layer, expert in out:
+            check_expert(mm, layer, expert, what)
+    return out
+
+
+def _number(v, what: str, key: Expert) -> float:
+    try:
+        x = float(v.strip()) if isinstance(v, str) else float(v)
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"value {v!r} for {format_spec([key])} in {what} is not a number") from None
+    if not math.isfinite(x):
+        raise WorkbenchError(f"value {v!r} for {format_spec([key])} in {what} must be finite")
+    return x
+
+
+def _default(default, what: str, key: Expert) -> float:
+    if default is None:
+        raise WorkbenchError(f"{what} needs a value per expert, e.g. {format_spec([key])}=0.5")
+    return float(default)
+
+
+def check_expert(mm, layer: int, expert: int, what: str = "SPEC") -> None:
+    """One-sentence WorkbenchError unless (layer, expert) names an expert of `mm`."""
+    if not 0 <= layer < mm.n_layers:
+        raise WorkbenchError(f"layer {layer} in {what} does not exist: the model has {mm.n_layers} decoder layers "
+                             f"(0-{mm.n_layers - 1})")
+    if layer not in mm.moe_layers:
+        moe = mm.moe_layers
+        raise WorkbenchError(f"layer {layer} in {what} is a dense layer, not an MoE layer; MoE layers are "
+                             f"{_ranges(moe)}")
+    if expert == SHARED:
+        if mm.layer(layer).shared is None:
+            raise WorkbenchError(f"layer {layer} in {what} has no shared expert (E-1)")
+        return
+    if not 0 <= expert < mm.n_experts:
+        raise WorkbenchError(f"expert {expert} in {what} is out of range: layer {layer} has experts "
+                             f"0-{mm.n_experts - 1}")
+
+
+def _ranges(xs: list[int]) -> str:
+    parts, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: validated interventions
+
+
+@dataclass
+class Plan:
+    """Validated interventions: expert lists / value maps keyed by (layer, expert)."""
+
+    ban: list[Expert] = field(default_factory=list)
+    force: list[Expert] = field(default_factory=list)
+    boost: dict[Expert, float] = field(default_factory=dict)
+    zero: list[Expert] = field(default_factory=list)
+    scale: dict[Expert, float] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.ban or self.force or self.boost or self.zero or self.scale)
+
+    def to_json(self) -> dict:
+        out: dict = {}
+        for k in ("ban", "force", "zero"):
+            v = getattr(self, k)
+            if v:
+                out[k] = [format_spec([e]) for e in sorted(v)]
+        for k in ("boost", "scale"):
+            v = getattr(self, k)
+            if v:
+                out[k] = {format_spec([e]): float(v[e]) for e in sorted(v)}
+        return out
+
+
+def make_plan(mm, ban=None, force=None, boost=None, zero=None, scale=None) -> Plan:
+    """Parse and validate each kind against the model (raises WorkbenchError with one sentence)."""
+    plan = Plan(ban=parse_spec(ban, mm, "--ban"), force=parse_spec(force, mm, "--force"),
+                boost=parse_values(boost, mm, DEFAULT_BOOST, "--boost"), zero=parse_spec(zero, mm, "--zero"),
+                scale=parse_values(scale, mm, None, "--scale"))
+    for kind in ROUTING_KINDS:
+        items = getattr(plan, kind)
+        shared = [e for e in items if e[1] == SHARED]
+        if shared:
+            raise WorkbenchError(f"--{kind} cannot apply to the shared expert {format_spec(shared[:1])}: it is "
+                                 "always used; shared experts accept only --zero and --scale")
+        if items and mm.family.rule not in RULES:
+            raise WorkbenchError(f"--{kind} needs the family's routing rule, which is unknown for "
+                                 f"{mm.family.model_type} (a generic model); --zero and --scale still work")
+    _check_combined(mm, plan)
+    return plan
+
+
+def _check_combined(mm, plan: Plan) -> None:
+    both = sorted(set(plan.ban) & set(plan.force))
+    if both:
+        raise WorkbenchError(f"{format_spec(both[:1])} is both banned and forced")
+    k, n = mm.top_k, mm.n_experts
+    for layer in mm.moe_layers:
+        nf = sum(1 for e in plan.force if e[0] == layer)
+        if nf > k:
+            raise WorkbenchError(f"cannot force {nf} experts in layer {layer}: each token uses only {k}")
+        nb = sum(1 for e in plan.ban if e[0] == layer)
+        if nb > n - k:
+            raise WorkbenchError(f"cannot ban {nb} of {n} experts in layer {layer}: each token needs {k}")
+
+
+def combine(mm, plans: list[Plan]) -> Plan:
+    """The union of nested plans: lists merged, boosts added, scales multiplied."""
+    out = Plan()
+    for p in plans:
+        out.ban = list(dict.fromkeys(out.ban + p.ban))
+        out.force = list(dict.fromkeys(out.force + p.force))
+        out.zero = list(dict.fromkeys(out.zero + p.zero))
+        for e, v in p.boost.items():
+            out.boost[e] = out.boost.get(e, 0.0) + v
+        for e, v in p.scale.items():
+            out.scale[e] = out.scale.get(e, 1.0) * v
+    _check_combined(mm, out)
+    return out
+
+
+def describe_interventions(mm, interventions: Mapping | None) -> dict:
+    """Validated, canonical, JSON-able form of `interventions` (recorded in run manifests)."""
+    if not interventions:
+        return {}
+    bad = [k for k in interventions if k not in KINDS]
+    if bad:
+        raise WorkbenchError(f"unknown intervention {bad[0]!r}; choose from {', '.join(KINDS)}")
+    return make_plan(mm, **interventions).to_json()
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing rules, redone with per-expert offsets
+
+
+@dataclass
+class RouterParams:
+    """What a rule needs beyond the logits (read from the router module and the config)."""
+
+    rule: str
+    top_k: int
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"
+    correction_bias: torch.Tensor | None = None
+    jitter_eps: float = 0.01
+
+
+def router_params(mm, layer) -> RouterParams:
+    r, cfg = layer.router, mm.model.config
+
+    def get(name, default):
+        v = getattr(r, name, None)
+        if v is None:
+            v = getattr(cfg, name, None)
+        return default if v is None else v
+
+    return RouterParams(
+        rule=mm.family.rule, top_k=int(getattr(r, "top_k", None) or mm.top_k),
+        norm_topk_prob=bool(get("norm_topk_prob", False)),
+        routed_scaling_factor=float(get("routed_scaling_factor", 1.0)),
+        n_group=int(getattr(r, "num_group", None) or getattr(cfg, "n_group", None) or 1),
+        topk_group=int(get("topk_group", 1)), topk_method=str(get("topk_method", "greedy")),
+        correction_bias=getattr(r, "e_score_correction_bias", None),
+        jitter_eps=float(get("router_jitter_noise", 0.01)),
+    )
+
+
+def _lift(sel: torch.Tensor, force: torch.Tensor | None) -> torch.Tensor:
+    """Raise forced entries above every other finite entry of their row, keeping their order."""
+    if force is None:
+        return sel
+    finite = torch.isfinite(sel)
+    hi = sel.masked_fill(~finite, -torch.inf).amax(-1, keepdim=True)
+    lo = sel.masked_fill(~finite, torch.inf).amin(-1, keepdim=True)
+    return torch.where(force, sel + (hi - lo + 1), sel)
+
+
+def _ban(sel: torch.Tensor, ban: torch.Tensor | None) -> torch.Tensor:
+    return sel if ban is None else sel.masked_fill(ban, -torch.inf)
+
+
+def _grouped_choice(sel, k, n_group, topk_group, group_score, ban, force):
+    """Group-limited top-k: groups chosen on `sel` (forced experts already lifted), ban applied after.
+
+    A ban applied after group selection leaves tokens that never chose the banned expert untouched.
+    Where it leaves fewer than k candidates in the chosen groups, the groups are chosen again without
+    the banned experts, and as a last resort among all experts.
+    """
+    t, e = sel.shape
+
+    def pick_groups(s):
+        gs = group_score(s.view(t, n_group, e // n_group))
+        gidx = torch.topk(gs, k=topk_group, dim=-1, sorted=False)[1]
+        gmask = torch.zeros_like(gs).scatter_(1, gidx, 1)
+        smask = gmask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(-1, e).bool()
+        if force is not None:
+            smask = smask | force  # a forced expert is selected even outside the chosen groups
+        return s.masked_fill(~smask, -torch.inf)
+
+    cand = _ban(pick_groups(sel), ban)
+    if ban is not None:
+        short = torch.isfinite(cand).sum(-1, keepdim=True) < k
+        if bool(short.any()):
+            banned = _ban(sel, ban)
+            alt = pick_groups(banned)
+            still = torch.isfinite(alt).sum(-1, keepdim=True) < k
+            alt = torch.where(still, banned, alt)
+            cand = torch.where(short, alt, cand)
+    return torch.topk(cand, k=k, dim=-1, sorted=False)[1]
+
+
+def _sparsemixer(z, sel, eps):
+    """PhiMoE's eval-mode sparsemixer, generalised: picks follow `sel`; each weight is the softmax,
+    over the experts within the jitter threshold of the pick, of the natural scores `z`.
+
+    With sel == z this is the transformers code exactly. Banned experts are -inf in `sel` and never
+    enter a softmax.
+    """
+    banned = torch.isneginf(sel)
+    _, c1 = sel.max(dim=-1, keepdim=True)
+    ref = z.gather(-1, c1)
+    factor = z.abs().clamp(min=ref)
+    mask = ((ref - z) / factor) > (2 * eps)
+    w1 = torch.softmax(z.masked_fill(mask | banned, float("-inf")), dim=-1).gather(-1, c1)
+    masked_scores = torch.scatter(z, -1, c1, float("-inf"))
+    sel2 = torch.scatter(sel, -1, c1, float("-inf"))
+    _, c2 = sel2.max(dim=-1, keepdim=True)
+    ref2 = masked_scores.gather(-1, c2)
+    factor = z.abs().clamp(min=ref2)
+    mask = ((ref2 - z) / factor) > (2 * eps)
+    w2 = torch.softmax(masked_scores.masked_fill(mask | banned, float("-inf")), dim=-1).gather(-1, c2)
+    return torch.cat((w1, w2), dim=-1), torch.cat((c1, c2), dim=-1)
+
+
+def route(p: RouterParams, logits: torch.Tensor, ban: torch.Tensor | None = None,
+          force: torch.Tensor | None = None, boost: torch.Tensor | None = None):
+    """Redo the routing rule `p.rule` on router logits [T, E] -> (logits, weights [T, K], index [T, K]).
+
+    ban / force: bool [E]; boost: float [E] of lambdas, adding lambda * std(z) (per token, over the
+    experts) to the logits before the rule. The returned logits are the boosted ones. With no
+    intervention the result equals the transformers router's output (tests check it bit for bit).
+    """
+    z = logits
+    if boost is not None:
+        zf = z.float()
+        z = (zf + boost.to(zf) * zf.std(dim=-1, keepdim=True, correction=0)).to(logits.dtype)
+    k = p.top_k
+    if p.rule in (SOFTMAX_TOPK, SOFTMAX_TOPK_RENORM):
+        probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+        if ban is None and force is None:
+            w, idx = torch.topk(probs, k, dim=-1)
+        else:
+            idx = torch.topk(_lift(_ban(probs, ban), force), k, dim=-1)[1]
+            w = probs.gather(-1, idx)
+        if p.rule == SOFTMAX_TOPK_RENORM or p.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+    elif p.rule == TOPK_SOFTMAX:
+        if ban is None and force is None:
+            top, idx = torch.topk(z, k, dim=-1)
+        else:
+            idx = torch.topk(_lift(_ban(z, ban), force), k, dim=-1)[1]
+            top = z.gather(-1, idx)
+        w = torch.softmax(top, dim=-1, dtype=top.dtype)
+    elif p.rule == DEEPSEEK_V2:
+        probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+        sel = _lift(probs, force)
+        if p.topk_method == "group_limited_greedy":
+            idx = _grouped_choice(sel, k, p.n_group, p.topk_group, lambda g: g.max(dim=-1).values, ban, force)
+        else:
+            idx = torch.topk(_ban(sel, ban), k=k, dim=-1, sorted=False)[1]
+        w = probs.gather(-1, idx) * p.routed_scaling_factor
+    elif p.rule == SIGMOID_BIAS_GROUP:
+        scores = z.sigmoid()
+        choice = scores if p.correction_bias is None else scores + p.correction_bias
+        choice = _lift(choice, force)
+        idx = _grouped_choice(choice, k, p.n_group, p.topk_group, lambda g: g.topk(2, dim=-1)[0].sum(dim=-1),
+                              ban, force)
+        w = scores.gather(1, idx)
+        if p.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        w = w * p.routed_scaling_factor
+    elif p.rule == SPARSEMIXER:
+        w, idx = _sparsemixer(z, _lift(_ban(z, ban), force), p.jitter_eps)
+    else:
+        raise WorkbenchError(f"routing rule {p.rule!r} cannot be redone; --zero and --scale still work")
+    return z, w, idx
+
+
+def merge_with_original(p: RouterParams, out, new, boosted: bool):
+    """Keep the model's own rows wherever the intervention leaves the selected set unchanged.
+
+    For every rule but the sparsemixer (whose weights depend on which experts are within reach), an
+    unchanged set under ban / force means unchanged weights, so those rows stay bit-identical to
+    the router's output and in its order. Boosted rows keep the original order when the set is the
+    same, with the new weights.
+    """
+    _, w0, i0 = out[0], out[1], out[2]
+    z, w, idx = new
+    w = w.to(w0.dtype)
+    if p.rule == SPARSEMIXER or idx.shape != i0.shape:
+        return z, w, idx
+    same = (torch.sort(idx, dim=-1)[0] == torch.sort(i0, dim=-1)[0]).all(-1, keepdim=True)
+    if boosted:
+        dense = torch.zeros(w.shape[0], int(max(int(i0.max()), int(idx.max())) + 1), dtype=w.dtype, device=w.device)
+        dense.scatter_(1, idx, w)
+        return z, torch.where(same, dense.gather(1, i0), w), torch.where(same, i0, idx)
+    return z, torch.where(same, w0, w), torch.where(same, i0, idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks and the steering context
+
+
+class _LayerTensors:
+    """Per-layer masks, built once per device."""
+
+    def __init__(self, mm, layer: int, plan: Plan):
+        e = mm.n_experts
+        self.ban = self._mask(e, [x for l_, x in plan.ban if l_ == layer])
+        self.force = self._mask(e, [x for l_, x in plan.force if l_ == layer])
+        b = {x: v for (l_, x), v in plan.boost.items() if l_ == layer}
+        self.boost = None
+        if b:
+            self.boost = torch.zeros(e)
+            for x, v in b.items():
+                self.boost[x] = v
+        mult = {x: 0.0 for l_, x in plan.zero if l_ == layer}
+        for (l_, x), v in plan.scale.items():
+            if l_ == layer and x not in mult:
+                mult[x] = v
+        self.shared_mult = mult.pop(SHARED, None)
+        self.mult = None
+        if mult:
+            self.mult = torch.ones(e)
+            for x, v in mult.items():
+                self.mult[x] = v
+        self._dev: dict = {}
+
+    @staticmethod
+    def _mask(e, xs):
+        if not xs:
+            return None
+        m = torch.zeros(e, dtype=torch.bool)
+        m[xs] = True
+        return m
+
+    @property
+    def routes(self) -> bool:
+        return self.ban is not None or self.force is not None or self.boost is not None
+
+    def on(self, device):
+        if device not in self._dev:
+            mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+            self._dev[device] = (mv(self.ban), mv(self.force), mv(self.boost), mv(self.mult))
+        return self._dev[device]
+
+
+_INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
+_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "topk_weights")
+
+
+class _Controller:
+    """One per model: the stack of active plans and the hooks that apply their union."""
+
+    def __init__(self, mm):
+        self.mm = mm
+        self.stack: list[Plan] = []
+        self.handles: list = []
+        self.plan = Plan()
+
+    def push(self, plan: Plan) -> None:
+        combined = combine(self.mm, self.stack + [plan])
+        self.stack.append(plan)
+        self._install(combined)
+
+    def pop(self, plan: Plan) -> None:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i] is plan:
+                del self.stack[i]
+                break
+        self._remove()
+        if self.stack:
+            self._install(combine(self.mm, self.stack))
+
+    def _remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _install(self, plan: Plan) -> None:
+        self._remove()
+        self.plan = plan
+        for layer in self.mm.layers:
+            lt = _LayerTensors(self.mm, layer.index, plan)
+            if lt.routes:
+                p = router_params(self.mm, layer)
+                self.handles.append(layer.router.register_forward_hook(_router_hook(p, lt), prepend=True))
+            if lt.mult is not None:
+                self.handles.append(layer.experts.register_forward_pre_hook(
+                    _experts_hook(lt), with_kwargs=True, prepend=True))
+            if lt.shared_mult is not None:
+                self.handles.append(layer.shared.register_forward_hook(_shared_hook(lt.shared_mult), prepend=True))
+
+
+def _router_hook(p: RouterParams, lt: _LayerTensors):
+    def hook(module, args, out):
+        logits = out[0]
+        ban, force, boost, _ = lt.on(logits.device)
+        flat = logits.reshape(-1, logits.shape[-1])
+        pp = p if p.correction_bias is None else replace(p, correction_bias=module.e_score_correction_bias)
+        new = route(pp, flat, ban, force, boost)
+        z, w, idx = merge_with_original(pp, (flat, out[1], out[2]), new, boost is not None)
+        if boost is None:
+            z = logits
+        return (z, w, idx, *tuple(out[3:]))
+    return hook
+
+
+def _experts_hook(lt: _LayerTensors):
+    def hook(module, args, kwargs):
+        args, kwargs = list(args), dict(kwargs)
+        if len(args) >= 3:
+            w = args[2]
+            idx = args[1]
+        else:
+            wname = next((n for n in _WEIGHT_NAMES if n in kwargs), None)
+            iname = next((n for n in _INDEX_NAMES if n in kwargs), None)
+            if wname is None or (len(args) < 2 and iname is None):
+                raise WorkbenchError(f"cannot find the routing weights in the call of {type(module).__name__}; "
+                                     "--zero and --scale need experts(hidden, index, weights)")
+            w = kwargs[wname]
+            idx = args[1] if len(args) == 2 else kwargs[iname]
+        f = lt.on(w.device)[3].to(w.dtype)[idx]
+        new_w = torch.where(f == 0, torch.zeros_like(w), w * f)
+        if len(args) >= 3:
+            args[2] = new_w
+        else:
+            kwargs[wname] = new_w
+        return tuple(args), kwargs
+    return hook
+
+
+def _shared_hook(s: float):
+    def hook(module, args, out):
+        return torch.zeros_like(out) if s == 0 else out * s
+    return hook
+
+
+_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _controller(mm) -> _Controller:
+    c = _CONTROLLERS.get(mm.model)
+    if c is None or c.mm is not mm and not c.stack:
+        c = _CONTROLLERS[mm.model] = _Controller(mm)
+    return c
+
+
+def active_plan(mm) -> Plan:
+    """The union of the interventions active on `mm` right now (empty outside any steer)."""
+    c = _CONTROLLERS.get(mm.model)
+    return c.plan if c is not None and c.stack else Plan()
+
+
+@contextlib.contextmanager
+def steer(mm, ban=None, force=None, boost=None, zero=None, scale=None):
+    """Apply interventions to `mm` for the body of the `with` (forward, generate or capture).
+
+    ban: never selected, the family's rule picks the replacement. force: always selected, with its
+    natural weight. boost: {SPEC: lambda} adds lambda * std(logits) to the expert's logit (negative
+    suppresses). zero: routing unchanged, contribution dropped. scale: {SPEC: s}, weight times s.
+    Contexts nest (their union applies) and always remove their hooks, even on exceptions.
+    """
+    plan = make_plan(mm, ban=ban, force=force, boost=boost, zero=zero, scale=scale)
+    if plan.empty():
+        yield plan
+        return
+    c = _controller(mm)
+    c.push(plan)
+    try:
+        yield plan
+    finally:
+        c.pop(plan)
