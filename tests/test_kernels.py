@@ -1,0 +1,137 @@
+"""Row-stats kernels: the torch reference against a brute-force Python loop, and Triton against the
+reference (on CUDA; or on CPU under TRITON_INTERPRET=1 where triton is importable; else skipped)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from workbench.probes.kernels import row_stats
+from workbench.probes.kernels.reference import row_stats_reference
+
+
+def _brute(x: np.ndarray):
+    out = []
+    for row in x.astype(np.float64):
+        best, arg = -1.0, 0
+        for j, v in enumerate(row):
+            if abs(v) > best:  # strict: first occurrence wins ties
+                best, arg = abs(v), j
+        out.append((best, arg, math.sqrt(sum(v * v for v in row))))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 40)),
+              elements=st.sampled_from([0.0, 1.0, -1.0, 2.5, -2.5, 0.125, 3.0, -7.0])))
+def test_reference_matches_brute_force_with_ties(x):
+    mx, arg, l2, _, _ = row_stats_reference(torch.from_numpy(x))
+    for i, (b, a, n) in enumerate(_brute(x)):
+        assert mx[i].item() == b
+        assert arg[i].item() == a
+        assert l2[i].item() == pytest.approx(n, rel=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 30)),
+              elements=st.floats(-1e3, 1e3, width=32)))
+def test_reference_int8_round_trip(x):
+    t = torch.from_numpy(x)
+    mx, _, _, q, scale = row_stats_reference(t, copy="int8")
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    back = q.float() * scale[:, None]
+    assert torch.all((back - t).abs() <= scale[:, None] * 0.5 + 1e-6 * t.abs().max())
+    np.testing.assert_allclose(scale.numpy(), mx.numpy() / 127, rtol=1e-7)
+
+
+def test_reference_scatter_and_fp16_copy():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 9, generator=g)
+    perm = torch.randperm(7, generator=g)
+    mx, arg, l2, cp, _ = row_stats_reference(x, out_index=perm, n_out=8, copy="fp16")
+    plain = row_stats_reference(x)
+    assert torch.equal(mx[perm], plain[0]) and torch.equal(arg[perm], plain[1]) and torch.equal(l2[perm], plain[2])
+    assert mx[7] == 0 and arg[7] == 0 and l2[7] == 0  # a position no row maps to stays zero
+    assert torch.equal(cp, x.half())
+
+
+def _triton_device():
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+            return "cuda"
+        except ImportError:
+            return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            import triton  # noqa: F401
+            return "cpu"
+        except ImportError:
+            return None
+    return None
+
+
+TRITON_DEV = _triton_device()
+needs_triton = pytest.mark.skipif(TRITON_DEV is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1 with triton)")
+
+SHAPES = [(1, 1), (3, 17), (37, 100), (64, 2048), (5, 5000), (130, 768)]
+if TRITON_DEV == "cuda":
+    SHAPES += [(4096, 2048), (1000, 7168), (257, 16384)]
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("copy", [None, "fp16", "int8"])
+def test_triton_matches_reference(shape, dtype, copy):
+    from workbench.probes.kernels.triton_stats import row_stats_triton
+
+    g = torch.Generator().manual_seed(hash((shape, str(dtype), copy)) % 2**31)
+    x = (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 50).to(dtype)
+    x[0, shape[1] // 2] = 300  # a planted outlier
+    if shape[0] > 2 and shape[1] > 3:
+        x[1, 1] = x[1, 3] = -900  # a planted tie: first occurrence must win
+    n_out = shape[0] + 3
+    perm = torch.randperm(shape[0], generator=g)
+    xd, pd = x.to(TRITON_DEV), perm.to(TRITON_DEV)
+    for idx in (None, pd):
+        got = row_stats_triton(xd, out_index=idx, n_out=n_out if idx is not None else None, copy=copy)
+        ref = row_stats_reference(x, out_index=perm if idx is not None else None,
+                                  n_out=n_out if idx is not None else None, copy=copy)
+        assert torch.equal(got[0].cpu(), ref[0])  # max of exactly representable values: exact
+        assert torch.equal(got[1].cpu(), ref[1])
+        torch.testing.assert_close(got[2].cpu(), ref[2], rtol=1e-5, atol=0)
+        if copy == "fp16":
+            assert torch.equal(got[3].cpu(), ref[3])
+        if copy == "int8":
+            assert (got[3].cpu().int() - ref[3].int()).abs().max() <= 1
+            torch.testing.assert_close(got[4].cpu(), ref[4], rtol=1e-6, atol=0)
+
+
+@needs_triton
+@pytest.mark.gpu
+def test_triton_strided_rows_and_configs():
+    from workbench.probes.kernels.triton_stats import row_stats_triton
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(50, 300, generator=g)
+    x = base[:, 20:220]  # row stride 300, not contiguous as a whole
+    for cfg in [(1, 64, 1), (2, 128, 4), (16, 256, 8)]:
+        got = row_stats_triton(x.to(TRITON_DEV), config=cfg)
+        ref = row_stats_reference(x)
+        assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
+        torch.testing.assert_close(got[2].cpu(), ref[2], rtol=1e-5, atol=0)
+
+
+def test_dispatch_uses_reference_on_cpu():
+    x = torch.randn(4, 8)
+    for a, b in zip(row_stats(x)[:3], row_stats_reference(x)[:3]):
+        assert torch.equal(a, b)
