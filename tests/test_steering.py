@@ -575,3 +575,12 @@ def test_generic_family_refuses_routing_interventions(tiny_model):
             pass
     with mm.steer(zero="L1:E0"):  # zero and scale need no routing rule
         pass
+
+
+def test_deepseek_v3_force_beyond_group_limit(tmp_path):
+    """Forced experts in more groups than topk_group are all selected: force wins over the group limit."""
+    mm = _variant("deepseek_v3", n_group=4, topk_group=1)
+    layer = mm.moe_layers[0]
+    _, st = routes(mm, tmp_path, "force", {"force": [(layer, 0), (layer, 5), (layer, 10)]})
+    assert all(selected(st, layer, 0)) and all(selected(st, layer, 5)) and all(selected(st, layer, 10))
+    assert_rows_match_reference(mm, st, layer, force=[0, 5, 10])
