@@ -17,14 +17,17 @@ _NEVER = np.int64(1 << 30)  # "no next use" for Belady; request indices stay far
 def _layer_windows(ex, starts, n_seq_base, l, n_experts, ms, moff, hist_g, hist_nl, hist_ng, per_expert):
     """Window-count histograms of every expert of MoE layer `l` over all sequences of a chunk.
 
-    f(e, p) = uses of e in tokens p..p+m-1; only changes where a use enters or leaves the window,
-    so each expert costs O(its uses) per m instead of O(T).
+    f(e, p) = uses of e in tokens p..p+m-1 only changes where a use enters (p = u - m + 1) or leaves
+    (p = u + 1) the window, so each expert costs O(its uses) per m instead of O(T): merge the two
+    sorted event lists and add each constant run to the histogram at once.
     """
     nseq = starts.shape[0] - 1
     k = ex.shape[2]
+    vdim = hist_g.shape[1]
     cnt = np.zeros(n_experts + 1, np.int64)
     uses = np.empty(ex.shape[0] * k + 1, np.int64)
     fill = np.zeros(n_experts, np.int64)
+    loc = np.zeros(vdim, np.int64)  # this sequence and layer, summed over experts
     for s in range(nseq):
         a, b = starts[s], starts[s + 1]
         T = b - a
@@ -40,6 +43,7 @@ def _layer_windows(ex, starts, n_seq_base, l, n_experts, ms, moff, hist_g, hist_
                 e = ex[t, l, j]
                 uses[cnt[e] + fill[e]] = t - a
                 fill[e] += 1
+        loc[:] = 0
         for mi in range(ms.shape[0]):
             m = ms[mi]
             W = T - m + 1
@@ -49,42 +53,44 @@ def _layer_windows(ex, starts, n_seq_base, l, n_experts, ms, moff, hist_g, hist_
             for e in range(n_experts):
                 g = l * n_experts + e
                 lo, hi = cnt[e], cnt[e + 1]
+                hg = hist_g[g]
                 if lo == hi:
-                    hist_g[g, base] += W
-                    hist_nl[n_seq_base + s, l, base] += W
+                    hg[base] += W
+                    loc[base] += W
                     if per_expert:
                         hist_ng[n_seq_base + s, g, base] += W
                     continue
-                i_in, i_out = lo, lo  # next use to enter / to leave the window
+                i_in, i_out = lo, lo
                 f = 0
                 p = 0
-                while p < W:
-                    nxt = W
+                while True:
+                    q_in = W
                     if i_in < hi:
-                        q = uses[i_in] - m + 1
-                        if q < 0:
-                            q = 0
-                        if q < nxt:
-                            nxt = q
+                        q_in = uses[i_in] - m + 1
+                        if q_in < 0:
+                            q_in = 0
+                    q_out = W
                     if i_out < hi:
-                        q = uses[i_out] + 1
-                        if q < nxt:
-                            nxt = q
-                    if nxt > p:
-                        run = nxt - p
-                        hist_g[g, base + f] += run
-                        hist_nl[n_seq_base + s, l, base + f] += run
+                        q_out = uses[i_out] + 1
+                    nxt = q_in if q_in < q_out else q_out
+                    if nxt > W:
+                        nxt = W
+                    run = nxt - p
+                    if run > 0:
+                        hg[base + f] += run
+                        loc[base + f] += run
                         if per_expert:
                             hist_ng[n_seq_base + s, g, base + f] += run
                         p = nxt
                     if p >= W:
                         break
-                    while i_in < hi and max(uses[i_in] - m + 1, 0) == p:
+                    if q_in == nxt:
                         f += 1
                         i_in += 1
-                    while i_out < hi and uses[i_out] + 1 == p:
+                    else:
                         f -= 1
                         i_out += 1
+        hist_nl[n_seq_base + s, l, :] += loc
 
 
 @njit(cache=True, parallel=True)
@@ -108,10 +114,12 @@ def stack_sim(req, n_ids, policy, m, out):
     cached ids, a total order that does not depend on C, so one stack serves every C.
     Cold start: an id never seen before is charged to depth = number of distinct ids seen so far.
     primary key: SCH = uses in tokens i..i+m-1 not yet processed; LRU = 0; LFU = uses so far;
-    Belady = -(index of next request).
+    Belady = -(index of next request). Keys are kept in stack order (skey) so the bubble reads memory
+    sequentially; a key that changes while its id sits in the stack is updated in place.
     """
     T, R = req.shape
     stack = np.empty(n_ids, np.int64)
+    skey = np.empty(n_ids, np.int64)
     pos = np.full(n_ids, -1, np.int64)
     prim = np.zeros(n_ids, np.int64)
     last = np.zeros(n_ids, np.int64)
@@ -148,28 +156,36 @@ def stack_sim(req, n_ids, policy, m, out):
                 prim[x] += 1
             elif policy == POLICY_BELADY:
                 prim[x] = -nxt_req[t * R + r]
+            kx = (prim[x] << 32) | ts
             d = pos[x]
             if d < 0:
                 d = size
                 size += 1
             if d > 0:
                 carried = stack[0]
-                kc = (prim[carried] << 32) | last[carried]
-                for i in range(1, d):
+                kc = skey[0]
+                for i in range(1, d):  # branch-free: the lower key moves down (the size-i cache evicts it)
+                    ks = skey[i]
                     s = stack[i]
-                    ks = (prim[s] << 32) | last[s]
-                    if kc >= ks:  # s is the one the size-i cache evicts: it moves down
-                        stack[i] = carried
-                        pos[carried] = i
-                        carried = s
-                        kc = ks
+                    sw = kc >= ks
+                    keep = carried if sw else s
+                    stack[i] = keep
+                    skey[i] = kc if sw else ks
+                    pos[keep] = i
+                    carried = s if sw else carried
+                    kc = ks if sw else kc
                 stack[d] = carried
+                skey[d] = kc
                 pos[carried] = d
             stack[0] = x
+            skey[0] = kx
             pos[x] = 0
         if policy == POLICY_SCH and t + m < T:
             for r in range(R):
-                prim[req[t + m, r]] += 1
+                y = req[t + m, r]
+                prim[y] += 1
+                if pos[y] >= 0:
+                    skey[pos[y]] = (prim[y] << 32) | last[y]
 
 
 @njit(cache=True, parallel=True)

@@ -52,6 +52,24 @@ def _split(doc_tok: np.ndarray, seq_len: int | None) -> tuple[np.ndarray, np.nda
     return s, doc_tok[s[:-1]]
 
 
+def _read_part(f, k: int, path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(doc, pos, layer, experts [rows, K]) of one routing part, in (doc, pos, layer) order."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(f, columns=["doc_id", "pos", "layer", "experts"])
+    col = t.column("experts").combine_chunks()
+    lens = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if len(lens) and (lens.min() != k or lens.max() != k):
+        raise WorkbenchError(f"run {path}: routing rows must each hold top_k={k} experts")
+    ex = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.int16).reshape(-1, k)
+    doc, pos, lay = (t.column(c).to_numpy().astype(np.int64) for c in ("doc_id", "pos", "layer"))
+    if not _is_sorted(doc, pos, lay):
+        order = np.lexsort((lay, pos, doc))
+        doc, pos, lay, ex = doc[order], pos[order], lay[order], ex[order]
+    return doc, pos, lay, ex
+
+
 def iter_sequences(run, seq_len: int | None = None, progress: bool = False, desc: str = "lrc"):
     """Yield SequenceChunk per routing part; a document cut by a part boundary is carried over."""
     from tqdm.auto import tqdm
@@ -65,24 +83,24 @@ def iter_sequences(run, seq_len: int | None = None, progress: bool = False, desc
     seen: set = set()
     lay_ref = np.asarray(layers)
     for i, f in enumerate(tqdm(files, desc=desc, unit="part", disable=not progress, dynamic_ncols=True)):
-        df = pl.read_parquet(f, columns=["doc_id", "pos", "layer", "experts"])
+        cur = _read_part(f, k, run.path)
         if carry is not None:
-            df = pl.concat([carry, df])
-        df = df.sort("doc_id", "pos", "layer")
-        doc = df["doc_id"].to_numpy()
-        if i < len(files) - 1 and df.height:
+            cur = tuple(np.concatenate([a, b]) for a, b in zip(carry, cur))
+            if not _is_sorted(*cur[:3]):
+                order = np.lexsort((cur[2], cur[1], cur[0]))
+                cur = tuple(a[order] for a in cur)
+        doc = cur[0]
+        if i < len(files) - 1 and len(doc):
             cut = int(np.searchsorted(doc, doc[-1]))
-            carry, df, doc = df[cut:], df[:cut], doc[:cut]
+            carry, cur = tuple(a[cut:] for a in cur), tuple(a[:cut] for a in cur)
         else:
             carry = None
-        if df.height == 0:
+        doc, pos, lay, ex = cur
+        if len(doc) == 0:
             continue
-        if df.height % nl or not (df["layer"].to_numpy().reshape(-1, nl) == lay_ref).all():
+        if len(doc) % nl or not (lay.reshape(-1, nl) == lay_ref).all():
             raise WorkbenchError(f"run {run.path}: routing rows are not whole tokens x MoE layers {layers}")
-        lens = df["experts"].list.len()
-        if lens.min() != k or lens.max() != k:
-            raise WorkbenchError(f"run {run.path}: routing rows must each hold top_k={k} experts")
-        ex = df["experts"].explode().to_numpy().astype(np.int16).reshape(-1, nl, k)
+        ex = ex.reshape(-1, nl, k)
         _check_ids(ex, run.n_experts)
         doc_tok = doc[::nl]
         starts, docs = _split(doc_tok, seq_len)
@@ -91,6 +109,14 @@ def iter_sequences(run, seq_len: int | None = None, progress: bool = False, desc
             raise WorkbenchError(f"run {run.path}: a document's routing is split over non-adjacent parts")
         seen |= new
         yield SequenceChunk(np.ascontiguousarray(ex), starts, docs)
+
+
+def _is_sorted(d: np.ndarray, p: np.ndarray, l_: np.ndarray) -> bool:
+    """Rows already in (doc_id, pos, layer) order, as captures write them."""
+    if len(d) < 2:
+        return True
+    dd, dp, dl = np.diff(d), np.diff(p), np.diff(l_)
+    return bool(np.all((dd > 0) | ((dd == 0) & ((dp > 0) | ((dp == 0) & (dl > 0))))))
 
 
 def _array_chunks(sequences, n_layers: int | None = None):
@@ -350,20 +376,25 @@ def _sch_tables(acc: _Accum, layers: list[int], ms, policies, n_boot: int, seed:
         code = np.full(len(blocks), _POLICY_CODE[policy], np.int64)
         mm = np.full(len(blocks), max(1, m), np.int64)
         stack_sim_many(reqs, starts[perm], ends[perm], widths[perm], nids[perm], code, mm, out, out_off[perm])
-        for scope in range(L + 1):
-            n_ids = E if scope < L else L * E
-            req_per_tok = K if scope < L else K * L
-            rates = np.empty((ns, n_ids))
-            for s in range(ns):
+        sizes_of = [E] * L + [L * E]
+        col0 = np.concatenate([[0], np.cumsum(sizes_of)])
+        rates = np.empty((ns, int(col0[-1])))
+        for s in range(ns):
+            for scope in range(L + 1):
                 b = s * (L + 1) + scope
-                h = out[out_off[b]:out_off[b] + n_ids]
-                rates[s] = np.cumsum(h) / (len(seqs[s]) * req_per_tok)
-            point = rates.mean(0)
-            if boot_w:
-                boot = np.concatenate([(w @ rates) / ns for w in boot_w])
-                lo, hi = _basic_ci(point, boot, level)
-            else:
-                lo = hi = np.full(n_ids, np.nan)
+                n_ids = sizes_of[scope]
+                per_tok = K if scope < L else K * L
+                rates[s, col0[scope]:col0[scope + 1]] = np.cumsum(out[out_off[b]:out_off[b] + n_ids]) / (len(seqs[s]) * per_tok)
+        point_all = rates.mean(0)
+        if boot_w:
+            lo_all, hi_all = _basic_ci(point_all, np.concatenate([(w @ rates) / ns for w in boot_w]), level)
+        else:
+            lo_all = hi_all = np.full(point_all.shape, np.nan)
+        for scope in range(L + 1):
+            n_ids = sizes_of[scope]
+            cs = slice(int(col0[scope]), int(col0[scope + 1]))
+            point, lo, hi = point_all[cs], lo_all[cs], hi_all[cs]
+            req_per_tok = K if scope < L else K * L
             sizes = np.arange(1, n_ids + 1)
             row = {"layer": [layers[scope] if scope < L else None] * n_ids, "cache_size": sizes,
                    "rho": sizes / req_per_tok, "hit": point, "low": lo, "high": hi}
