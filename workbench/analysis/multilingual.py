@@ -439,6 +439,8 @@ def steering_experiment(run, p: Profiles | None = None, model=None, middle=None,
         bar.update(1)
         for mode in modes:
             for cond, seed, exps in conditions:
+                if mode == "hard":
+                    exps = _cap_per_layer(exps, mm.top_k)
                 inter = _interventions(mode, exps, lam)
                 val = float(measure(mm, tx, inter))
                 bar.update(1)
@@ -463,6 +465,17 @@ def steering_experiment(run, p: Profiles | None = None, model=None, middle=None,
     tables = {"steering": tab, "steering_summary": summ, "task_experts": chosen}
     meta = {"task_experts": experts, "outside_experts": out_experts, "score": what, "lambda": lam}
     return AnalysisResult("multilingual-steering", tables, "steering_summary", "\n".join(lines), meta)
+
+
+def _cap_per_layer(experts, k: int):
+    """A token has k slots, so at most k experts per layer can be forced: keep the first k listed
+    (task experts are listed by decreasing frequency difference)."""
+    kept, per = [], {}
+    for lay, e in experts:
+        if per.get(lay, 0) < k:
+            kept.append((lay, e))
+            per[lay] = per.get(lay, 0) + 1
+    return kept
 
 
 def _interventions(mode: str, experts, lam: float) -> dict:
