@@ -152,8 +152,9 @@ def compare(mm, prompt: str, interventions: dict, max_new_tokens: int = 24, samp
             rs = rec.take()
     p0 = len(prompt_ids)
     t = temperature if sample else 1.0
-    lp_b = torch.log_softmax(lb[p0 - 1: p0 - 1 + len(base)] / t, -1)
-    lp_s = torch.log_softmax(ls[p0 - 1: p0 - 1 + len(base)] / t, -1)
+    # float64: the KL of nearby distributions is a difference of close numbers
+    lp_b = torch.log_softmax(lb[p0 - 1: p0 - 1 + len(base)].double() / t, -1)
+    lp_s = torch.log_softmax(ls[p0 - 1: p0 - 1 + len(base)].double() / t, -1)
     kl = (lp_b.exp() * (lp_b - lp_s)).sum(-1).clamp_min(0).tolist()
     tokens = [mm.tokenizer.decode([i]) for i in prompt_ids + base]
     rows = {k: [] for k in ROUTING_CHANGE_SCHEMA}
