@@ -1,0 +1,195 @@
+"""`workbench export RUN --format {parquet,csv,json} --out DIR [--what ...]`.
+
+Writes the run's raw tables (streamed from its part files, never whole in memory) and every table of
+every analysis that applies to the run, plus SCHEMA.md and schema.json describing each file. Parquet
+output loads with polars, pandas, DuckDB, Spark and `datasets.load_dataset("parquet", data_files=...)`;
+json is JSON Lines (one object per row, `.jsonl`); csv joins list cells with ';'.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+
+from .errors import WorkbenchError
+from .store import TABLES, Run, open_run
+
+FORMATS = {"parquet": ".parquet", "csv": ".csv", "json": ".jsonl"}
+
+# What the columns mean, for the schema note (names are shared across tables on purpose).
+COLUMN_DOCS = {
+    "doc_id": "document (sequence) id", "pos": "token position in its document", "token_id": "tokenizer id",
+    "token": "decoded token", "phase": "prefill (prompt) or decode (generated)",
+    "layer": "decoder-layer index (never a position among MoE layers); null on model-level rows",
+    "experts": "experts the model selected, in its own order", "weights": "routing weights of those experts",
+    "logits": "router logits over all experts (fp32)", "slot": "position among the token's selected experts (-1 = shared)",
+    "expert": "expert id (-1 = shared expert); null on layer/model rows", "weight": "routing weight of that slot",
+    "out_maxabs": "max |down_proj output| of the expert for the token, before the routing weight",
+    "out_argmax": "channel of out_maxabs", "out_l2": "L2 norm of the expert's down_proj output",
+    "maxabs": "max |hidden state| after the layer", "argmax": "channel of maxabs", "head": "attention head",
+    "sink_share": "mean attention mass on position 0",
+    "label": "label column a row is split by (null: all tokens)", "value": "value of that label column",
+    "count": "number of selections", "share": "share of the layer's selections",
+    "token_share": "share of tokens selecting the expert", "mean_weight": "mean routing weight when selected",
+    "is_dead": "never (or below --dead) selected", "is_always_on": "selected by at least --always-on of tokens",
+    "cv": "coefficient of variation of expert counts in the layer", "entropy_norm": "entropy of expert shares / log E",
+    "level": "expert, layer or model", "m": "window (segment) length in tokens", "srp": "segment routing best performance",
+    "srp_low": "basic bootstrap 95% lower bound", "srp_high": "basic bootstrap 95% upper bound",
+    "alpha": "activation threshold that attains SRP", "rho": "SRP: m*C/F at the best alpha; SCH: cache size / active experts",
+    "cache_size": "cache capacity in experts", "sch": "segment cache best hit rate", "hit_rate": "cache hit rate",
+    "policy": "cache replacement policy", "max_abs": "max |output| (super experts) or |h| (massive activations)",
+    "channel": "hidden channel of max_abs", "is_super_expert": "meets the super-expert rule", "se_rank": "rank among super experts",
+    "ppl": "perplexity", "d_sink": "attention-sink decay 1 - mean(after/before)",
+}
+
+
+def _nested_to_text(lf: pl.LazyFrame) -> pl.LazyFrame:
+    schema = lf.collect_schema()
+    exprs = []
+    for c, t in schema.items():
+        if isinstance(t, (pl.List, pl.Array)):
+            exprs.append(pl.col(c).cast(pl.List(pl.Utf8)).list.join(";"))
+        elif isinstance(t, pl.Struct):
+            exprs.append(pl.col(c).struct.json_encode())
+    return lf.with_columns(exprs) if exprs else lf
+
+
+def _write(frame, path: Path, fmt: str) -> None:
+    lf = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
+    if fmt == "parquet":
+        lf.sink_parquet(path, compression="zstd")
+    elif fmt == "csv":
+        _nested_to_text(lf).sink_csv(path)
+    else:
+        lf.sink_ndjson(path)
+
+
+def _describe(path: Path, fmt: str, source: str, table: str, schema: pl.Schema, rows: int, out: Path) -> dict:
+    return {"path": str(path.relative_to(out)), "source": source, "table": table, "rows": rows,
+            "columns": [{"name": c, "type": str(t), "description": COLUMN_DOCS.get(c, "")} for c, t in schema.items()]}
+
+
+def _rows(path: Path, fmt: str) -> int:
+    if fmt == "parquet":
+        return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    if fmt == "csv":
+        return int(pl.scan_csv(path).select(pl.len()).collect().item())
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _selection(what: str) -> tuple[list[str], list[str]]:
+    from .analysis import MODULES
+
+    items = [w.strip() for w in (what or "all").split(",") if w.strip()]
+    raw, analyses = [], []
+    for w in items:
+        key = w.replace("_", "-")
+        if w == "all":
+            raw += list(TABLES)
+            analyses += list(MODULES)
+        elif w == "raw":
+            raw += list(TABLES)
+        elif w == "analyses":
+            analyses += list(MODULES)
+        elif w in TABLES:
+            raw.append(w)
+        elif key in MODULES:
+            analyses.append(key)
+        else:
+            raise WorkbenchError(f"--what {w!r}: name a table ({', '.join(TABLES)}), an analysis "
+                                 f"({', '.join(MODULES)}), raw, analyses or all")
+    return list(dict.fromkeys(raw)), list(dict.fromkeys(analyses))
+
+
+def export_run(run, out, fmt: str = "parquet", what: str = "all", options: dict | None = None,
+               progress: bool = True) -> dict:
+    """Export `run` to folder `out`; returns the schema dict also written to out/schema.json.
+
+    options: {analysis name: analyze() keyword arguments}. Analyses that do not apply to the run
+    (missing tables or labels: they raise WorkbenchError) are listed under "skipped".
+    """
+    from tqdm.auto import tqdm
+
+    from .analysis import module
+
+    if fmt not in FORMATS:
+        raise WorkbenchError(f"--format {fmt!r}: choose parquet, csv or json")
+    if not isinstance(run, Run):
+        run = open_run(run)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    ext = FORMATS[fmt]
+    raw, analyses = _selection(what)
+    files, skipped = [], {}
+    explicit = (what or "all") not in ("all", "raw", "analyses")
+    for name in tqdm(raw, desc="export tables", disable=not progress, dynamic_ncols=True):
+        if not run.has(name):
+            if explicit:
+                skipped[name] = "the run has no such table"
+            continue
+        path = out / f"{name}{ext}"
+        lf = run.table(name)
+        _write(lf, path, fmt)
+        files.append(_describe(path, fmt, "raw", name, lf.collect_schema(), _rows(path, fmt), out))
+    for name in analyses:
+        try:
+            mod = module(name)
+        except ImportError as e:
+            skipped[name] = f"not available ({e})"
+            continue
+        try:
+            result = mod.analyze(run, **(options or {}).get(name, {}))
+        except WorkbenchError as e:
+            skipped[name] = str(e)
+            continue
+        folder = out / "analysis" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for tname, df in result.tables.items():
+            path = folder / f"{tname}{ext}"
+            _write(df, path, fmt)
+            desc = _describe(path, fmt, name, tname, df.schema, df.height, out)
+            desc["main"] = tname == result.main
+            files.append(desc)
+    schema = {"run": str(run.path), "model": run.model_info.get("spec"), "model_type": run.model_info.get("model_type"),
+              "dataset": (run.manifest.get("dataset") or {}).get("name"), "format": fmt,
+              "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files, "skipped": skipped}
+    (out / "schema.json").write_text(json.dumps(schema, indent=1, default=str))
+    (out / "SCHEMA.md").write_text(_schema_md(schema))
+    return schema
+
+
+def _schema_md(schema: dict) -> str:
+    fmt = schema["format"]
+    lines = [f"# Export of {schema['run']}", "",
+             f"Model `{schema['model']}` ({schema['model_type']}), dataset `{schema['dataset']}`, format {fmt}, "
+             f"exported {schema['exported']}. Raw tables are one row per the unit DESIGN.md gives "
+             "(token, token x MoE layer, ...); analysis tables are under `analysis/<name>/`. "
+             "`layer` is always the decoder-layer index; it is null on model-level rows, `expert` -1 is a shared expert.",
+             ""]
+    load = {"parquet": "pl.read_parquet(path)  |  datasets.load_dataset('parquet', data_files=path)",
+            "csv": "pl.read_csv(path)  (list cells are joined with ';')",
+            "json": "pl.read_ndjson(path)  |  datasets.load_dataset('json', data_files=path)"}[fmt]
+    lines += [f"Load: `{load}`", ""]
+    for f in schema["files"]:
+        main = " (main table)" if f.get("main") else ""
+        lines += [f"## `{f['path']}`{main}", "", f"source: {f['source']}, rows: {f['rows']}", "",
+                  "| column | type | meaning |", "|---|---|---|"]
+        lines += [f"| `{c['name']}` | {c['type']} | {c['description']} |" for c in f["columns"]]
+        lines.append("")
+    if schema["skipped"]:
+        lines += ["## Not exported", ""] + [f"- {k}: {v}" for k, v in schema["skipped"].items()] + [""]
+    return "\n".join(lines)
+
+
+def export_cli(args) -> None:
+    schema = export_run(args.run, args.out, fmt=args.format, what=args.what)
+    n = len(schema["files"])
+    print(f"exported {n} tables ({args.format}) to {args.out}; schema in {Path(args.out) / 'SCHEMA.md'}")
+    for k, v in schema["skipped"].items():
+        print(f"  skipped {k}: {v}")
