@@ -1,6 +1,6 @@
 """Build the demo model's training corpus (~56 MB of code, English prose, 21 languages and maths).
 
-    .venv/bin/python -m workbench.training.corpus --out .device_carry/corpus.jsonl.xz
+    .venv/bin/python -m workbench.training.corpus --out .device_carry/demo/corpus.jsonl.xz
 
 Held out from training (the evaluation sets bundled in datasets/ come from these):
 - LibreOffice help paragraphs listed in datasets/build/heldout_keys.txt, in every language, and any
@@ -163,7 +163,7 @@ def build(progress: bool = True) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Build the demo model's training corpus.")
-    ap.add_argument("--out", default=".device_carry/corpus.jsonl.xz")
+    ap.add_argument("--out", default=".device_carry/demo/corpus.jsonl.xz")
     args = ap.parse_args(argv)
     docs = build()
     out = Path(args.out)
