@@ -355,14 +355,12 @@ def _grouped_choice(sel, k, n_group, topk_group, group_score, ban, force):
         return s.masked_fill(~smask, -torch.inf)
 
     cand = _ban(pick_groups(sel), ban)
-    if ban is not None:
+    if ban is not None:  # computed for every row: a data-dependent branch would sync the GPU
         short = torch.isfinite(cand).sum(-1, keepdim=True) < k
-        if bool(short.any()):
-            banned = _ban(sel, ban)
-            alt = pick_groups(banned)
-            still = torch.isfinite(alt).sum(-1, keepdim=True) < k
-            alt = torch.where(still, banned, alt)
-            cand = torch.where(short, alt, cand)
+        banned = _ban(sel, ban)
+        alt = pick_groups(banned)
+        alt = torch.where(torch.isfinite(alt).sum(-1, keepdim=True) < k, banned, alt)
+        cand = torch.where(short, alt, cand)
     return torch.topk(cand, k=k, dim=-1, sorted=False)[1]
 
 
@@ -458,7 +456,7 @@ def merge_with_original(p: RouterParams, out, new, boosted: bool):
         return z, w, idx
     same = (torch.sort(idx, dim=-1)[0] == torch.sort(i0, dim=-1)[0]).all(-1, keepdim=True)
     if boosted:
-        dense = torch.zeros(w.shape[0], int(max(int(i0.max()), int(idx.max())) + 1), dtype=w.dtype, device=w.device)
+        dense = torch.zeros(w.shape[0], z.shape[-1], dtype=w.dtype, device=w.device)
         dense.scatter_(1, idx, w)
         return z, torch.where(same, dense.gather(1, i0), w), torch.where(same, i0, idx)
     return z, torch.where(same, w0, w), torch.where(same, i0, idx)
@@ -508,7 +506,8 @@ class _LayerTensors:
     def on(self, device):
         if device not in self._dev:
             mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-            self._dev[device] = (mv(self.ban), mv(self.force), mv(self.boost), mv(self.mult))
+            with torch.inference_mode(False):  # cached across calls: must not be inference tensors
+                self._dev[device] = (mv(self.ban), mv(self.force), mv(self.boost), mv(self.mult))
         return self._dev[device]
 
 
