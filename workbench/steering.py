@@ -201,14 +201,19 @@ def steer_cli(args, interventions: dict) -> None:
     print(render(res, model=f"{args.model} ({mm.family.model_type})"))
 
 
-def _show(tok: str, width: int) -> str:
-    s = repr(tok)[1:-1]
+def _show(tok: str, width: int, tid: int | None = None) -> str:
+    # a lone byte of a multi-byte character decodes to U+FFFD: show its id so tokens stay distinguishable
+    s = f"<id {tid}>" if "\ufffd" in tok and tid is not None else repr(tok)[1:-1]
     return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _kl(x: float) -> str:
+    return f"{x:.4f}" if x >= 1e-3 or x == 0 else f"{x:.1e}"
 
 
 def render(res: SteerResult, model: str = "", max_changes: int = 8) -> str:
     """The text `workbench steer` prints: token table with KL, both continuations, routing changes."""
-    w = max([8] + [min(len(repr(t)) - 2, 24) for t in res.baseline_tokens + res.steered_tokens])
+    w = max([10] + [min(len(repr(t)) - 2, 24) for t in res.baseline_tokens + res.steered_tokens])
     inter = "; ".join(f"{k} {','.join(v) if isinstance(v, list) else ','.join(f'{e}={x:g}' for e, x in v.items())}"
                       for k, v in res.interventions.items())
     lines = [f"model: {model}"] if model else []
@@ -221,12 +226,12 @@ def render(res: SteerResult, model: str = "", max_changes: int = 8) -> str:
         ids_b = res.baseline_ids[j] if j < len(res.baseline_ids) else None
         ids_s = res.steered_ids[j] if j < len(res.steered_ids) else None
         mark = " " if ids_b == ids_s else "*"
-        kl = f"{res.kl[j]:.4f}" if j < len(res.kl) else ""
-        lines.append(f"{j:>4}  {_show(b, w):<{w}} {mark} {_show(s, w):<{w}}  {kl}")
+        kl = _kl(res.kl[j]) if j < len(res.kl) else ""
+        lines.append(f"{j:>4}  {_show(b, w, ids_b):<{w}} {mark} {_show(s, w, ids_s):<{w}}  {kl}")
     fd = res.first_divergence
     lines += ["", f"baseline: {res.prompt}{res.baseline_text}", f"steered:  {res.prompt}{res.steered_text}",
               "continuations are identical" if fd is None else f"first difference at generated token {fd} (marked *)",
-              f"mean KL {np.mean(res.kl):.4f}, max {max(res.kl):.4f} (along the baseline continuation)"]
+              f"mean KL {_kl(float(np.mean(res.kl)))}, max {_kl(max(res.kl))} (along the baseline continuation)"]
     ch = res.routing_changes
     by_layer = ", ".join(f"L{r['layer']} {r['changed']}" for r in res.changes_by_layer().iter_rows(named=True))
     lines.append(f"routing: {ch.height} of {res.n_decisions} decisions changed ({100 * res.changed_fraction:.1f}%)"
