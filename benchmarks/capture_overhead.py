@@ -1,0 +1,217 @@
+"""Capture overhead on the GPU: plain forward vs `workbench.capture` with probes, end to end.
+
+    python benchmarks/capture_overhead.py --shape olmoe --out benchmarks/results/capture_olmoe_h100.json
+
+Random weights in the shape of OLMoE-1B-7B (16 L, hidden 2048, 64 experts, top-8) or of 12 layers
+of Qwen3-30B-A3B (128 experts, top-8), bf16, 8 x 2048 tokens a forward, the model's default
+experts implementation (grouped_mm). Timings:
+- plain: the same batches through `model(...)`, one sync at the end, per batch;
+- capture: the real pipeline (hooks, async pinned copies, writer thread, Parquet, manifest), run for
+  n1 and n2 batches; per-batch cost = slope (t(n2) - t(n1)) / (n2 - n1), which removes fixed setup
+  (tokenising, folders) and includes the writer keeping up (its queue is bounded, so a slow writer
+  stalls the forward loop and shows up in the slope);
+- gpu_only: probes attached, harvest + async copies, no writer: the GPU-side cost alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+SHAPES = {
+    "olmoe": dict(model_type="olmoe", num_hidden_layers=16, hidden_size=2048, intermediate_size=1024,
+                  num_experts=64, num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16,
+                  vocab_size=50304, norm_topk_prob=False),
+    "qwen3": dict(model_type="qwen3_moe", num_hidden_layers=12, hidden_size=2048, moe_intermediate_size=768,
+                  intermediate_size=6144, num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
+                  num_key_value_heads=4, head_dim=128, vocab_size=151936, norm_topk_prob=True),
+}
+
+
+DEVICE = "cuda"
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(shape: str, tiny: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from workbench.models.loading import wrap_model
+    from workbench.models.tiny import byte_tokenizer
+
+    kw = dict(SHAPES[shape])
+    mt = kw.pop("model_type")
+    if tiny:  # a CPU dry run of the script itself, numbers meaningless
+        kw.update(num_hidden_layers=2, hidden_size=64, intermediate_size=32, moe_intermediate_size=32, vocab_size=512,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        kw = {k: v for k, v in kw.items() if k in SHAPES[shape] or k in ("head_dim",)}
+    cfg = AutoConfig.for_model(mt, max_position_embeddings=4096, tie_word_embeddings=False, **kw)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.eval()
+    return wrap_model(model, byte_tokenizer(), spec=f"random-{shape}")
+
+
+def texts(n_tokens: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ,.ETAOINSHRDLU0123456789", dtype=np.uint8)
+    chars = alphabet[rng.integers(0, len(alphabet), n_tokens)].tobytes().decode()
+    return [chars[i:i + 4000] for i in range(0, len(chars), 4000)]
+
+
+def batches(mm, n_batches: int, seq_len: int, batch_size: int):
+    from workbench.capture import _batch_context, build_sequences
+    from workbench.data import load_dataset
+
+    data = texts(n_batches * seq_len * batch_size + 1000)
+    seqs = build_sequences(load_dataset(data), mm.tokenizer, seq_len=seq_len,
+                           max_tokens=n_batches * seq_len * batch_size)
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ctx, *_ = _batch_context(seqs[i:i + batch_size], mm.tokenizer.pad_token_id, mm.device)
+        out.append(ctx)
+    return data, out
+
+
+def plain_time(mm, ctxs, reps: int = 3) -> tuple[float, list[float]]:
+    with torch.inference_mode():
+        for c in ctxs[:2]:
+            mm.model(input_ids=c.input_ids, attention_mask=c.attention_mask, use_cache=False)
+        _sync()
+        per = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            for c in ctxs:
+                mm.model(input_ids=c.input_ids, attention_mask=c.attention_mask, use_cache=False)
+            _sync()
+            per.append((time.perf_counter() - t) / len(ctxs))
+    return statistics.median(per), per
+
+
+def gpu_only_time(mm, ctxs, probe_names, logits=False) -> float:
+    from workbench.capture import make_probes
+
+    probes = make_probes(probe_names, logits=logits)
+    for p in probes:
+        p.attach(mm)
+    try:
+        with torch.inference_mode():
+            def one(c):
+                for p in probes:
+                    p.begin(c)
+                mm.model(input_ids=c.input_ids, attention_mask=c.attention_mask, use_cache=False)
+                for p in probes:
+                    for t in p.harvest().values():
+                        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=DEVICE == "cuda")
+                        h.copy_(t, non_blocking=True)
+                    p.ctx = None
+            for c in ctxs[:2]:
+                one(c)
+            _sync()
+            t = time.perf_counter()
+            for c in ctxs:
+                one(c)
+            _sync()
+            return (time.perf_counter() - t) / len(ctxs)
+    finally:
+        for p in probes:
+            p.detach()
+
+
+def capture_time(mm, data, n_batches, probe_names, logits, seq_len, batch_size, root) -> float:
+    import workbench as wb
+
+    out = Path(root) / f"run_{'_'.join(probe_names)}_{int(logits)}_{n_batches}"
+    _sync()
+    t = time.perf_counter()
+    wb.capture(mm, data, out, probes=probe_names, logits=logits, seq_len=seq_len, batch_size=batch_size,
+               max_tokens=n_batches * seq_len * batch_size, overwrite=True, progress=False)
+    _sync()
+    dt = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe")
+    ap.add_argument("--n1", type=int, default=4)
+    ap.add_argument("--n2", type=int, default=20)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--configs", default="routing;routing+logits;routing,experts")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes, to dry-run the script on CPU")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    import transformers
+
+    mm = build(args.shape, args.tiny)
+    impl = mm.model.config._experts_implementation
+    data, ctxs = batches(mm, args.n2, args.seq_len, args.batch_size)
+    base, base_reps = plain_time(mm, ctxs)
+    print(f"[{args.shape}] experts implementation {impl}; plain forward {base * 1e3:.1f} ms/batch {base_reps}",
+          flush=True)
+    root = tempfile.mkdtemp(prefix="wb_bench_")
+    results = []
+    for spec in args.configs.split(";"):
+        logits = spec.endswith("+logits")
+        names = spec.replace("+logits", "").split(",")
+        g = gpu_only_time(mm, ctxs, names, logits)
+        capture_time(mm, data, 2, names, logits, args.seq_len, args.batch_size, root)  # warm (compile, pinned pool)
+        t1 = capture_time(mm, data, args.n1, names, logits, args.seq_len, args.batch_size, root)
+        t2 = capture_time(mm, data, args.n2, names, logits, args.seq_len, args.batch_size, root)
+        slope = (t2 - t1) / (args.n2 - args.n1)
+        row = {"probes": names, "logits": logits, "gpu_only_ms": round(g * 1e3, 2),
+               "gpu_only_overhead": round(g / base - 1, 4),
+               "capture_ms_per_batch": round(slope * 1e3, 2), "capture_overhead": round(slope / base - 1, 4),
+               "capture_total_s": {str(args.n1): round(t1, 3), str(args.n2): round(t2, 3)},
+               "capture_overhead_incl_setup": round(t2 / args.n2 / base - 1, 4)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    res = {
+        "benchmark": "capture_overhead", "shape": args.shape, "config": SHAPES[args.shape],
+        "tokens_per_batch": args.seq_len * args.batch_size, "dtype": "bfloat16",
+        "experts_implementation_plain": impl,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor(), "cpus": os.cpu_count(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
+                     "python": platform.python_version()},
+        "plain_ms_per_batch": round(base * 1e3, 2), "plain_reps_ms": [round(b * 1e3, 2) for b in base_reps],
+        "results": results,
+        "targets": {"routing": 0.02, "routing+logits": 0.05, "routing,experts": 0.05},
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"{'probes':28s} {'gpu-only':>9s} {'capture':>9s} {'overhead':>9s}")
+    for r in results:
+        name = ",".join(r["probes"]) + ("+logits" if r["logits"] else "")
+        print(f"{name:28s} {r['gpu_only_overhead']:+9.2%} {r['capture_ms_per_batch']:8.1f}ms {r['capture_overhead']:+9.2%}")
+
+
+if __name__ == "__main__":
+    main()
