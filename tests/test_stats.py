@@ -145,3 +145,14 @@ def test_phase_split_and_cli(tmp_path, capsys):
     assert (tmp_path / "f" / "expert_share.html").exists()
     assert "routing statistics" in capsys.readouterr().out
     assert main(["analyze", "stats", str(run.path), "--labels", "nope"]) == 2
+
+
+def test_id_like_labels_are_skipped_unless_asked(tmp_path):
+    T = 80
+    ex = np.zeros((T, 1, 1), np.int16)
+    run = write_run(tmp_path / "r", ex, np.zeros(T), 2, labels={"src_doc": list(range(T)), "lang": ["a", "b"] * 40})
+    res = stats.analyze(run, progress=False)
+    assert res.meta["labels"] == ["lang"] and res.meta["skipped_labels"] == ["src_doc"]
+    assert "src_doc" in res.summary
+    res = stats.analyze(run, labels=["src_doc"], progress=False)
+    assert res.tables["experts"].filter(pl.col("label") == "src_doc").height == T * 2

@@ -195,3 +195,28 @@ def stack_sim_many(reqs, req_start, req_end, widths, n_ids, policy, m, out, out_
     for i in prange(req_start.shape[0]):
         r = reqs[req_start[i]:req_end[i]].reshape(-1, widths[i])
         stack_sim(r, n_ids[i], policy[i], m[i], out[out_off[i]:out_off[i] + n_ids[i] + 1])
+
+
+@njit(cache=True, parallel=True)
+def srp_best(h, m):
+    """SRP only (no alpha/rho) for many histograms h [N, m+1]: one backward pass per row, for bootstraps."""
+    n = h.shape[0]
+    out = np.empty(n, np.float64)
+    for i in prange(n):
+        F = 0.0
+        for v in range(m + 1):
+            F += v * h[i, v]
+        if F <= 0:
+            out[i] = np.nan
+            continue
+        S = 0.0
+        C = 0.0
+        best = 0.0
+        for v in range(m, -1, -1):
+            S += v * h[i, v]
+            C += h[i, v]
+            val = 2.0 * S / (m * C + F)
+            if val > best:
+                best = val
+        out[i] = best
+    return out

@@ -166,6 +166,14 @@ def srp_from_hist(h: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return best, np.where(ok, alpha, -1), np.where(ok, rho, np.nan)
 
 
+def _best(h: np.ndarray, m: int) -> np.ndarray:
+    """srp_from_hist(h, m)[0], fast (numba, one pass per histogram) for bootstrap resamples."""
+    from ._lrc_kernels import srp_best
+
+    flat = np.ascontiguousarray(h, np.float64).reshape(-1, m + 1)
+    return srp_best(flat, m).reshape(h.shape[:-1])
+
+
 def _boot_weights(n: int, n_boot: int, rng: np.random.Generator, block: int = 200):
     """Multinomial resample counts, `block` resamples at a time (basic bootstrap over sequences)."""
     for b0 in range(0, n_boot, block):
@@ -262,15 +270,15 @@ def _srp_tables(acc: _Accum, layers: list[int], n_boot: int, seed: int, level: f
             flat_e = acc.hist_ng[:n, :, sl].reshape(n, L * E * (m + 1)) if acc.per_expert else None
             for w in _boot_weights(n, n_boot, rng):
                 hb = (w @ flat_l).reshape(-1, L, m + 1)
-                boots_l.append(srp_from_hist(hb, m)[0])
-                boots_m.append(srp_from_hist(hb.sum(1), m)[0])
+                boots_l.append(_best(hb, m))
+                boots_m.append(_best(hb.sum(1), m))
                 if flat_e is not None:
                     parts = []
                     step = max(1, int(4e7 // max(1, w.shape[0] * (m + 1) * E)))  # bound the [b, E*(m+1)] block
                     for l0 in range(0, L, step):
                         cols = slice(l0 * E * (m + 1), min(L, l0 + step) * E * (m + 1))
                         hb_e = (w @ flat_e[:, cols].astype(np.float64)).reshape(w.shape[0], -1, m + 1)
-                        parts.append(srp_from_hist(hb_e, m)[0])
+                        parts.append(_best(hb_e, m))
                     boots_e.append(np.concatenate(parts, axis=1))
         if boots_m:
             m_lo, m_hi = _basic_ci(m_srp, np.concatenate(boots_m), level)

@@ -18,13 +18,23 @@ from .common import routing_arrays
 _BASE_COLS = ("doc_id", "pos", "token_id", "token", "phase")
 
 
-def _groups(run, tok: pl.DataFrame, labels) -> list[tuple[str | None, list[str | None], np.ndarray]]:
-    """[(label column, value names, code per token (-1 = not in a group))]; the first is all tokens."""
+def _groups(run, tok: pl.DataFrame, labels, max_values: int = 64, skipped: list | None = None):
+    """[(label column, value names, code per token (-1 = not in a group))]; the first is all tokens.
+
+    By default every label column of the run (plus phase when it varies), except id-like columns
+    with more than `max_values` distinct values (named in `skipped`); ask for those explicitly."""
     n = tok.height
     out = [(None, [None], np.zeros(n, np.int64))]
     have = [c for c in tok.columns if c not in _BASE_COLS[:4]]
     if labels is None:
-        labels = [c for c in run.label_columns if c in have]
+        labels = []
+        for c in run.label_columns:
+            if c in have:
+                if tok[c].n_unique() > max_values:
+                    if skipped is not None:
+                        skipped.append(c)
+                else:
+                    labels.append(c)
         if tok["phase"].n_unique() > 1:
             labels.append("phase")
     else:
@@ -49,7 +59,8 @@ def _frame(label, values, code_col, **cols) -> pl.DataFrame:
 
 
 def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: float = 0.0,
-            coactivation: bool = True, transitions: bool = True, progress: bool = True) -> AnalysisResult:
+            coactivation: bool = True, transitions: bool = True, max_label_values: int = 64,
+            progress: bool = True) -> AnalysisResult:
     """Tables: experts (main), layers, coactivation, transitions, top_tokens, top_labels.
 
     experts: count (selections), share (of the layer's selections), token_share (of tokens),
@@ -69,7 +80,8 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     tok = keys.join(run.tokens.select(tok_cols).collect().unique(["doc_id", "pos"]), on=["doc_id", "pos"],
                     how="left", maintain_order="left")
     tok = tok.with_columns(pl.col("phase").fill_null("prefill"), pl.col("token_id").fill_null(-1))
-    groups = _groups(run, tok, labels)
+    skipped: list = []
+    groups = _groups(run, tok, labels, max_label_values, skipped)
     layers = ra.layers
     ex = ra.experts.astype(np.int64)
     w = ra.weights.astype(np.float64)
@@ -188,7 +200,7 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     if lab_rows:
         tables["top_labels"] = pl.concat(lab_rows)
     meta = {"tokens": T, "layers": layers, "n_experts": E, "top_k": K,
-            "labels": [g[0] for g in groups if g[0] is not None]}
+            "labels": [g[0] for g in groups if g[0] is not None], "skipped_labels": skipped}
     return AnalysisResult("stats", tables, "experts", _summary(tables, meta), meta)
 
 
@@ -218,6 +230,8 @@ def _summary(tables, meta) -> str:
         if tl.height:
             lines.append("  most label-specific: " + ", ".join(
                 f"L{r['layer']}:E{r['expert']} {r['label']}={r['value']} (x{r['lift']:.1f})" for r in tl.iter_rows(named=True)))
+    if meta["skipped_labels"]:
+        lines.append(f"  not split by {', '.join(meta['skipped_labels'])} (too many values; pass --labels to force)")
     return "\n".join(lines)
 
 

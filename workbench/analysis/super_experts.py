@@ -235,6 +235,11 @@ def analyze(run, mode: str = "true", percentile: float = 99.5, ratio: float = 10
     th["mode"] = mode
     tables = {"experts": ranked, "super_experts": ses, "thresholds": pl.DataFrame([th])}
     notes = []
+    if th["floor_max_over_ratio"] == 0:
+        # the percentile threshold sits below the top value whenever it is unique, so only the
+        # absolute floor(max/ratio) rule can reject the top expert; with max < ratio it cannot
+        notes.append(f"max |output| {th['max']:.3g} < {th['ratio']:g}: the floor(max/{th['ratio']:g}) rule is vacuous, "
+                     "so the top expert passes by construction (a random or tiny model has no real super experts)")
     if run.has("hidden"):
         tables["massive"] = _token_strings(run, massive_activations(run))
     else:
