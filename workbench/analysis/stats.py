@@ -22,7 +22,7 @@ def _groups(run, tok: pl.DataFrame, labels, max_values: int = 64, skipped: list 
     """[(label column, value names, code per token (-1 = not in a group))]; the first is all tokens.
 
     By default every label column of the run (plus phase when it varies), except id-like columns
-    with more than `max_values` distinct values (named in `skipped`); ask for those explicitly."""
+    (src_doc, or more than `max_values` distinct values; named in `skipped`); ask for those explicitly."""
     n = tok.height
     out = [(None, [None], np.zeros(n, np.int64))]
     have = [c for c in tok.columns if c not in _BASE_COLS[:4]]
@@ -30,7 +30,7 @@ def _groups(run, tok: pl.DataFrame, labels, max_values: int = 64, skipped: list 
         labels = []
         for c in run.label_columns:
             if c in have:
-                if tok[c].n_unique() > max_values:
+                if c == "src_doc" or tok[c].n_unique() > max_values:  # src_doc: packed-capture record id
                     if skipped is not None:
                         skipped.append(c)
                 else:
