@@ -203,6 +203,8 @@ def load_model(
     if mt in UNSUPPORTED:
         raise WorkbenchError(f"{mt} is not supported ({UNSUPPORTED[mt]}); {SUPPORTED_SENTENCE}")
     torch_dtype = _parse_dtype(dtype)
+    if torch_dtype is None and spec == "demo" and (device is None or str(device) == "cpu"):
+        torch_dtype = torch.float32  # the demo ships bf16 weights; bf16 matmuls on CPU are slow and coarse
     kwargs = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
