@@ -145,30 +145,36 @@ def measure_reference(run_path: Path) -> dict:
     return {"srp_seconds_per_sequence_all_m": srp_per_seq, "sch_seconds_per_sequence_per_cache_size": sch_per_seq_size}
 
 
-def timed_child(run_path: Path) -> dict:
-    code = f"""
+_CHILD = """
 import json, resource, time
-t0 = time.perf_counter()
 from workbench.analysis import lrc
 from workbench.store import open_run
-run = open_run({str(run_path)!r})
+run = open_run({run!r})
+t0 = time.perf_counter()
+res = lrc.analyze(run, progress=False, **{opts})
 t1 = time.perf_counter()
-res = lrc.analyze(run, policies=[], progress=False)
-t2 = time.perf_counter()
-res2 = lrc.analyze(run, progress=False, n_boot=0)
-t3 = time.perf_counter()
-print(json.dumps({{"analyze_seconds": t2 - t1, "analyze_with_lru_lfu_belady_no_boot_seconds": t3 - t2,
-  "sequences": res.meta["sequences"], "sch_sequences": res.meta["sch_sequences"],
+print(json.dumps({{"seconds": t1 - t0, "sequences": res.meta["sequences"], "sch_sequences": res.meta["sch_sequences"],
   "expert_ci": res.meta["expert_ci"], "summary": res.summary,
   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}}))
 """
-    # warm the numba cache first so compile time is not timed (it is reported separately)
-    t0 = time.perf_counter()
+
+
+def timed_child(run_path: Path) -> dict:
+    """Each configuration in a fresh process (peak RSS is per process); numba's cache is warmed first
+    so compilation is not timed."""
     subprocess.run([sys.executable, "-c", "from workbench.analysis import lrc, _lrc_kernels"], check=True)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    res["child_wall_seconds_incl_import"] = time.perf_counter() - t0
-    return res
+    out = {}
+    for name, opts in (("srp_and_sch", {"policies": []}),
+                       ("srp_sch_and_lru_lfu_belady", {}),
+                       ("srp_only", {"with_sch": False})):
+        p = subprocess.run([sys.executable, "-c", _CHILD.format(run=str(run_path), opts=repr(opts))], check=True,
+                           capture_output=True, text=True)
+        out[name] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(name, f"{out[name]['seconds']:.1f} s, peak {out[name]['peak_rss_gb']:.2f} GB", flush=True)
+    main_ = out["srp_and_sch"]
+    return dict(analyze_seconds=main_["seconds"], peak_rss_gb=main_["peak_rss_gb"], sequences=main_["sequences"],
+                sch_sequences=main_["sch_sequences"], expert_ci=main_["expert_ci"], summary=main_["summary"],
+                configurations=out)
 
 
 def main() -> None:
@@ -184,6 +190,7 @@ def main() -> None:
         write_run(run_path, args.tokens)
         print(f"wrote synthetic run in {time.perf_counter() - t0:.1f} s")
     slots = (args.tokens // T_DOC) * T_DOC * L * K
+    load_start = os.getloadavg()
     fast = timed_child(run_path)
     print(fast["summary"])
     ref = measure_reference(run_path)
@@ -214,7 +221,7 @@ def main() -> None:
                                  note="measured on 1 sequence (SRP, all m) and 128 tokens x 2 cache sizes (SCH, m=16), "
                                       "extrapolated linearly to the same work as the fast run"),
         "speedup_vs_python_reference": (ref_srp + ref_sch) / fast["analyze_seconds"],
-        "machine": {"cpu": model, "cores": os.cpu_count(), "load_avg_at_end": load, "python": platform.python_version(),
+        "machine": {"cpu": model, "cores": os.cpu_count(), "load_avg_at_start": load_start, "load_avg_at_end": load, "python": platform.python_version(),
                     "numpy": np.__version__, "numba": numba.__version__, "polars": polars.__version__,
                     "note": "2-core machine shared with other engineers' processes; load average recorded"},
         "date": time.strftime("%Y-%m-%d %H:%M"),
