@@ -213,3 +213,17 @@ def test_cli_with_prune(planted, tmp_path, capsys):
     for name in ("expert_max_heatmap", "massive_activations", "prune_ppl", "sink_decay"):
         assert (tmp_path / "figs" / f"{name}.html").exists()
     assert main(["analyze", "super-experts", str(run.path), "--mode", "first_row"]) == 0
+
+
+def test_mode_alias_and_loaded_model_for_prune(planted, tmp_path):
+    mm, run, e, texts, _ = planted
+    a = se.analyze(run, mode="first", progress=False)
+    b = se.analyze(run, mode="first_row", progress=False)
+    assert a.tables["experts"].equals(b.tables["experts"]) and a.meta["thresholds"]["mode"] == "first_row"
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(texts))
+    res = se.analyze(run, prune=True, model=mm, prune_data=str(data), n_random=1, prune_max_tokens=100, progress=False)
+    p = res.tables["prune"]
+    assert p["condition"].to_list() == ["baseline", "super_experts", "random_0"]
+    assert p.filter(pl.col("condition") == "super_experts")["experts"][0] == f"L1:E{e}"
+    assert p["ppl_ratio"][0] == 1.0

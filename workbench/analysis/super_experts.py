@@ -19,6 +19,7 @@ from ..errors import WorkbenchError
 from . import AnalysisResult
 
 MODES = ("true", "first_row")
+_MODE_ALIASES = {"first": "first_row", "reference": "first_row", "max": "true"}
 _MAX_SCHEMA = {"layer": pl.Int16, "expert": pl.Int16, "max_abs": pl.Float64, "channel": pl.Int32,
                "doc_id": pl.Int64, "pos": pl.Int32, "selections": pl.Int64}
 
@@ -30,6 +31,7 @@ def expert_max(run, mode: str = "true") -> pl.DataFrame:
     routed experts only the first row each forward call (= each calibration sequence) routed to the
     expert counts; shared experts (-1) keep the true max.
     """
+    mode = _MODE_ALIASES.get(mode, mode)
     if mode not in MODES:
         raise WorkbenchError(f"unknown mode {mode!r}; choose true or first_row")
     if not run.has("expert_stats"):
@@ -224,7 +226,10 @@ def analyze(run, mode: str = "true", percentile: float = 99.5, ratio: float = 10
             prune_data=None, model=None, n_random: int = 3, seed: int = 0, prune_max_tokens: int | None = 8192,
             prune_seq_len: int | None = None, progress: bool = True) -> AnalysisResult:
     """Tables: experts (main; every expert's a[l,e] ranked, is_super_expert), super_experts, thresholds,
-    massive (if hidden/), sink_scores, and with prune=True: prune, sink_decay."""
+    massive (if hidden/), sink_scores, and with prune=True: prune, sink_decay.
+
+    model (for prune): a loaded MoEModel, or a spec/path; default the run's own model."""
+    mode = _MODE_ALIASES.get(mode, mode)
     n_layers = int(run.model_info.get("n_layers") or (max(run.moe_layers) + 1))
     amax = expert_max(run, mode)
     ranked, th = find_super_experts(amax, n_layers, percentile, ratio)
@@ -252,12 +257,15 @@ def analyze(run, mode: str = "true", percentile: float = 99.5, ratio: float = 10
         if ses.height == 0:
             notes.append("no super experts found, nothing to prune")
         else:
-            from ..models.loading import load_model
+            from ..models.loading import MoEModel, load_model
 
-            spec = model or run.model_info.get("path") or run.model_info.get("spec")
-            if not spec:
-                raise WorkbenchError("the run does not say where its model is; pass --model")
-            mm = load_model(spec)
+            if isinstance(model, MoEModel):
+                mm = model
+            else:
+                spec = model or run.model_info.get("path") or run.model_info.get("spec")
+                if not spec:
+                    raise WorkbenchError("the run does not say where its model is; pass --model")
+                mm = load_model(spec)
             data = prune_data or "calibration"
             from ..data import load_dataset
 
