@@ -99,13 +99,14 @@ def test_jsd_hand_worked():
     assert ml.normalized_divergence([1, 0], [1, 0]) == 0.0
 
 
-dist = st.lists(st.floats(0, 1, allow_nan=False), min_size=2, max_size=9).filter(lambda v: sum(v) > 1e-3)
+mass = st.one_of(st.just(0.0), st.floats(1e-6, 1))  # exact zeros, but no subnormals (the KL reference overflows)
+dist = st.lists(mass, min_size=2, max_size=9).filter(lambda v: sum(v) > 1e-3)
 
 
 @settings(max_examples=200, deadline=None)
 @given(dist, st.data())
 def test_jsd_properties(a, data):
-    b = data.draw(st.lists(st.floats(0, 1, allow_nan=False), min_size=len(a), max_size=len(a)).filter(
+    b = data.draw(st.lists(mass, min_size=len(a), max_size=len(a)).filter(
         lambda v: sum(v) > 1e-3))
     p, q = np.asarray(a) / sum(a), np.asarray(b) / sum(b)
     j = ml.jsd(p, q)

@@ -61,7 +61,7 @@ def activation_maps(run, label: str = "class", phase: str | None = "prefill") ->
     ra = routing_arrays(run, phase=phase)
     bounds = ra.doc_bounds
     ntok = np.diff(bounds)
-    d, (t, nl, k), e = len(ntok), ra.experts.shape, ra.n_experts
+    d, nl, e = len(ntok), ra.experts.shape[1], ra.n_experts
     di = np.repeat(np.arange(d), ntok)
     ex = ra.experts.astype(np.int64)
     ok = (ex >= 0) & (ex < e)

@@ -370,7 +370,9 @@ def task_experts(p: Profiles, layers, reference: str = "en", task_set: str = "ta
     reference-language general text by more than tau (or the `top` largest positive deltas),
     restricted to `layers`. Columns: layer, expert, freq_task, freq_general, delta."""
     if set_column not in p.extra:
-        raise WorkbenchError(f"the run has no {set_column!r} label to tell task text from general text")
+        raise WorkbenchError(f"the run has no {set_column!r} label to tell task text from general text; pass "
+                             f"--task-data and --general-data, or label {reference!r} records {set_column}={task_set} "
+                             f"and {set_column}={general_set}")
     sets, ref = p.extra[set_column], p.lang == reference
     mt, mg = ref & (sets == task_set), ref & (sets == general_set)
     if not mt.any() or not mg.any():
