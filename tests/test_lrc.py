@@ -288,3 +288,17 @@ def test_cli_and_figures(tmp_path, capsys):
     assert main(["analyze", "lrc", str(run.path), "--m", "0"]) == 2
     with pytest.raises(WorkbenchError):
         lrc.sch(run, policies=["fifo"])
+
+
+def test_bootstrap_units_group_sequences_when_memory_is_short(monkeypatch, tmp_path):
+    rng = np.random.default_rng(9)
+    seqs = random_seqs(rng, 12, 20, 2, 4, 2)
+    run = write_run(tmp_path / "r", seqs, 4)
+    full = lrc.analyze(run, m=[3], n_boot=100, with_sch=False, progress=False)
+    monkeypatch.setattr(lrc, "UNIT_HIST_BYTES", 2 * 8 * 4 * 3)  # room for ~2 sequences' histograms
+    grouped = lrc.analyze(run, m=[3], n_boot=100, with_sch=False, progress=False)
+    assert grouped.meta["bootstrap_unit_sequences"] > 1 and full.meta["bootstrap_unit_sequences"] == 1
+    assert grouped.tables["srp"]["srp"].equals(full.tables["srp"]["srp"])
+    model = grouped.tables["srp"].filter(pl.col("level") == "model").row(0, named=True)
+    assert model["srp_low"] <= model["srp"] + 1e-9 and np.isfinite(model["srp_high"])
+    assert "groups of" in grouped.summary

@@ -14,7 +14,7 @@ _NEVER = np.int64(1 << 30)  # "no next use" for Belady; request indices stay far
 
 
 @njit(cache=True, nogil=True)
-def _layer_windows(ex, starts, n_seq_base, l, n_experts, ms, moff, hist_g, hist_nl, hist_ng, per_expert):
+def _layer_windows(ex, starts, units, l, n_experts, ms, moff, hist_g, hist_nl, hist_ng, per_expert):
     """Window-count histograms of every expert of MoE layer `l` over all sequences of a chunk.
 
     f(e, p) = uses of e in tokens p..p+m-1 only changes where a use enters (p = u - m + 1) or leaves
@@ -58,7 +58,7 @@ def _layer_windows(ex, starts, n_seq_base, l, n_experts, ms, moff, hist_g, hist_
                     hg[base] += W
                     loc[base] += W
                     if per_expert:
-                        hist_ng[n_seq_base + s, g, base] += W
+                        hist_ng[units[s], g, base] += W
                     continue
                 i_in, i_out = lo, lo
                 f = 0
@@ -80,7 +80,7 @@ def _layer_windows(ex, starts, n_seq_base, l, n_experts, ms, moff, hist_g, hist_
                         hg[base + f] += run
                         loc[base + f] += run
                         if per_expert:
-                            hist_ng[n_seq_base + s, g, base + f] += run
+                            hist_ng[units[s], g, base + f] += run
                         p = nxt
                     if p >= W:
                         break
@@ -90,19 +90,20 @@ def _layer_windows(ex, starts, n_seq_base, l, n_experts, ms, moff, hist_g, hist_
                     else:
                         f -= 1
                         i_out += 1
-        hist_nl[n_seq_base + s, l, :] += loc
+        hist_nl[units[s], l, :] += loc
 
 
 @njit(cache=True, parallel=True)
-def srp_accumulate(ex, starts, n_seq_base, n_experts, ms, moff, hist_g, hist_nl, hist_ng, per_expert):
+def srp_accumulate(ex, starts, units, n_experts, ms, moff, hist_g, hist_nl, hist_ng, per_expert):
     """Add a chunk of sequences (ex [Tc, L, K], rows of sequence s = starts[s]:starts[s+1]).
 
-    hist_g [L*E, sum(m+1)]: all sequences; hist_nl [N, L, sum(m+1)]: per sequence and layer (bootstrap);
-    hist_ng [N, L*E, sum(m+1)]: per sequence and expert, filled only when per_expert.
+    hist_g [L*E, sum(m+1)]: all sequences; hist_nl [U, L, sum(m+1)]: per bootstrap unit (sequence,
+    or group of consecutive sequences on huge runs; units[s] for sequence s) and layer;
+    hist_ng [U, L*E, sum(m+1)]: per unit and expert, filled only when per_expert.
     Layers run in parallel: each layer owns its rows of every accumulator, so there are no races.
     """
     for l in prange(ex.shape[1]):
-        _layer_windows(ex, starts, n_seq_base, l, n_experts, ms, moff, hist_g, hist_nl, hist_ng, per_expert)
+        _layer_windows(ex, starts, units, l, n_experts, ms, moff, hist_g, hist_nl, hist_ng, per_expert)
 
 
 @njit(cache=True, nogil=True)

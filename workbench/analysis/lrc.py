@@ -22,6 +22,7 @@ from . import AnalysisResult
 DEFAULT_M = (4, 16, 64, 256)
 POLICIES = ("lru", "lfu", "belady")
 _POLICY_CODE = {"sch": 0, "lru": 1, "lfu": 2, "belady": 3}
+UNIT_HIST_BYTES = 1 << 30  # per-sequence x layer histograms above this are pooled into groups of sequences
 EXPERT_CI_WORK = 5e9  # "auto" bootstraps single experts when sequences x experts x bins x resamples stays below this
 
 
@@ -220,6 +221,7 @@ class _Accum:
     hist_g: np.ndarray = field(init=False)
     hist_nl: np.ndarray = field(init=False)
     hist_ng: np.ndarray = field(init=False)
+    group: int = 1  # sequences per bootstrap unit (> 1 only when per-sequence histograms would not fit)
     seq_done: int = 0
     seq_len_tokens: list = field(default_factory=list)
     sch_seqs: list = field(default_factory=list)
@@ -229,8 +231,12 @@ class _Accum:
         vdim = int(self.moff[-1])
         g = self.n_layers * self.n_experts
         self.hist_g = np.zeros((g, vdim), np.int64)
-        self.hist_nl = np.zeros((self.n_seq, self.n_layers, vdim), np.int64)
-        self.hist_ng = np.zeros((self.n_seq, g, vdim) if self.per_expert else (1, 1, 1), np.int32)
+        self.group = max(1, -(-self.n_seq * self.n_layers * vdim * 8 // UNIT_HIST_BYTES))
+        if self.group > 1:
+            self.per_expert = False
+        self.n_units = -(-self.n_seq // self.group)
+        self.hist_nl = np.zeros((self.n_units, self.n_layers, vdim), np.int64)
+        self.hist_ng = np.zeros((self.n_units, g, vdim) if self.per_expert else (1, 1, 1), np.int32)
 
     def add(self, chunk: SequenceChunk, srp: bool = True) -> None:
         from ._lrc_kernels import srp_accumulate
@@ -239,7 +245,8 @@ class _Accum:
         if self.seq_done + n > self.n_seq:
             raise WorkbenchError("more sequences than counted: the routing table changed while reading")
         if srp and self.ms.size:
-            srp_accumulate(chunk.experts, chunk.starts, self.seq_done, self.n_experts, self.ms, self.moff,
+            units = (self.seq_done + np.arange(n, dtype=np.int64)) // self.group
+            srp_accumulate(chunk.experts, chunk.starts, units, self.n_experts, self.ms, self.moff,
                            self.hist_g, self.hist_nl, self.hist_ng, self.per_expert)
         lens = np.diff(chunk.starts)
         self.seq_len_tokens.extend(lens.tolist())
@@ -252,7 +259,7 @@ class _Accum:
 
 def _srp_tables(acc: _Accum, layers: list[int], n_boot: int, seed: int, level: float = 0.95) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
-    n = acc.seq_done
+    n = -(-acc.seq_done // acc.group)  # bootstrap units
     L, E = acc.n_layers, acc.n_experts
     frames = []
     for mi, m in enumerate(acc.ms.tolist()):
@@ -537,6 +544,7 @@ def analyze(run, m=DEFAULT_M, seq_len: int | None = None, sch_stride: int = 16, 
         tables["sch"] = sch_df
         tables["cache_policies"] = pol_df
     meta = {"m": ms.tolist(), "sequences": acc.seq_done, "sch_sequences": len(acc.sch_seqs),
+            "bootstrap_unit_sequences": acc.group,
             "expert_ci": bool(acc.per_expert), "n_boot": n_boot, "seq_len": seq_len, "top_k": acc.top_k,
             "n_layers": acc.n_layers}
     return AnalysisResult("lrc", tables, "srp", _summary(tables, meta), meta)
@@ -561,6 +569,9 @@ def _summary(tables: dict, meta: dict) -> str:
                 pol = tables["cache_policies"].filter(pl.col("layer").is_null() & (pl.col("cache_size") == c))
                 pv = ", ".join(f"{r['policy']}: {100 * r['hit_rate']:.1f}" for r in pol.iter_rows(named=True))
                 lines.append(f"  model SCH  rho={rho} (cache {c})  {vals}" + (f"  | {pv}" if pv else ""))
+    if meta.get("bootstrap_unit_sequences", 1) > 1:
+        lines.append(f"  (bootstrap resamples groups of {meta['bootstrap_unit_sequences']} consecutive sequences "
+                     "to bound memory)")
     if not meta.get("expert_ci"):
         lines.append("  (per-expert bootstrap intervals skipped: too many sequences x experts; pass --expert-ci)")
     return "\n".join(lines)
