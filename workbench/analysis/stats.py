@@ -30,9 +30,13 @@ def _groups(run, tok: pl.DataFrame, labels, max_values: int = 64, skipped: list 
         labels = []
         for c in run.label_columns:
             if c in have:
-                if c == "src_doc" or tok[c].n_unique() > max_values:  # src_doc: packed-capture record id
+                nv = tok[c].drop_nulls().n_unique()
+                if c == "src_doc" or nv > max_values:  # src_doc: packed-capture record id
                     if skipped is not None:
-                        skipped.append(c)
+                        skipped.append((c, "an id: too many values; pass --labels to force"))
+                elif nv < 2:
+                    if skipped is not None:
+                        skipped.append((c, "one value only"))
                 else:
                     labels.append(c)
         if tok["phase"].n_unique() > 1:
@@ -225,13 +229,13 @@ def _summary(tables, meta) -> str:
     lines.append("  busiest: " + ", ".join(f"L{r['layer']}:E{r['expert']} ({100 * r['share']:.1f}% of its layer)"
                                            for r in busiest.iter_rows(named=True)))
     if "top_labels" in tables:
-        tl = tables["top_labels"].filter((pl.col("rank") == 1) & (pl.col("count") >= 20)) \
+        tl = tables["top_labels"].filter((pl.col("rank") == 1) & (pl.col("count") >= 20) & (pl.col("lift") > 1)) \
             .sort("lift", descending=True).head(3)
         if tl.height:
             lines.append("  most label-specific: " + ", ".join(
                 f"L{r['layer']}:E{r['expert']} {r['label']}={r['value']} (x{r['lift']:.1f})" for r in tl.iter_rows(named=True)))
-    if meta["skipped_labels"]:
-        lines.append(f"  not split by {', '.join(meta['skipped_labels'])} (too many values; pass --labels to force)")
+    for c, why in meta["skipped_labels"]:
+        lines.append(f"  not split by {c} ({why})")
     return "\n".join(lines)
 
 
