@@ -3,34 +3,53 @@
 A section is a part of a page filled from one analysis. It renders at once: the result if cached,
 otherwise a "computing" notice and a 1 s poll until the background worker has it. Missing inputs
 (no expert stats, no language labels) arrive as Unavailable and show what to capture.
+
+A loop section is the closed-loop half of an analysis (pruning, interventions, steering): the same
+analysis with the live model, started by a button because it runs the model for minutes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dash import MATCH, Input, Output, ctx as dash_ctx, dcc, html, no_update
+import plotly.express as px
+import polars as pl
+from dash import MATCH, Input, Output, ctx as dash_ctx, dash_table, dcc, html, no_update
 
 from .state import CAPTURE_HINTS, TABLE_HINTS, Unavailable
-from .ui import Page, computing, graph, notice, table_browser, table_page
+from .ui import GRAPH_CONFIG, Page, computing, graph, notice, table_browser, table_page
 
 FIRST_WAIT = 1.0  # seconds a page waits for a fresh analysis before showing "computing"
+
+
+@dataclass
+class Loop:
+    """The closed-loop variant of an analysis: extra options that need the live model."""
+
+    button: str
+    what: str
+    options: object  # (app_ctx) -> dict of analyze() keyword arguments (the model included)
 
 
 @dataclass
 class Section:
     key: str
     analysis: str
-    render: object  # (ctx, key, result, figures) -> children
+    render: object  # (app_ctx, key, result, figures) -> children
     requires: tuple = ()  # run tables without which the analysis cannot run
     requires_labels: tuple = ()  # label columns (any of) the analysis needs
+    loop: Loop | None = None
+
+    @property
+    def variant(self) -> str | None:
+        return f"{self.analysis}:loop" if self.loop else None
 
 
 SECTIONS: dict[str, Section] = {}
 
 
-def section(key, analysis, render, requires=(), requires_labels=()) -> Section:
-    SECTIONS[key] = Section(key, analysis, render, tuple(requires), tuple(requires_labels))
+def section(key, analysis, render, requires=(), requires_labels=(), loop=None) -> Section:
+    SECTIONS[key] = Section(key, analysis, render, tuple(requires), tuple(requires_labels), loop)
     return SECTIONS[key]
 
 
@@ -46,27 +65,62 @@ def _precheck(data, sec: Section) -> Unavailable | None:
     return None
 
 
+def _model_check(app_ctx) -> Unavailable | None:
+    run = app_ctx.run
+    if app_ctx.service is None:
+        return Unavailable("This needs the live model; the dashboard was started without one.",
+                           f"workbench app {run.path} --model {run.model_info.get('spec') or 'MODEL'}")
+    mm = app_ctx.service.mm
+    if list(mm.moe_layers) != list(run.moe_layers) or mm.n_experts != run.n_experts:
+        return Unavailable(f"The live model ({mm.spec}) is not the model this run captured "
+                           f"({run.model_info.get('spec')}): its MoE layers or expert count differ.",
+                           f"workbench app {run.path} --model {run.model_info.get('spec') or 'MODEL'}")
+    return None
+
+
 def _body(app_ctx, sec: Section):
     """(children, done) for a section in its current state."""
     data = app_ctx.data
     pre = _precheck(data, sec)
     if pre is not None:
         return notice(pre), True
-    res = data.analysis(sec.analysis, wait=0)
+    if sec.loop:
+        pre = _model_check(app_ctx)
+        if pre is not None:
+            return notice(pre), True
+        res = data.analysis(sec.analysis, variant=sec.variant, start=False)
+        if res is None and data.started(sec.variant) is None:
+            return html.Div([html.Span(sec.loop.what + " "),
+                             html.Button(sec.loop.button, id={"type": "loop-go", "sec": sec.key}, n_clicks=0)],
+                            style={"fontSize": "13px"}), True
+        figs = data.figures(sec.variant)
+    else:
+        res = data.analysis(sec.analysis)
+        figs = data.figures(sec.analysis)
     if res is None:
-        return computing(sec.analysis, data.started(sec.analysis)), False
+        return computing(sec.analysis + (" closed-loop" if sec.loop else ""), data.started(sec.variant or
+                                                                                          sec.analysis)), False
     if isinstance(res, Unavailable):
         return notice(res), True
-    return sec.render(app_ctx, sec.key, res, data.figures(sec.analysis)), True
+    return sec.render(app_ctx, sec.key, res, figs), True
 
 
 def async_section(app_ctx, key: str) -> html.Div:
     sec = SECTIONS[key]
-    if _precheck(app_ctx.data, sec) is None:
+    if not sec.loop and _precheck(app_ctx.data, sec) is None:
         app_ctx.data.analysis(sec.analysis, wait=FIRST_WAIT)
     body, done = _body(app_ctx, sec)
     return html.Div([dcc.Interval(id={"type": "poll", "sec": key}, interval=1000, disabled=done),
                      html.Div(body, id={"type": "body", "sec": key})])
+
+
+def _result_for(app_ctx, key):
+    sec = SECTIONS.get(key)
+    if sec is None:
+        return None
+    if sec.loop:
+        return app_ctx.data.analysis(sec.analysis, variant=sec.variant, start=False)
+    return app_ctx.data.analysis(sec.analysis)
 
 
 def register_async(app, app_ctx) -> None:
@@ -75,8 +129,19 @@ def register_async(app, app_ctx) -> None:
                   Input({"type": "poll", "sec": MATCH}, "n_intervals"), prevent_initial_call=True)
     def poll(_n):
         key = dash_ctx.triggered_id["sec"]
-        body, done = _body(app_ctx, SECTIONS[key])
-        return body, done
+        return _body(app_ctx, SECTIONS[key])
+
+    @app.callback(Output({"type": "body", "sec": MATCH}, "children", allow_duplicate=True),
+                  Output({"type": "poll", "sec": MATCH}, "disabled", allow_duplicate=True),
+                  Input({"type": "loop-go", "sec": MATCH}, "n_clicks"), prevent_initial_call=True)
+    def start_loop(n):
+        key = dash_ctx.triggered_id["sec"]
+        sec = SECTIONS[key]
+        if not n or sec.loop is None or _model_check(app_ctx) is not None:
+            return no_update, no_update
+        app_ctx.data.analysis(sec.analysis, variant=sec.variant, options=sec.loop.options(app_ctx),
+                              lock=app_ctx.service.lock)
+        return _body(app_ctx, sec)
 
     @app.callback(Output({"type": "tbl", "page": MATCH}, "data"), Output({"type": "tbl", "page": MATCH}, "columns"),
                   Output({"type": "tbl", "page": MATCH}, "page_count"),
@@ -85,92 +150,266 @@ def register_async(app, app_ctx) -> None:
                   Input({"type": "tbl", "page": MATCH}, "page_size"), Input({"type": "tbl", "page": MATCH}, "sort_by"))
     def table(name, page_current, page_size, sort_by):
         key = dash_ctx.outputs_list[0]["id"]["page"]
-        sec = SECTIONS.get(key)
-        res = app_ctx.data.analysis(sec.analysis) if sec else None
+        res = _result_for(app_ctx, key)
         if res is None or isinstance(res, Unavailable) or name not in res.tables:
             return [], [], 1
         if dash_ctx.triggered_id and dash_ctx.triggered_id.get("type") == "tbl-select":
             page_current = 0
         return table_page(res.tables[name], page_current, page_size or 15, sort_by)
 
-    # Figure selectors inside a section (e.g. which layer's co-activation matrix): a dropdown whose
-    # value is a figure name of that section's analysis.
+    # A dropdown choosing among a group of figures (e.g. one per layer or per label).
     @app.callback(Output({"type": "fig-pick-graph", "sec": MATCH}, "figure"),
                   Input({"type": "fig-pick", "sec": MATCH}, "value"), prevent_initial_call=True)
     def pick(name):
         key = dash_ctx.triggered_id["sec"]
-        figs = app_ctx.data.figures(SECTIONS[key].analysis)
+        sec = SECTIONS[key]
+        figs = app_ctx.data.figures(sec.variant or sec.analysis)
         return figs.get(name, no_update)
 
 
-
-def render_generic(app_ctx, key, res, figs, include=None, exclude=(), pick_groups=()):
-    """Summary, then the figures (filtered by name prefix), then every table in the browser.
-
-    pick_groups: figure-name prefixes whose figures (e.g. one per layer) go behind one dropdown.
-    """
-    out = []
-    if res.summary:
-        out.append(html.Div(res.summary, className="summary"))
-    names = [n for n in figs if (include is None or any(n.startswith(i) for i in include))
-             and not any(n.startswith(x) for x in exclude)]
+def figure_list(key, figs, names, pick_groups=()):
+    """Graphs for `names`; names starting with a pick-group prefix share one graph and a dropdown."""
+    out, shown = [], set()
     grouped = {g: [n for n in names if n.startswith(g)] for g in pick_groups}
-    shown_groups = set()
     for n in names:
         group = next((g for g in pick_groups if n.startswith(g) and len(grouped[g]) > 1), None)
         if group is None:
             out.append(graph(figs[n]))
-        elif group not in shown_groups:
-            shown_groups.add(group)
+        elif group not in shown:
+            shown.add(group)
             members = grouped[group]
             out.append(html.Div([
-                html.Div([html.Label(group.rstrip("_")),
-                          dcc.Dropdown(id={"type": "fig-pick", "sec": key}, clearable=False, value=members[0],
-                                       options=[{"label": m, "value": m} for m in members])],
-                         className="controls", style={"maxWidth": "360px"}),
-                dcc.Graph(id={"type": "fig-pick-graph", "sec": key}, figure=figs[members[0]],
-                          config={"displaylogo": False}),
+                html.Div([html.Div([html.Label(group.rstrip("_").replace("_", " ")),
+                                    dcc.Dropdown(id={"type": "fig-pick", "sec": key}, clearable=False,
+                                                 value=members[0], options=[{"label": m, "value": m}
+                                                                            for m in members])],
+                                   style={"minWidth": "300px"})], className="controls"),
+                dcc.Graph(id={"type": "fig-pick-graph", "sec": key}, figure=figs[members[0]], config=GRAPH_CONFIG),
             ]))
-    if not names:
-        out.append(html.Div("This analysis returned no figures.", className="computing"))
+    return out
+
+
+def render_generic(app_ctx, key, res, figs, include=None, exclude=(), pick_groups=(), only_new_of=None):
+    """Summary, the figures (filtered by name prefix), then every table in the browser.
+
+    only_new_of: a base analysis name; show only the figures and tables this result adds to it.
+    """
+    base_figs, base_tables = {}, {}
+    if only_new_of:
+        base = app_ctx.data.analysis(only_new_of, start=False)
+        if base is not None and not isinstance(base, Unavailable):
+            base_figs, base_tables = app_ctx.data.figures(only_new_of), base.tables
+    out = []
+    if res.summary and not only_new_of:
+        out.append(html.Div(res.summary, className="summary"))
+    names = [n for n in figs if (include is None or any(n.startswith(i) for i in include))
+             and not any(n.startswith(x) for x in exclude) and n not in base_figs]
+    out += figure_list(key, figs, names, pick_groups)
+    tables = {k: v for k, v in res.tables.items() if k not in base_tables}
+    if not names and not tables:
+        out.append(html.Div("Nothing more to show for this run.", className="computing"))
+    out.append(table_browser(key, tables, first=res.main if res.main in tables else None))
+    return out
+
+
+def _generic(**kw):
+    def render(app_ctx, key, res, figs):
+        return render_generic(app_ctx, key, res, figs, **kw)
+    return render
+
+
+def analysis_page(path, title, intro, key, analysis, render=None, requires=(), requires_labels=(), loop=None,
+                  loop_title=None, register=None, extra=None) -> Page:
+    section(key, analysis, render or _generic(), requires, requires_labels)
+    if loop:
+        section(f"{key}-loop", analysis, _generic(only_new_of=analysis), requires, requires_labels, loop)
+
+    def layout(app_ctx):
+        parts = [html.H2(title), html.P(intro), async_section(app_ctx, key)]
+        if loop:
+            parts += [html.H3(loop_title or "Closed loop"), async_section(app_ctx, f"{key}-loop")]
+        return html.Div(parts)
+
+    return Page(path, title, layout, register)
+
+
+def _with_model(**opts):
+    def make(app_ctx):
+        return dict(opts, model=app_ctx.service.mm)
+    return make
+
+
+# -- Experts: stats figures plus an inspector for one expert -------------------------------------------------
+
+
+def _render_experts(app_ctx, key, res, figs):
+    if "experts" not in res.tables or not {"layer", "expert", "count"} <= set(res.tables["experts"].columns):
+        return render_generic(app_ctx, key, res, figs, pick_groups=("label_",))
+    run = app_ctx.run
+    layers = run.moe_layers
+    ex = res.tables["experts"]
+    top = (ex.filter(pl.col("label").is_null()) if "label" in ex.columns else ex).sort("count", descending=True).head(1)
+    first = top.row(0, named=True) if top.height else {"layer": layers[0], "expert": 0}
+    inspector = html.Div([
+        html.H3("Inspect one expert (or click a cell of the share heatmap)"),
+        html.Div([
+            html.Div([html.Label("layer"), dcc.Dropdown(id="exp-layer", clearable=False, value=int(first["layer"]),
+                                                        options=[{"label": f"layer {v}", "value": v} for v in layers])]),
+            html.Div([html.Label("expert"), dcc.Dropdown(id="exp-expert", clearable=False, value=int(first["expert"]),
+                                                         options=[{"label": f"expert {e}", "value": e}
+                                                                  for e in range(run.n_experts)])]),
+        ], className="controls"),
+        html.Div(id="exp-inspect"),
+    ])
+    names = list(figs)
+    share = [graph(figs["expert_share"], gid="exp-share")] if "expert_share" in figs else []
+    rest = [n for n in names if n != "expert_share"]
+    out = [html.Div(res.summary, className="summary")] if res.summary else []
+    out += [html.Div([html.Div(share, className="col", style={"flex": "3"}),
+                      html.Div(inspector, className="col", style={"flex": "2"})], className="row")]
+    out += figure_list(key, figs, rest, pick_groups=("label_",))
     out.append(table_browser(key, res.tables, first=res.main))
     return out
 
 
-def _generic(include=None, exclude=(), pick_groups=()):
-    def render(app_ctx, key, res, figs):
-        return render_generic(app_ctx, key, res, figs, include=include, exclude=exclude, pick_groups=pick_groups)
-    return render
+def _small_table(df: pl.DataFrame, tid: str, n: int = 10):
+    rows, cols, _ = table_page(df.head(n), 0, n, [])
+    return dash_table.DataTable(id=tid, data=rows, columns=cols, style_table={"overflowX": "auto"},
+                                style_cell={"fontSize": 12, "fontFamily": "ui-monospace, monospace"})
 
 
-def analysis_page(path, title, intro, key, analysis, render=None, requires=(), requires_labels=()) -> Page:
-    section(key, analysis, render or _generic(), requires, requires_labels)
+def inspect_expert(res, layer: int, expert: int):
+    """One expert's rows of the stats tables: load, top tokens, top labels, partners, next-layer experts."""
+    t = res.tables
 
-    def layout(app_ctx):
-        return html.Div([html.H2(title), html.P(intro), async_section(app_ctx, key)])
+    def rows(name):
+        df = t.get(name)
+        if df is None:
+            return pl.DataFrame()
+        if "label" in df.columns and name != "top_labels":
+            df = df.filter(pl.col("label").is_null())
+        return df.filter((pl.col("layer") == layer) & (pl.col("expert") == expert))
 
-    return Page(path, title, layout)
+    me = rows("experts")
+    if me.height == 0:
+        return html.Div(f"L{layer}:E{expert} was never selected in this run.", className="computing")
+    r = me.row(0, named=True)
+    facts = " · ".join(f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}"
+                       for k in me.columns if k not in ("label", "value", "layer", "expert"))
+    out = [html.Div(f"L{layer}:E{expert}: {facts}", style={"fontSize": "13px"})]
+    drop = ["label", "value", "layer", "expert"]
+    for name, title, sort in (("top_tokens", "top tokens", "count"), ("top_labels", "labels it prefers", "lift"),
+                              ("coactivation", "co-selected in the same layer", "lift"),
+                              ("transitions", "next layer's experts", "p_next_given_expert")):
+        df = rows(name)
+        if df.height:
+            df = df.sort(sort, descending=True).drop([c for c in drop if c in df.columns and
+                                                      not (name == "top_labels" and c in ("label", "value"))])
+            out += [html.H3(title), _small_table(df, f"exp-{name}", 8)]
+    return out
+
+
+def _register_experts(app, app_ctx):
+    @app.callback(Output("exp-layer", "value"), Output("exp-expert", "value"), Input("exp-share", "clickData"),
+                  prevent_initial_call=True)
+    def click(cd):
+        if not cd or not cd.get("points"):
+            return no_update, no_update
+        p = cd["points"][0]
+        return int(p["y"]), int(p["x"])
+
+    @app.callback(Output("exp-inspect", "children"), Input("exp-layer", "value"), Input("exp-expert", "value"))
+    def inspect(layer, expert):
+        res = app_ctx.data.analysis("stats", start=False)
+        if res is None or isinstance(res, Unavailable) or layer is None or expert is None:
+            return ""
+        return inspect_expert(res, int(layer), int(expert))
+
+
+# -- Atlas: UMAP coordinates from the analysis, coloured by any label -------------------------------------------
+
+
+def atlas_figure(df: pl.DataFrame, which: str, color: str | None):
+    hover = [c for c in ("layer", "expert", "n_selections", "doc_id", "pos", "token", "top_tokens") if c in df.columns]
+    if color and color in df.columns and df.schema[color].is_numeric() and df[color].n_unique() <= 64:
+        df = df.with_columns(pl.col(color).cast(pl.Utf8))
+    fig = px.scatter(df.to_pandas(), x="x", y="y", color=color if color in df.columns else None, hover_data=hover,
+                     title=("Expert atlas: experts placed by what selects them" if which == "experts"
+                            else "Token atlas: tokens placed by their routing"))
+    fig.update_traces(marker={"size": 8 if which == "experts" else 4, "opacity": 1.0 if which == "experts" else 0.7})
+    fig.update_layout(template="plotly_white", height=520, xaxis={"showticklabels": False, "title": ""},
+                      yaxis={"showticklabels": False, "title": ""}, legend={"itemsizing": "constant"})
+    return fig
+
+
+def _colour_options(df: pl.DataFrame, which: str) -> list[str]:
+    skip = {"x", "y", "method", "doc_id", "pos", "token", "expert", "n_selections", "top_tokens"}
+    return [c for c in df.columns if c not in skip and not c.endswith(("_share", "_lift"))]
+
+
+def _render_atlas(app_ctx, key, res, figs):
+    out = [html.Div(res.summary, className="summary")] if res.summary else []
+    for which in ("experts", "tokens"):
+        df = res.tables.get(which)
+        if df is None:
+            continue
+        opts = _colour_options(df, which)
+        default = next((c for c in opts if c.startswith("top_")), None) if which == "experts" else None
+        default = default or (opts[0] if opts else None)
+        out.append(html.Div([
+            html.Div([html.Div([html.Label(f"colour the {which} by"),
+                                dcc.Dropdown(id=f"atlas-color-{which}", options=opts, value=default, clearable=False)],
+                               style={"minWidth": "240px"})], className="controls"),
+            dcc.Graph(id=f"atlas-{which}", figure=atlas_figure(df, which, default), config=GRAPH_CONFIG),
+        ]))
+    out.append(table_browser(key, res.tables, first=res.main))
+    return out
+
+
+def _register_atlas(app, app_ctx):
+    for which in ("experts", "tokens"):
+        @app.callback(Output(f"atlas-{which}", "figure"), Input(f"atlas-color-{which}", "value"),
+                      prevent_initial_call=True)
+        def recolour(color, which=which):
+            res = app_ctx.data.analysis("atlas", start=False)
+            if res is None or isinstance(res, Unavailable) or which not in res.tables:
+                return no_update
+            return atlas_figure(res.tables[which], which, color)
 
 
 PAGES = [
     analysis_page("/experts", "Experts",
                   "Per-expert load, co-activation within a layer, transitions between layers, and the tokens and "
-                  "labels each expert specialises in (workbench analyze stats).", "experts", "stats"),
+                  "labels each expert specialises in (workbench analyze stats).", "experts", "stats",
+                  render=_render_experts, register=_register_experts),
     analysis_page("/super-experts", "Super experts",
                   "Experts whose down_proj output has rare extreme outliers (Su et al.): the max |output| heatmap, "
-                  "the super-expert table, massive activations per layer and pruning results "
-                  "(workbench analyze super-experts).", "super-experts", "super-experts", requires=("expert_stats",)),
+                  "the super-expert table, massive activations per layer and the sink token's router scores "
+                  "(workbench analyze super-experts).", "super-experts", "super-experts", requires=("expert_stats",),
+                  loop=Loop("evaluate pruning", "Perplexity and attention-sink decay with the super experts zeroed, "
+                            "against the same number of random experts (runs the live model for a while).",
+                            _with_model(prune=True)), loop_title="Pruning results"),
     analysis_page("/locality", "Locality",
                   "Local routing consistency (Liang et al.): SRP against window length m and SCH against cache size, "
                   "per layer and for the model (workbench analyze lrc).", "locality", "lrc"),
     analysis_page("/multilingual", "Multilingual",
                   "How each language's routing diverges from English per layer, pairwise language divergence and "
                   "language-specific experts (Bandarkar et al.; workbench analyze multilingual).", "multilingual",
-                  "multilingual", requires_labels=("lang",)),
+                  "multilingual", requires_labels=("lang",),
+                  render=_generic(pick_groups=("pairwise_",)),
+                  loop=Loop("run the steering experiment", "Promote middle-layer task experts on the other languages "
+                            "and measure the perplexity change against the paper's controls (runs the live model; "
+                            "needs `set` labels task/general).", _with_model(steer=True)),
+                  loop_title="Steering experiment"),
     analysis_page("/behavior", "Behaviour maps",
                   "fTRI: which experts light up on target prompts against control prompts, with significance, the "
-                  "top-N experts and intervention results (workbench analyze behavior).", "behavior", "behavior"),
+                  "top-N experts and intervention results (workbench analyze behavior).", "behavior", "behavior",
+                  render=_generic(pick_groups=("map_",)),
+                  loop=Loop("run the interventions", "Switch the top-10 experts off (ban and drop-slot) and force them "
+                            "on, scoring held-out prompts against random experts (runs the live model).",
+                            _with_model(intervene=10)), loop_title="Intervention results"),
     analysis_page("/atlas", "Atlas",
                   "UMAP maps of experts by their routing profiles and of tokens by their routing vectors, coloured "
-                  "by label (workbench analyze atlas).", "atlas", "atlas"),
+                  "by label (workbench analyze atlas).", "atlas", "atlas", render=_render_atlas,
+                  register=_register_atlas),
 ]

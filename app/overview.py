@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 
-from dash import html
+from dash import dcc, html
 
 from .analyses import async_section, section
 from .ui import Page, card, graph, human_bytes
 
 
 def _load_figure(app_ctx, key, res, figs):
-    name = next((n for n in figs if "load" in n and "heat" in n), None) or next((n for n in figs if "load" in n), None)
-    if name is None:
+    names = [n for n in ("expert_share", "load_balance") if n in figs] or [n for n in figs if "load" in n][:1]
+    if not names:
         return html.Div("The stats analysis returned no load figure.", className="computing")
-    return [graph(figs[name]), html.Div(["More per-expert statistics on the ", html.A("Experts", href=app_ctx.href("/experts")),
-                                         " page."], style={"fontSize": "13px"})]
+    return [graph(figs[n]) for n in names] + [
+        html.Div(["Per-expert statistics, co-activation, transitions and top tokens on the ",
+                  dcc.Link("Experts", href=app_ctx.href("/experts")), " page."], style={"fontSize": "13px"})]
 
 
 section("overview-load", "stats", _load_figure)

@@ -16,9 +16,10 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from ..errors import WorkbenchError
+from .state import Worker
 
 log = logging.getLogger("workbench.app")
 
@@ -53,7 +54,7 @@ class ModelService:
     def __init__(self, mm, max_jobs: int = 256):
         self.mm = mm
         self.lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workbench-model")
+        self._pool = Worker("workbench-model")
         self._jobs: OrderedDict[str, tuple[Future, float]] = OrderedDict()
         self._latest: dict[str, str] = {}
         self._guard = threading.Lock()
@@ -120,4 +121,4 @@ class ModelService:
         return "error", f"generation failed: {type(err).__name__}: {err}"
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()

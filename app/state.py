@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,7 +78,7 @@ class RunData:
         self._locks: dict = {}
         self._guard = threading.Lock()
         self._jobs: dict[str, Job] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="workbench-analysis")
+        self._pool = Worker("workbench-analysis")
 
     # -- small cached aggregates, computed on the calling thread ------------------------------------
     def _cached(self, key, fn):
@@ -165,52 +165,64 @@ class RunData:
         return out
 
     # -- analyses, computed on the background worker ---------------------------------------------------
-    def analysis(self, name: str, wait: float = 0.0):
-        """AnalysisResult, Unavailable, or None while it is being computed (started if needed)."""
-        key = ("analysis", name)
-        if key in self._cache:
-            return self._cache[key]
+    def analysis(self, name: str, wait: float = 0.0, variant: str | None = None, options: dict | None = None,
+                 lock=None, start: bool = True):
+        """AnalysisResult, Unavailable, or None while it is being computed (or not started, if not `start`).
+
+        `variant` names a second cached result of the same analysis with extra `options` (e.g. the
+        pruning evaluation, which needs the live model: pass the model service's `lock`).
+        """
+        key = variant or name
+        if ("analysis", key) in self._cache:
+            return self._cache[("analysis", key)]
         if not analysis_available(name):
             return Unavailable(f"The {name} analysis is not available yet in this version of the workbench.",
                                kind="unavailable")
         with self._guard:
-            job = self._jobs.get(name)
+            job = self._jobs.get(key)
             if job is None:
-                job = self._jobs[name] = Job(self._pool.submit(self._compute, name))
+                if not start:
+                    return None
+                job = self._jobs[key] = Job(self._pool.submit(self._compute, name, key, options or {}, lock))
         if wait > 0:
             try:
                 job.future.result(timeout=wait)
             except Exception:
                 pass
         if job.future.done():
-            return self._cache.get(key)
+            return self._cache.get(("analysis", key))
         return None
 
-    def started(self, name: str) -> float | None:
-        job = self._jobs.get(name)
+    def started(self, key: str) -> float | None:
+        job = self._jobs.get(key)
         return job.started if job else None
 
-    def _compute(self, name: str):
-        key = ("analysis", name)
+    def _compute(self, name: str, key: str, options: dict, lock):
         t0 = time.perf_counter()
         try:
             from ..analysis import module
 
             mod = module(name)
-            result = mod.analyze(self.run, **self.analysis_options.get(name, {}))
+            opts = {**self.analysis_options.get(name, {}), **options}
+            if lock is not None:
+                with lock:
+                    result = mod.analyze(self.run, **opts)
+            else:
+                result = mod.analyze(self.run, **opts)
             try:
                 figs = mod.figures(result) if hasattr(mod, "figures") else {}
             except WorkbenchError:
                 figs = {}
-            self._cache[("figures", name)] = figs
-            self._cache[key] = result
+            self._cache[("figures", key)] = figs
+            self._cache[("analysis", key)] = result
         except WorkbenchError as e:
-            self._cache[key] = Unavailable(str(e), CAPTURE_HINTS.get(name, ""))
+            self._cache[("analysis", key)] = Unavailable(str(e), CAPTURE_HINTS.get(name, ""))
         except Exception as e:  # a bug in an analysis must not take the dashboard down
-            log.error("analysis %s failed:\n%s", name, traceback.format_exc())
-            self._cache[key] = Unavailable(f"The {name} analysis failed: {type(e).__name__}: {e}", kind="failed")
-        self._cache[("seconds", name)] = time.perf_counter() - t0
-        return self._cache[key]
+            log.error("analysis %s failed:\n%s", key, traceback.format_exc())
+            self._cache[("analysis", key)] = Unavailable(f"The {name} analysis failed: {type(e).__name__}: {e}",
+                                                         kind="failed")
+        self._cache[("seconds", key)] = time.perf_counter() - t0
+        return self._cache[("analysis", key)]
 
     def figures(self, name: str) -> dict:
         return self._cache.get(("figures", name), {})
@@ -224,17 +236,53 @@ class RunData:
             self.analysis(n)
 
     def computed_analyses(self) -> dict:
-        """name -> AnalysisResult for every analysis already computed successfully."""
+        """name (or variant) -> AnalysisResult for every analysis already computed successfully."""
         from ..analysis import AnalysisResult
 
         return {k[1]: v for k, v in list(self._cache.items())
                 if isinstance(k, tuple) and k[0] == "analysis" and isinstance(v, AnalysisResult)}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
 
 def _parquet_rows(path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path).metadata.num_rows
+
+
+class Worker:
+    """One daemon thread running submitted calls in order; returns concurrent.futures.Future objects.
+
+    Daemon, unlike ThreadPoolExecutor's workers, so Ctrl-C on `workbench app` does not wait for a
+    long analysis or generation to finish.
+    """
+
+    def __init__(self, name: str):
+        import queue
+
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._q.put((fut, fn, args))
+        return fut
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # delivered to whoever polls the future
+                fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        self._q.put(None)

@@ -46,7 +46,8 @@ def layout(app_ctx):
                               dcc.Input(id="steer-lambda", type="number", value=0.5, step=0.25,
                                         style={"width": "80px"})]),
                 ], className="controls"),
-                dcc.Graph(id="steer-map", config=GRAPH_CONFIG, figure=_map_figure(mm, [])),
+                dcc.Graph(id="steer-map", config=GRAPH_CONFIG, figure=_map_figure(mm, []),
+                          style={"height": f"{_map_height(mm)}px"}),
                 html.Div([
                     html.Div([html.Label("SPEC"), dcc.Input(id="steer-spec", type="text", placeholder="L1:E3,L2:E5",
                                                             maxLength=2000, style={"width": "220px"})]),
@@ -58,17 +59,19 @@ def layout(app_ctx):
             ], className="col"),
             html.Div([
                 html.Label("prompt"),
-                dcc.Textarea(id="steer-prompt", value=DEFAULT_PROMPT, maxLength=MAX_PROMPT_CHARS, debounce=True,
+                dcc.Textarea(id="steer-prompt", value=DEFAULT_PROMPT, maxLength=MAX_PROMPT_CHARS,
                              style={"width": "100%", "height": "70px"}),
                 html.Div([
                     html.Div([html.Label("new tokens"),
-                              dcc.Slider(id="steer-n", min=1, max=MAX_NEW_TOKENS, step=1, value=16, marks=None,
-                                         tooltip={"placement": "bottom", "always_visible": True})],
+                              dcc.Slider(id="steer-n", min=1, max=MAX_NEW_TOKENS, step=1, value=16,
+                                         marks={v: str(v) for v in (1, 16, 32, MAX_NEW_TOKENS)},
+                                         tooltip={"placement": "top"})],
                              style={"minWidth": "240px"}),
                     html.Div([dcc.Checklist(id="steer-sample", options=[{"label": " sample", "value": "sample"}],
                                             value=[])]),
                     html.Div([html.Label("seed"), dcc.Input(id="steer-seed", type="number", value=0, min=0,
                                                             style={"width": "80px"})]),
+                    html.Button("generate", id="steer-run", n_clicks=0, title="also runs when the prompt loses focus"),
                 ], className="controls"),
                 html.Div(id="steer-status", style={"fontSize": "13px", "minHeight": "1.2em"}),
                 html.Div(id="steer-out"),
@@ -92,11 +95,15 @@ def _map_figure(mm, items):
             text[row[lay]][e] += f" · {mode}" + (f" {it[3]}" if mode == "boost" and len(it) > 3 else "")
     fig = go.Figure(go.Heatmap(z=z, x=list(range(E)), y=layers, text=text, hoverinfo="text", zmin=-0.5, zmax=4.5,
                                colorscale=_step_scale(), showscale=False, xgap=1, ygap=1))
-    fig.update_layout(height=max(220, 26 * len(layers) + 90), margin=dict(l=50, r=10, t=10, b=40),
+    fig.update_layout(height=_map_height(mm), margin=dict(l=50, r=10, t=10, b=40),
                       xaxis=dict(title="expert", dtick=max(1, E // 16)), yaxis=dict(title="layer", tickvals=layers,
                                                                                     autorange="reversed"),
                       template="plotly_white", clickmode="event")
     return fig
+
+
+def _map_height(mm) -> int:
+    return max(220, 26 * len(mm.moe_layers) + 90)
 
 
 def _step_scale():
@@ -165,17 +172,21 @@ def register(app, app_ctx):
             return {"items": sorted(items, key=lambda it: (it[0], it[1]))}, "", None
         return no_update, no_update, None
 
-    @app.callback(Output("steer-map", "figure"), Output("steer-chips", "children"), Input("steer-state", "data"))
-    def show(state):
+    # steer-mode is an input only so that this fires when the page is rendered: the state store lives
+    # in the shell and does not change then.
+    @app.callback(Output("steer-map", "figure"), Output("steer-chips", "children"), Input("steer-state", "data"),
+                  Input("steer-mode", "value"))
+    def show(state, _mode):
         if svc is None:
             return no_update, no_update
         items = (state or {}).get("items", [])
         return _map_figure(svc.mm, items), _chips(items)
 
     @app.callback(Output("steer-job", "data"), Output("steer-poll", "disabled"), Output("steer-status", "children"),
-                  Input("steer-state", "data"), Input("steer-prompt", "value"), Input("steer-n", "value"),
-                  Input("steer-sample", "value"), Input("steer-seed", "value"), State("session-id", "data"))
-    def submit(state, prompt, n_new, sample, seed, session):
+                  Input("steer-state", "data"), Input("steer-prompt", "n_blur"), Input("steer-run", "n_clicks"),
+                  Input("steer-n", "value"), Input("steer-sample", "value"), Input("steer-seed", "value"),
+                  State("steer-prompt", "value"), State("session-id", "data"))
+    def submit(state, _blur, _run, n_new, sample, seed, prompt, session):
         if svc is None:
             return no_update, True, ""
         items = (state or {}).get("items", [])

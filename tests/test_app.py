@@ -311,6 +311,14 @@ def test_service_sessions_do_not_cancel_each_other(strong_model):
     assert state == "done" and pay["interventions"] == {"ban": [(0, 1)]}
 
 
+def test_steering_page_lays_out_with_a_model(syn_run, strong_model):
+    from workbench.app.steering_lab import PAGE
+
+    ctx = make_app(syn_run, model=strong_model, warm=()).workbench
+    text = _text(PAGE.layout(ctx))
+    assert "steer-map" in text and "steer-prompt" in text
+
+
 def test_service_reports_bad_spec_in_one_sentence(strong_model):
     svc = ModelService(strong_model)
     with pytest.raises(WorkbenchError):

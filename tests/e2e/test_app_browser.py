@@ -1,0 +1,267 @@
+"""The dashboard in headless Chromium: pages load cleanly, tokens show routes, steering works per session."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import polars as pl
+import pytest
+
+from .conftest import console_errors, css, dash_idle, screenshot, wait_for
+
+PAGES = ["/", "/tokens", "/experts", "/super-experts", "/locality", "/multilingual", "/behavior", "/atlas",
+         "/steering", "/export"]
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Two shared cores: one intra-op thread keeps tiny-model generation fast under load."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    from workbench.app.synthetic import write_synthetic_run
+
+    return write_synthetic_run(tmp_path_factory.mktemp("e2e") / "run", n_tokens=4000, n_layers=4, n_experts=16,
+                               top_k=2, seq_len=200)
+
+
+@pytest.fixture(scope="module")
+def strong_model(tiny_dir, torch_one_thread):
+    """Tiny qwen3_moe with experts scaled up so that switching one off visibly changes greedy text."""
+    import torch
+
+    from workbench.models.loading import load_model
+
+    mm = load_model(str(tiny_dir("qwen3_moe", layers=2, experts=8, top_k=2, hidden=64)))
+    with torch.no_grad():
+        for layer in mm.layers:
+            layer.experts.down_proj.mul_(40)
+    return mm
+
+
+@pytest.fixture(scope="module")
+def dash_app(e2e_run, strong_model):
+    from workbench.app import make_app
+
+    app = make_app(e2e_run, model=strong_model)
+    # Dev tools on: callback exceptions and invalid props show up in the page, where the test looks.
+    app.enable_dev_tools(debug=True, dev_tools_hot_reload=False, dev_tools_ui=True, dev_tools_props_check=True,
+                         dev_tools_disable_version_check=True)
+    return app
+
+
+def _dom_id(**kw) -> str:
+    """Dash's DOM id for a dict id (JSON, keys sorted, no spaces)."""
+    return json.dumps(dict(sorted(kw.items())), separators=(",", ":"))
+
+
+def _by_id(driver, dom_id):
+    # getElementById: Dash's JSON ids are not valid CSS selectors
+    return driver.execute_script("return document.getElementById(arguments[0]);", dom_id)
+
+
+def _settled(driver, timeout=90):
+    """The page's callbacks are done and no section is still computing."""
+    def ok(d):
+        return dash_idle(d) and not css(d, ".computing") and css(d, "#wb-page h2")
+    wait_for(driver, ok, timeout, "the page to settle")
+    time.sleep(0.3)
+
+
+def _dev_errors(driver) -> list[str]:
+    counts = [e.text for e in css(driver, ".dash-debug-menu__error-count") if e.text.strip() not in ("", "0")]
+    return counts + [e.text for e in css(driver, ".dash-fe-error__title")]
+
+
+def test_every_page_loads_without_browser_errors(dash_app, live_server, browser):
+    srv = live_server(dash_app)
+    d = browser()
+    for path in PAGES:
+        d.get(srv.url + path)
+        _settled(d)
+        shot = screenshot(d, "page_" + (path.strip("/") or "overview"))
+        assert shot.stat().st_size > 5000
+        errs = console_errors(d)
+        assert not errs, f"{path}: browser console errors {errs}"
+        assert not _dev_errors(d), f"{path}: Dash reported errors {_dev_errors(d)}"
+        assert "Traceback" not in d.page_source
+        active = [a.text for a in css(d, "#wb-nav a.active")]
+        assert len(active) == 1, path
+    # Navigation inside the single-page app (no reload) reaches every page too.
+    d.get(srv.url + "/")
+    _settled(d)
+    for link in ["Tokens", "Locality", "Steering lab", "Overview"]:
+        wait_for(d, lambda d: [a for a in css(d, "#wb-nav a") if a.text == link], 10, link)[0].click()
+        wait_for(d, lambda d: [a for a in css(d, "#wb-nav a.active") if a.text == link], 20, f"{link} active")
+        _settled(d)
+    assert not console_errors(d)
+
+
+def test_click_token_shows_its_route(dash_app, live_server, browser, e2e_run):
+    srv = live_server(dash_app)
+    d = browser()
+    d.get(srv.url + "/tokens")
+    _settled(d)
+    span = wait_for(d, lambda d: _by_id(d, _dom_id(type="tok", pos=5)), 30, "token 5")
+    span.click()
+    wait_for(d, lambda d: "position 5" in _by_id(d, "tok-route-title").text, 20, "the route title")
+    _settled(d)
+    screenshot(d, "tokens_route")
+    cells = [c.text for c in css(d, "#tok-route-table td")]
+    # independent truth: the run's routing rows for doc 0, position 5
+    want = (e2e_run.routing.filter((pl.col("doc_id") == 0) & (pl.col("pos") == 5)).sort("layer").collect())
+    assert len(cells) == 2 * want.height
+    for i, row in enumerate(want.iter_rows(named=True)):
+        assert cells[2 * i] == str(row["layer"])
+        shown = cells[2 * i + 1]
+        for e, w in zip(row["experts"], row["weights"]):
+            assert f"E{e} ({w:.3f})" in shown
+    # the clicked token is outlined (spans are re-rendered, so look it up again)
+    assert "selected" in _by_id(d, _dom_id(type="tok", pos=5)).get_attribute("class")
+    assert len(css(d, ".tok.selected")) == 1
+    assert not console_errors(d)
+
+
+def _status(d):
+    el = _by_id(d, "steer-status")
+    return el.text if el else ""
+
+
+def _wait_done(d, timeout=120):
+    wait_for(d, lambda d: _status(d).startswith("done"), timeout, "generation to finish")
+    _settled(d)
+
+
+def _texts(d):
+    return _by_id(d, "steer-baseline").text, _by_id(d, "steer-steered").text
+
+
+def _click_cell(d, layer, expert):
+    """A real mouse click in the centre of heatmap cell (layer, expert)."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    d.execute_script("document.getElementById('steer-map').scrollIntoView({block: 'center'});")
+    time.sleep(0.3)
+    x, y = d.execute_script("""
+        const gd = document.getElementById('steer-map').querySelector('.js-plotly-plot');
+        const fl = gd._fullLayout, r = gd.getBoundingClientRect();
+        return [r.left + fl.xaxis._offset + fl.xaxis.l2p(arguments[1]),
+                r.top + fl.yaxis._offset + fl.yaxis.l2p(arguments[0])];""", layer, expert)
+    ab = ActionBuilder(d)
+    ab.pointer_action.move_to_location(int(x), int(y))
+    ab.pointer_action.click()
+    ab.perform()
+
+
+def _chips(d):
+    el = _by_id(d, "steer-chips")
+    return el.text if el else ""
+
+
+def _changing_ban(mm) -> int:
+    """An expert of layer 0 whose ban changes the greedy continuation (found offline, the truth source)."""
+    from workbench.steering import compare
+
+    for e in range(mm.n_experts):
+        r = compare(mm, PROMPT, {"ban": [(0, e)]}, max_new_tokens=16)
+        if r.steered_ids != r.baseline_ids:
+            return e
+    pytest.fail("no single ban changes the tiny model's text")
+
+
+def test_toggling_an_expert_changes_the_text(dash_app, live_server, browser, strong_model):
+    from workbench.steering import compare
+
+    e = _changing_ban(strong_model)
+    want = compare(strong_model, PROMPT, {"ban": [(0, e)]}, max_new_tokens=16)
+    srv = live_server(dash_app)
+    d = browser()
+    d.get(srv.url + "/steering")
+    _wait_done(d)
+    base, steered = _texts(d)
+    assert base == steered and "identical" in d.page_source
+    _click_cell(d, 0, e)
+    wait_for(d, lambda d: f"ban L0:E{e}" in _chips(d), 20, "the chip for the clicked cell")
+    _wait_done(d)
+    screenshot(d, "steering_ban")
+    base2, steered2 = _texts(d)
+    assert base2 == base and steered2 != base2
+    assert steered2 == PROMPT + want.steered_text  # the browser shows exactly what the library computes
+    assert css(d, "#steer-steered .tok.changed")
+    assert css(d, "#steer-changes") and css(d, "#steer-kl")
+    # clicking the same cell again switches it off: back to identical
+    _click_cell(d, 0, e)
+    wait_for(d, lambda d: "No experts selected" in _chips(d), 20, "the toggle to switch off")
+    _wait_done(d)
+    assert _texts(d)[0] == _texts(d)[1]
+    assert not console_errors(d) and not _dev_errors(d)
+
+
+def _add_spec(d, spec, mode="ban"):
+    from selenium.webdriver.common.by import By
+
+    def click(el):
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
+        time.sleep(0.2)
+        el.click()
+
+    click(d.find_element(By.CSS_SELECTOR, f"#steer-mode input[value='{mode}']"))
+    box = _by_id(d, "steer-spec")
+    box.clear()
+    box.send_keys(spec)
+    click(_by_id(d, "steer-add"))
+
+
+def test_two_sessions_keep_separate_toggles(dash_app, live_server, browser):
+    srv = live_server(dash_app)
+    a, b = browser(), browser()
+    for d in (a, b):
+        d.get(srv.url + "/steering")
+        _wait_done(d)
+    _add_spec(a, "L1:E2")
+    wait_for(a, lambda d: "ban L1:E2" in _chips(d), 20, "A's chip")
+    _add_spec(b, "L0:E1", mode="force")
+    wait_for(b, lambda d: "force L0:E1" in _chips(d), 20, "B's chip")
+    _wait_done(a)
+    _wait_done(b)
+    assert "force" not in _chips(a) and "ban" not in _chips(b)
+    # state survives a reload of the same tab (session storage) and stays per tab
+    a.get(srv.url + "/steering")
+    _wait_done(a)
+    assert "ban L1:E2" in _chips(a) and "force" not in _chips(a)
+    screenshot(a, "steering_session_a")
+    screenshot(b, "steering_session_b")
+    # a bad SPEC is one sentence in the page, not an error
+    _add_spec(a, "L9:E0")
+    wait_for(a, lambda d: _by_id(d, "steer-spec-error").text.strip(), 20, "the SPEC error")
+    assert "layer" in _by_id(a, "steer-spec-error").text.lower()
+    assert not console_errors(a) and not console_errors(b)
+
+
+def test_long_generation_does_not_freeze_other_pages(dash_app, live_server, browser):
+    srv = live_server(dash_app)
+    svc = dash_app.workbench.service
+    a, b = browser(), browser()
+    svc.lock.acquire()  # the model is busy: a generation that does not end until released
+    try:
+        a.get(srv.url + "/steering")
+        wait_for(a, lambda d: "generating" in _status(d), 30, "A to be generating")
+        t0 = time.time()
+        b.get(srv.url + "/tokens")
+        span = wait_for(b, lambda d: _by_id(d, _dom_id(type="tok", pos=3)), 30, "tokens page in B")
+        span.click()
+        wait_for(b, lambda d: "position 3" in _by_id(d, "tok-route-title").text, 20, "B's route")
+        assert time.time() - t0 < 20
+        assert "generating" in _status(a)  # still waiting for the model
+    finally:
+        svc.lock.release()
+    _wait_done(a)
