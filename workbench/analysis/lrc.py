@@ -599,7 +599,8 @@ def figures(result: AnalysisResult) -> dict:
         fig.add_trace(go.Scatter(x=g["m"].to_list(), y=g["srp"].to_list(), mode="lines", name=f"layer {layer}",
                                  opacity=0.5, line=dict(width=1)))
     fig.update_layout(title="Segment routing best performance (SRP) vs segment length m",
-                      xaxis=dict(title="m (tokens)", type="log"), yaxis=dict(title="SRP"), template="plotly_white")
+                      xaxis=dict(title="m (tokens)", type="log", tickvals=model["m"].to_list() if model.height else None),
+                      yaxis=dict(title="SRP"), template="plotly_white")
     figs["srp_vs_m"] = fig
     if lay.height:
         piv = lay.pivot(on="m", index="layer", values="srp").sort("layer")

@@ -319,6 +319,10 @@ def figures(result: AnalysisResult) -> dict:
         fig.add_trace(go.Scatter(x=[("shared" if e == -1 else str(e)) for e in ses["expert"].to_list()],
                                  y=ses["layer"].to_list(), mode="markers", name="super expert",
                                  marker=dict(symbol="circle-open", size=14, color="cyan", line=dict(width=2))))
+    th = result.tables.get("thresholds")
+    if th is not None and th.height:
+        fig.add_hline(y=float(th["candidate_layers"][0]) - 0.5, line_dash="dash", line_color="white",
+                      annotation_text="candidates below this line", annotation_position="top left")
     fig.update_layout(title="Max |down_proj output| per expert (circles: super experts)", xaxis_title="expert",
                       yaxis_title="layer", xaxis_type="category", template="plotly_white")
     figs["expert_max_heatmap"] = fig
