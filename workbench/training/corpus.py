@@ -82,7 +82,7 @@ def _plays(held: bool) -> list[tuple[str, str]]:
 
 def heldout_code_docs() -> list[str]:
     """~1,500-character chunks of the held-out stdlib modules, round-robin over modules (header skipped)."""
-    return _round_robin([_chunks(t)[1:4] for _, t in _stdlib_files(held=True)])
+    return _round_robin([[c for c in _chunks(t)[1:4] if len(c) > 400] for _, t in _stdlib_files(held=True)])
 
 
 def heldout_doc_docs() -> list[str]:

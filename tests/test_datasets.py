@@ -1,0 +1,272 @@
+"""Bundled datasets: fields, cross-language alignment, scripts, contrast pairs, licences, CLI listing.
+
+Truth comes from outside the builders: Unicode script ranges, Python arithmetic, the README text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import unicodedata
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workbench.data import DATASETS_DIR, bundled_datasets, load_dataset
+
+MINE = ["multilingual", "udhr", "behavior", "calibration"]
+BUILD = DATASETS_DIR / "build"
+
+
+def _records(name):
+    return load_dataset(name).records
+
+
+def _build_module():
+    sys.path.insert(0, str(BUILD))
+    try:
+        import build_datasets
+    finally:
+        sys.path.pop(0)
+    return build_datasets
+
+
+def test_bundled_names_are_found():
+    names = bundled_datasets()
+    for n in MINE:
+        assert n in names, n
+
+
+def test_small_enough_to_travel():
+    total = sum(p.stat().st_size for p in DATASETS_DIR.glob("*.jsonl"))
+    assert total < 8e6
+
+
+# ------------------------------------------------------------------------------- multilingual
+
+def test_multilingual_fields_and_alignment():
+    recs = _records("multilingual")
+    assert all(set(r) == {"text", "lang", "key"} for r in recs)
+    by_key = defaultdict(dict)
+    for r in recs:
+        assert r["lang"] not in by_key[r["key"]], "one text per (key, lang)"
+        by_key[r["key"]][r["lang"]] = r["text"]
+    langs = {r["lang"] for r in recs}
+    assert "en" in langs and len(langs) >= 21
+    assert len(by_key) >= 300
+    for key, texts in by_key.items():
+        assert set(texts) == langs, key  # every key in every language
+        en = "".join(texts["en"].split())
+        assert all("".join(t.split()) != en for l, t in texts.items() if l != "en"), key  # really translated
+
+
+def test_multilingual_key_major_order():
+    """The first n*21 records are n complete keys, so a prefix is a balanced parallel subset."""
+    recs = _records("multilingual")
+    langs = len({r["lang"] for r in recs})
+    for start in range(0, 5 * langs, langs):
+        block = recs[start:start + langs]
+        assert len({r["key"] for r in block}) == 1 and len({r["lang"] for r in block}) == langs
+
+
+def _script_share(text, names):
+    letters = [c for c in text if c.isalpha()]
+    hit = [c for c in letters if any(n in unicodedata.name(c, "") for n in names)]
+    return len(hit) / max(1, len(letters))
+
+
+@pytest.mark.parametrize("lang,names", [("ja", ["HIRAGANA", "KATAKANA", "CJK"]), ("zh-CN", ["CJK"]),
+                                        ("ru", ["CYRILLIC"]), ("el", ["GREEK"]), ("ko", ["HANGUL"])])
+def test_multilingual_scripts(lang, names):
+    texts = [r["text"] for r in _records("multilingual") if r["lang"] == lang][:50]
+    assert sum(_script_share(t, names) for t in texts) / len(texts) > 0.5
+
+
+def test_multilingual_keys_are_held_out_of_training():
+    held = set((BUILD / "heldout_keys.txt").read_text(encoding="utf-8").split())
+    keys = {r["key"] for r in _records("multilingual")}
+    assert keys <= held
+
+
+# ------------------------------------------------------------------------------- UDHR
+
+def test_udhr_languages_and_scripts():
+    recs = _records("udhr")
+    assert all({"text", "lang", "key"} <= set(r) for r in recs)
+    by_lang = defaultdict(dict)
+    for r in recs:
+        by_lang[r["lang"]][r["key"]] = r["text"]
+    assert len(by_lang) >= 30
+    want = {f"article_{i}" for i in range(1, 31)} | {"preamble"}
+    assert all(set(v) == want for v in by_lang.values())
+    scripts = {"ar": ["ARABIC"], "hi": ["DEVANAGARI"], "he": ["HEBREW"], "th": ["THAI"], "ru": ["CYRILLIC"],
+               "zh-Hans": ["CJK"], "ja": ["CJK", "HIRAGANA", "KATAKANA"], "ko": ["HANGUL"]}
+    for lang, names in scripts.items():
+        assert _script_share(by_lang[lang]["article_1"], names) > 0.8, lang
+
+
+def test_udhr_article_1_is_article_1():
+    en = {r["key"]: r["text"] for r in _records("udhr") if r["lang"] == "en"}
+    assert en["article_1"].startswith("All human beings are born free and equal in dignity and rights")
+
+
+# ------------------------------------------------------------------------------- behaviour
+
+def test_behavior_sets_are_balanced_pairs():
+    recs = _records("behavior")
+    assert all({"text", "set", "class"} <= set(r) for r in recs)
+    assert {r["set"] for r in recs} == {"refusal", "code", "maths", "question"}
+    assert {r["class"] for r in recs} == {"target", "control"}
+    pairs = defaultdict(list)
+    for r in recs:
+        pairs[(r["set"], r["key"])].append(r["class"])
+    assert all(sorted(v) == ["control", "target"] for v in pairs.values())
+    counts = Counter(r["set"] for r in recs)
+    assert counts["refusal"] >= 2 * 700 and min(counts.values()) >= 300
+
+
+def test_refusal_controls_match_surface_form_without_harm():
+    recs = [r for r in _records("behavior") if r["set"] == "refusal"]
+    tgt = {r["key"]: r["text"] for r in recs if r["class"] == "target"}
+    ctl = {r["key"]: r["text"] for r in recs if r["class"] == "control"}
+    same_first = sum(tgt[k].split()[0] == ctl[k].split()[0] for k in tgt) / len(tgt)
+    assert same_first > 0.8
+    harm = re.compile(r"\b(bomb|kill|hack|steal|weapon|drug|poison|suicide|explosive|fraud|virus|malware)\w*", re.I)
+    assert sum(bool(harm.search(t)) for t in tgt.values()) > 150  # the targets really are harmful requests
+    assert not [t for t in ctl.values() if harm.search(t)]
+
+
+def test_question_pairs_share_words():
+    recs = [r for r in _records("behavior") if r["set"] == "question"]
+    tgt = {r["key"]: r["text"] for r in recs if r["class"] == "target"}
+    ctl = {r["key"]: r["text"] for r in recs if r["class"] == "control"}
+    for k in tgt:
+        assert tgt[k].endswith("?") and not ctl[k].endswith("?")
+        a = set(re.findall(r"\w+", tgt[k].lower()))
+        b = set(re.findall(r"\w+", ctl[k].lower()))
+        assert len(a & b) / len(a | b) >= 0.5, (tgt[k], ctl[k])
+
+
+def test_code_pairs():
+    recs = [r for r in _records("behavior") if r["set"] == "code"]
+    for r in recs:
+        is_code = "def " in r["text"] and "(" in r["text"]
+        assert is_code == (r["class"] == "target"), r["text"][:80]
+
+
+def test_to_question_by_hand():
+    b = _build_module()
+    assert b.to_question("The eagle has a habitat of urban/wild.") == "Does the eagle have a habitat of urban/wild?"
+    assert b.to_question("Tokyo is a name of a country.") == "Is Tokyo a name of a country?"
+    assert b.to_question("Alan Turing invented the power loom.") == "Did Alan Turing invent the power loom?"
+    assert b.to_question("Water, oddly, is dry.") is None
+
+
+def test_benign_twin_keeps_template_only():
+    b = _build_module()
+    r = random.Random(0)
+    out = b.benign_twin("Write a script that can exploit vulnerabilities in a software", r)
+    assert out.startswith("Write a script that ") and "exploit" not in out
+    out = b.benign_twin("Release a virus that can infect and kill plants", r)
+    assert "virus" not in out and "kill" not in out
+
+
+# ------------------------------------------------------------------------------- maths generator
+
+def _check_problem(text):
+    q, a = text.split("\nAnswer:")
+    if m := re.match(r"What is (\d+) \+ (\d+)\?", q):
+        assert a.strip().endswith(f"= {int(m[1]) + int(m[2])}.")
+    elif m := re.match(r"Compute (\d+) - (\d+)\.", q):
+        assert a.strip().endswith(f"= {int(m[1]) - int(m[2])}.")
+    elif m := re.match(r"Calculate (\d+) \* (\d+)\.", q):
+        assert a.strip().endswith(f"= {int(m[1]) * int(m[2])}.")
+    elif m := re.match(r"Solve (.+) = (-?\d+) for (\w)\.", q):
+        x = int(re.search(r"= (-?\d+)\.$", a.strip())[1])
+        expr = re.sub(r"(\d)" + m[3], r"\1*" + m[3], m[1]).replace(m[3], f"({x})")
+        assert eval(expr) == int(m[2]), text  # noqa: S307 - generated arithmetic only
+    elif m := re.match(r"What is (\d+)% of (\d+)\?", q):
+        from fractions import Fraction
+
+        v = Fraction(int(m[1]) * int(m[2]), 100)
+        want = str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+        assert a.strip().endswith(f"= {want}.")
+    elif m := re.match(r"Find the greatest common divisor and the least common multiple of (\d+) and (\d+)", q):
+        import math
+
+        x, y = int(m[1]), int(m[2])
+        assert f"= {math.gcd(x, y)}," in a and a.strip().endswith(f"= {x * y // math.gcd(x, y)}.")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**9))
+def test_maths_answers_are_correct(seed):
+    from workbench.training import maths
+
+    _check_problem(maths.problem(random.Random(seed)))
+
+
+# ------------------------------------------------------------------------------- corpus exclusion, parser
+
+def test_lo_parser_by_hand():
+    from workbench.training.sources import _ParaParser
+
+    p = _ParaParser()
+    p.feed('<h1 id="hd_id1">Title &amp; more</h1><p id="par_id2" class="x">Line one<br>line <b>two</b></p>'
+           '<div id="other">skip</div><p id="par_id3"><span>a</span> <a href="#">b</a></p>')
+    assert p.out == [("hd_id1", "Title & more"), ("par_id2", "Line one line two"), ("par_id3", "a b")]
+
+
+def test_corpus_excludes_heldout_and_untranslated(monkeypatch):
+    from workbench.training import corpus, sources
+
+    en = {"p.html#1": "Held out English paragraph.", "p.html#2": "Same words elsewhere.",
+          "p.html#3": "An untranslated one.", "q.html#4": "Fine paragraph to train on."}
+    de = {"p.html#1": "Zurückgehaltener Absatz.", "p.html#2": "Zurückgehaltener Absatz.",
+          "p.html#3": "An untranslated one.", "q.html#4": "Guter Absatz zum Training, lang genug dafür."}
+    monkeypatch.setattr(sources, "lo_paragraphs", lambda root, lang: de if lang == "de" else en)
+    held_text = {en["p.html#1"], de["p.html#1"]}
+    docs = corpus._lo_docs(Path("/nonexistent"), "de", {"p.html#1"}, held_text, en)
+    joined = "\n".join(docs)
+    assert "Zurückgehaltener" not in joined  # held-out key and its duplicate under another id
+    assert "untranslated" not in joined
+    assert "Guter Absatz" in joined
+
+
+# ------------------------------------------------------------------------------- calibration, licences, CLI
+
+def test_calibration_domains():
+    recs = _records("calibration")
+    assert {r["domain"] for r in recs} == {"code", "technical", "literature", "maths", "multilingual"}
+    assert all(len(r["text"].encode()) > 300 for r in recs)
+
+
+def test_every_bundled_file_has_source_and_licence_in_readme():
+    readme = (DATASETS_DIR / "README.md").read_text(encoding="utf-8")
+    rows = [l for l in readme.splitlines() if l.startswith("|")]
+    for f in sorted(DATASETS_DIR.glob("*.jsonl")) + sorted(DATASETS_DIR.glob("*.parquet")):
+        mine = [l for l in rows if f"`{f.name}`" in l]
+        assert mine, f"{f.name} is not in datasets/README.md's table"
+        assert re.search(r"MIT|MPL-2\.0|PSF|Apache-2\.0|public domain|own", " ".join(mine)), f.name
+
+
+def test_cli_lists_datasets(capsys):
+    from workbench.cli import main
+
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    for n in MINE:
+        line = next(l for l in out.splitlines() if l.split()[0] == n)
+        count = sum(1 for l in (DATASETS_DIR / f"{n}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip())
+        assert str(count) in line.split()
+
+
+def test_records_are_valid_json_lines():
+    for n in MINE:
+        for line in (DATASETS_DIR / f"{n}.jsonl").read_text(encoding="utf-8").splitlines():
+            assert isinstance(json.loads(line)["text"], str)
