@@ -227,3 +227,44 @@ def test_mode_alias_and_loaded_model_for_prune(planted, tmp_path):
     assert p["condition"].to_list() == ["baseline", "super_experts", "random_0"]
     assert p.filter(pl.col("condition") == "super_experts")["experts"][0] == f"L1:E{e}"
     assert p["ppl_ratio"][0] == 1.0
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_layers=st.integers(1, 10), E=st.integers(1, 40), seed=st.integers(0, 10_000), spikes=st.integers(0, 5))
+def test_rule_properties(n_layers, E, seed, spikes):
+    rng = np.random.default_rng(seed)
+    vals = rng.lognormal(1.0, 1.0, (n_layers, E))
+    for _ in range(spikes):
+        vals[rng.integers(n_layers), rng.integers(E)] *= rng.uniform(5, 500)
+    t = pl.DataFrame({"layer": np.repeat(np.arange(n_layers), E), "expert": np.tile(np.arange(E), n_layers),
+                      "max_abs": vals.reshape(-1)}, schema={"layer": pl.Int16, "expert": pl.Int16, "max_abs": pl.Float64})
+    ncand = round(0.75 * n_layers)
+    if ncand == 0:
+        with pytest.raises(se.WorkbenchError):
+            se.find_super_experts(t, n_layers)
+        return
+    out, th = se.find_super_experts(t, n_layers)
+    A = vals[:ncand].reshape(-1)
+    p, fl = np.percentile(A, 99.5), math.floor(A.max() / 10)
+    want = {(layer, e) for layer in range(ncand) for e in range(E) if vals[layer, e] > p and vals[layer, e] > fl}
+    got = set(zip(out.filter(pl.col("is_super_expert"))["layer"].to_list(),
+                  out.filter(pl.col("is_super_expert"))["expert"].to_list()))
+    assert got == want
+    # ranks follow the values; the set is closed upwards among candidates
+    sup = out.filter(pl.col("is_super_expert"))
+    assert sup["se_rank"].to_list() == list(range(1, sup.height + 1))
+    assert sup["max_abs"].is_sorted(descending=True)
+    if got:
+        lowest = min(vals[layer, e] for layer, e in got)
+        assert all(vals[layer, e] < lowest or (layer, e) in got for layer in range(ncand) for e in range(E))
+    # the last quarter of layers never matters
+    vals2 = vals.copy()
+    vals2[ncand:] *= 1000
+    t2 = t.with_columns(pl.Series("max_abs", vals2.reshape(-1)))
+    got2 = set(zip(*[se.find_super_experts(t2, n_layers)[0].filter(pl.col("is_super_expert"))[c].to_list()
+                     for c in ("layer", "expert")]))
+    assert got2 == got
