@@ -133,6 +133,22 @@ def gpu_only_time(mm, ctxs, probe_names, logits=False) -> float:
             p.detach()
 
 
+def impl_only_time(mm, ctxs) -> float:
+    """The probe's own experts implementation with nothing recorded: separates 'which GEMM path'
+    (transformers versions differ, e.g. 5.17's grouped_mm masks sentinel rows unconditionally)
+    from what the statistics cost."""
+    from workbench.probes.experts import IMPL_NAME, _set_impl, register_implementation
+
+    register_implementation()
+    cfg = mm.layers[0].experts.config
+    prev = cfg._experts_implementation
+    _set_impl(cfg, IMPL_NAME)
+    try:
+        return plain_time(mm, ctxs, reps=1)[0]
+    finally:
+        _set_impl(cfg, prev)
+
+
 def capture_time(mm, data, n_batches, probe_names, logits, seq_len, batch_size, root) -> float:
     import workbench as wb
 
@@ -169,6 +185,8 @@ def main() -> None:
     base, base_reps = plain_time(mm, ctxs)
     print(f"[{args.shape}] experts implementation {impl}; plain forward {base * 1e3:.1f} ms/batch {base_reps}",
           flush=True)
+    impl_only = impl_only_time(mm, ctxs)
+    print(f"probe experts implementation, nothing recorded: {impl_only * 1e3:.1f} ms/batch", flush=True)
     root = tempfile.mkdtemp(prefix="wb_bench_")
     results = []
     for spec in args.configs.split(";"):
@@ -184,6 +202,9 @@ def main() -> None:
                "capture_ms_per_batch": round(slope * 1e3, 2), "capture_overhead": round(slope / base - 1, 4),
                "capture_total_s": {str(args.n1): round(t1, 3), str(args.n2): round(t2, 3)},
                "capture_overhead_incl_setup": round(t2 / args.n2 / base - 1, 4)}
+        if "experts" in names:
+            row["vs_probe_impl_without_stats"] = {"gpu_only": round(g / impl_only - 1, 4),
+                                                  "capture": round(slope / impl_only - 1, 4)}
         results.append(row)
         print(json.dumps(row), flush=True)
     shutil.rmtree(root, ignore_errors=True)
@@ -200,7 +221,9 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor(), "cpus": os.cpu_count(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
                      "python": platform.python_version()},
-        "plain_ms_per_batch": round(base * 1e3, 2), "plain_reps_ms": [round(b * 1e3, 2) for b in base_reps],
+        "plain_ms_per_batch": round(base * 1e3, 2),
+        "probe_impl_without_stats_ms_per_batch": round(impl_only * 1e3, 2),
+        "writer_threads": min(8, max(1, (os.cpu_count() or 2) // 2)), "plain_reps_ms": [round(b * 1e3, 2) for b in base_reps],
         "results": results,
         "targets": {"routing": 0.02, "routing+logits": 0.05, "routing,experts": 0.05},
     }

@@ -243,3 +243,18 @@ def test_attention_sink_share_equals_full_attention(family, tiny_dir, sample_tex
                 ref = a[0, :, :, 0].double().mean(-1).numpy()  # [heads]
                 got = att.filter((pl.col("doc_id") == doc_id) & (pl.col("layer") == layer)).sort("head")
                 np.testing.assert_allclose(got["sink_share"].to_numpy(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_parallel_part_writer_keeps_order_and_rows(tiny_model, sample_texts, tmp_path):
+    """Parts encode on several threads but are listed in order, each once, with every row."""
+    mm = tiny_model("olmoe")
+    run = wb.capture(mm, sample_texts * 3, tmp_path / "run", probes=["routing", "experts"], batch_size=1,
+                     part_tokens=8, progress=False)
+    parts = run.manifest["parts"]
+    assert [p["index"] for p in parts] == list(range(len(parts))) and len(parts) > 5
+    assert [p["batch_end"] for p in parts] == sorted(p["batch_end"] for p in parts)
+    n_tok = sum(len(mm.tokenize(t)) for t in sample_texts * 3)
+    assert sum(p["tokens"] for p in parts) == run.tokens.collect().height == n_tok
+    assert run.expert_stats.collect().height == n_tok * len(mm.moe_layers) * mm.top_k
+    docs = run.routing.collect()["doc_id"].unique().sort().to_list()
+    assert docs == list(range(len(sample_texts) * 3))

@@ -143,7 +143,17 @@ class RunWriter:
         return sum(p["tokens"] for p in self.manifest["parts"])
 
     def write_part(self, tables: dict[str, pa.Table], batch_end: int, n_tokens: int) -> None:
-        idx = len(self.manifest["parts"])
+        idx = self.reserve_part()
+        self.commit_part(idx, self.write_part_files(idx, tables), batch_end, n_tokens)
+
+    def reserve_part(self) -> int:
+        """The index of the next part; parts may then be written concurrently and committed in order."""
+        self._reserved = max(getattr(self, "_reserved", 0), len(self.manifest["parts"]))
+        self._reserved += 1
+        return self._reserved - 1
+
+    def write_part_files(self, idx: int, tables: dict[str, pa.Table]) -> dict[str, str]:
+        """Write (thread-safe) the files of part `idx`; nothing lists them until `commit_part`."""
 
         def write(name: str, table: pa.Table) -> str:
             d = self.path / name
@@ -165,6 +175,12 @@ class RunWriter:
             files = {name: write(name, table) for name, table in tables.items()}
         for name in tables:
             _fsync_dir(self.path / name)
+        return files
+
+    def commit_part(self, idx: int, files: dict[str, str], batch_end: int, n_tokens: int) -> None:
+        """List a written part in the manifest; parts are committed strictly in index order."""
+        if idx != len(self.manifest["parts"]):
+            raise RuntimeError(f"part {idx} committed out of order (expected {len(self.manifest['parts'])})")
         self.manifest["parts"].append({"index": idx, "batch_end": batch_end, "tokens": n_tokens, "files": files})
         write_manifest(self.path, self.manifest)
 
