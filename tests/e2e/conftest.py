@@ -84,8 +84,14 @@ def browser(tmp_path):
                      f"--user-data-dir={tmp_path / f'profile{len(drivers)}'}"):
             opts.add_argument(flag)
         opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        downloads = tmp_path / f"downloads{len(drivers)}"
+        downloads.mkdir()
+        opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                               "download.prompt_for_download": False})
         d = webdriver.Chrome(service=Service(DRIVER), options=opts)
         d.set_page_load_timeout(60)
+        d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        d.download_dir = downloads
         drivers.append(d)
         return d
 
@@ -124,9 +130,19 @@ def console_errors(driver) -> list[str]:
 
 
 def screenshot(driver, name: str) -> Path:
+    """The whole page (not just the window) as ARTIFACTS/<name>.png."""
+    import base64
+
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     p = ARTIFACTS / f"{name}.png"
-    driver.save_screenshot(str(p))
+    try:
+        w, h = driver.execute_script("return [document.documentElement.scrollWidth, "
+                                     "Math.min(document.documentElement.scrollHeight, 12000)];")
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": w, "height": h, "scale": 1}})
+        p.write_bytes(base64.b64decode(shot["data"]))
+    except Exception:  # an older driver without CDP: the visible window only
+        driver.save_screenshot(str(p))
     return p
 
 

@@ -265,3 +265,19 @@ def test_long_generation_does_not_freeze_other_pages(dash_app, live_server, brow
     finally:
         svc.lock.release()
     _wait_done(a)
+
+
+def test_export_downloads_a_table(dash_app, live_server, browser, e2e_run):
+    from selenium.webdriver.common.by import By
+
+    srv = live_server(dash_app)
+    d = browser()
+    d.get(srv.url + "/export")
+    _settled(d)
+    d.find_element(By.CSS_SELECTOR, "#exp-format input[value='csv']").click()
+    _by_id(d, "exp-go").click()  # the default choice is the run's tokens table
+    path = wait_for(d, lambda d: [p for p in d.download_dir.glob("*.csv")], 30, "the CSV download")[0]
+    got = pl.read_csv(path)
+    want = e2e_run.tokens.collect()
+    assert got.height == want.height and got["token_id"].to_list() == want["token_id"].to_list()
+    assert not console_errors(d)
