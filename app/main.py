@@ -108,7 +108,6 @@ def serve(run_path, model=None, host: str = "127.0.0.1", port: int = 8050, debug
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"workbench: serving on {host}:{port}; the dashboard has no login, anyone who reaches it can "
               "use the model")
-    print(f"workbench: dashboard at http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/")
     # No version check: it calls plotly's server from the browser, and the workbench runs offline.
     app.run(host=host, port=port, debug=debug, dev_tools_hot_reload=False, dev_tools_disable_version_check=True)
 
