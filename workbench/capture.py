@@ -12,6 +12,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,14 @@ def make_probes(names, logits: bool = False, **options) -> list:
     return probes
 
 
+def _lower_priority() -> None:
+    """Encoder threads yield the CPU to the main thread, whose kernel launches keep the GPU busy."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
 class _Writer:
     """Background thread: host arrays -> Arrow tables -> a Parquet part every `part_tokens` tokens."""
 
@@ -126,17 +135,21 @@ class _Writer:
         self.buf_tokens = 0
         self.last_batch = writer.next_batch
         self.error: BaseException | None = None
-        workers = min(8, max(1, (os.cpu_count() or 2) // 2))
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wb-parquet")
+        workers = max(1, min(8, ((os.cpu_count() or 2) - 2) // 2))  # leave cores to the thread launching kernels
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wb-parquet",
+                                       initializer=_lower_priority)
         self.pending: list[tuple] = []
         self.max_pending = workers  # parts in flight: bounds host memory with the queue below
+        self.blocked_s = 0.0
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
     def put(self, item) -> None:
         if self.error:
             raise self.error
+        t = time.perf_counter()
         self.q.put(item)
+        self.blocked_s += time.perf_counter() - t  # the forward loop waiting on the writer
 
     def _loop(self) -> None:
         while True:
@@ -183,15 +196,15 @@ class _Writer:
             return
         tables = {name: pa.concat_tables(ts, promote_options="default") for name, ts in self.buf.items()}
         idx = self.writer.reserve_part()
-        fut = self.pool.submit(self.writer.write_part_files, idx, tables)
-        self.pending.append((idx, fut, self.last_batch, self.buf_tokens))
+        futs = {name: self.pool.submit(self.writer.write_table_file, idx, name, t) for name, t in tables.items()}
+        self.pending.append((idx, futs, self.last_batch, self.buf_tokens))
         self.buf, self.buf_tokens = {}, 0
         self._commit(keep=self.max_pending)
 
     def _commit(self, keep: int) -> None:
-        while self.pending and (len(self.pending) > keep or self.pending[0][1].done()):
-            idx, fut, batch_end, n_tokens = self.pending.pop(0)
-            self.writer.commit_part(idx, fut.result(), batch_end, n_tokens)
+        while self.pending and (len(self.pending) > keep or all(f.done() for f in self.pending[0][1].values())):
+            idx, futs, batch_end, n_tokens = self.pending.pop(0)
+            self.writer.commit_part(idx, {name: f.result() for name, f in futs.items()}, batch_end, n_tokens)
 
     def close(self) -> None:
         self.q.put(None)
@@ -343,7 +356,7 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
         for p in probe_list:
             p.detach()
         bar.close()
-    w.finish()
+    w.finish(writer_wait_s=round(writer.blocked_s, 3))
     return open_run(out)
 
 

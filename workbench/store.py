@@ -152,33 +152,29 @@ class RunWriter:
         self._reserved += 1
         return self._reserved - 1
 
+    def write_table_file(self, idx: int, name: str, table: pa.Table) -> str:
+        """Write (thread-safe) table `name` of part `idx`; nothing lists it until `commit_part`."""
+        d = self.path / name
+        d.mkdir(exist_ok=True)
+        rel = f"{name}/part-{idx:06d}.parquet"
+        tmp = d / f".part-{idx:06d}.parquet.tmp"
+        flat = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
+        # statistics of list columns (logits, dumped vectors) cost a third of the write and serve no filter
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table),
+                       write_statistics=flat)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / rel)
+        _fsync_dir(d)
+        return rel
+
     def write_part_files(self, idx: int, tables: dict[str, pa.Table]) -> dict[str, str]:
-        """Write (thread-safe) the files of part `idx`; nothing lists them until `commit_part`."""
-
-        def write(name: str, table: pa.Table) -> str:
-            d = self.path / name
-            d.mkdir(exist_ok=True)
-            rel = f"{name}/part-{idx:06d}.parquet"
-            tmp = d / f".part-{idx:06d}.parquet.tmp"
-            flat = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
-            # statistics of list columns (logits, dumped vectors) cost a third of the write and serve no filter
-            pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table),
-                           write_statistics=flat)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / rel)
-            return rel
-
-        # Arrow encodes with the GIL released: tables written side by side keep the writer ahead of the GPU.
+        """Write all tables of part `idx`, side by side (Arrow encodes with the GIL released)."""
         if len(tables) > 1:
-            with ThreadPoolExecutor(max_workers=min(len(tables), 8)) as pool:
-                futs = {name: pool.submit(write, name, table) for name, table in tables.items()}
-                files = {name: f.result() for name, f in futs.items()}
-        else:
-            files = {name: write(name, table) for name, table in tables.items()}
-        for name in tables:
-            _fsync_dir(self.path / name)
-        return files
+            with ThreadPoolExecutor(max_workers=min(len(tables), 4)) as pool:
+                futs = {name: pool.submit(self.write_table_file, idx, name, t) for name, t in tables.items()}
+                return {name: f.result() for name, f in futs.items()}
+        return {name: self.write_table_file(idx, name, t) for name, t in tables.items()}
 
     def commit_part(self, idx: int, files: dict[str, str], batch_end: int, n_tokens: int) -> None:
         """List a written part in the manifest; parts are committed strictly in index order."""
