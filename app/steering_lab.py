@@ -82,19 +82,24 @@ def layout(app_ctx):
     ])
 
 
-def _map_figure(mm, items):
+def _map_figure(mm, items, share=None):
+    """Layer x expert grid: selected cells in their action's colour; the others shaded by how often the
+    run selected them (`share`: [L, E] array from the stats analysis, when the run is this model's)."""
     layers = mm.moe_layers
     E = mm.n_experts
     row = {lay: i for i, lay in enumerate(layers)}
     z = np.zeros((len(layers), E), np.float32)
-    text = [[f"L{lay}:E{e}" for e in range(E)] for lay in layers]
+    if share is not None:
+        z = (share / max(float(share.max()), 1e-12) * 0.999).astype(np.float32)
+    text = [[f"L{lay}:E{e}" + (f" · run share {share[i, e]:.3f}" if share is not None else "")
+             for e in range(E)] for i, lay in enumerate(layers)]
     for it in items:
         lay, e, mode = int(it[0]), int(it[1]), it[2]
         if lay in row and 0 <= e < E:
-            z[row[lay], e] = MODE_CODE.get(mode, 0)
+            z[row[lay], e] = MODE_CODE.get(mode, 0) + 0.5
             text[row[lay]][e] += f" · {mode}" + (f" {it[3]}" if mode == "boost" and len(it) > 3 else "")
-    fig = go.Figure(go.Heatmap(z=z, x=list(range(E)), y=layers, text=text, hoverinfo="text", zmin=-0.5, zmax=4.5,
-                               colorscale=_step_scale(), showscale=False, xgap=1, ygap=1))
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(E)), y=layers, text=text, hoverinfo="text", zmin=0,
+                               zmax=len(MODES) + 1, colorscale=_step_scale(), showscale=False, xgap=1, ygap=1))
     fig.update_layout(height=_map_height(mm), margin=dict(l=50, r=10, t=10, b=40),
                       xaxis=dict(title="expert", dtick=max(1, E // 16)), yaxis=dict(title="layer", tickvals=layers,
                                                                                     autorange="reversed"),
@@ -102,16 +107,37 @@ def _map_figure(mm, items):
     return fig
 
 
+def run_share(app_ctx):
+    """[L, E] selection share per layer from the cached stats analysis, if the run is the live model's."""
+    from .analyses import _model_check
+
+    res = app_ctx.data.analysis("stats", start=False)
+    if app_ctx.service is None or _model_check(app_ctx) is not None or res is None or isinstance(res, Unavailable):
+        return None
+    ex = res.tables.get("experts")
+    if ex is None or not {"layer", "expert", "share"} <= set(ex.columns):
+        return None
+    if "label" in ex.columns:
+        ex = ex.filter(ex["label"].is_null())
+    layers = app_ctx.service.mm.moe_layers
+    out = np.zeros((len(layers), app_ctx.service.mm.n_experts), np.float32)
+    row = {lay: i for i, lay in enumerate(layers)}
+    for lay, e, v in ex.select("layer", "expert", "share").iter_rows():
+        if lay in row and 0 <= e < out.shape[1] and v is not None:
+            out[row[lay], e] = v
+    return out
+
+
 def _map_height(mm) -> int:
     return max(220, 26 * len(mm.moe_layers) + 90)
 
 
 def _step_scale():
-    cols = ["#f1f3f5"] + [MODE_COLOUR[m] for m in MODES]
-    n = len(cols)
-    scale = []
-    for i, c in enumerate(cols):
-        scale += [[i / n, c], [(i + 1) / n, c]]
+    """z in [0, 1): unselected, light to darker grey by run share; z in [k, k+1): action k's colour."""
+    n = len(MODES) + 1
+    scale = [[0.0, "#f8f9fa"], [0.999 / n, "#909aa5"]]
+    for i, m in enumerate(MODES, start=1):
+        scale += [[i / n, MODE_COLOUR[m]], [min((i + 1) / n, 1.0) - (1e-9 if i < len(MODES) else 0), MODE_COLOUR[m]]]
     return scale
 
 
@@ -180,7 +206,7 @@ def register(app, app_ctx):
         if svc is None:
             return no_update, no_update
         items = (state or {}).get("items", [])
-        return _map_figure(svc.mm, items), _chips(items)
+        return _map_figure(svc.mm, items, run_share(app_ctx)), _chips(items)
 
     @app.callback(Output("steer-job", "data"), Output("steer-poll", "disabled"), Output("steer-status", "children"),
                   Input("steer-state", "data"), Input("steer-prompt", "n_blur"), Input("steer-run", "n_clicks"),

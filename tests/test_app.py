@@ -339,3 +339,16 @@ def test_serve_binds_loopback_by_default(syn_run, monkeypatch):
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8050 and seen["debug"] is False
     serve(str(syn_run.path), host="0.0.0.0", port=9000)
     assert seen["host"] == "0.0.0.0" and seen["port"] == 9000
+
+
+def test_steering_map_marks_selected_cells(strong_model):
+    from workbench.app.steering_lab import MODE_CODE, _map_figure
+
+    share = np.zeros((2, 8), np.float32)
+    share[1, 5] = 0.4
+    share[0, 2] = 0.1
+    fig = _map_figure(strong_model, [[0, 1, "ban", None], [1, 3, "boost", 2.0]], share)
+    z = np.asarray(fig.data[0].z)
+    assert z[0, 1] == MODE_CODE["ban"] + 0.5 and z[1, 3] == MODE_CODE["boost"] + 0.5
+    assert 0.99 < z[1, 5] < 1.0 and z[0, 2] == pytest.approx(0.25 * 0.999)  # shaded by share, below any action
+    assert "boost 2.0" in fig.data[0].text[1][3] and "run share 0.400" in fig.data[0].text[1][5]
