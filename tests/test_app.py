@@ -352,3 +352,37 @@ def test_steering_map_marks_selected_cells(strong_model):
     assert z[0, 1] == MODE_CODE["ban"] + 0.5 and z[1, 3] == MODE_CODE["boost"] + 0.5
     assert 0.99 < z[1, 5] < 1.0 and z[0, 2] == pytest.approx(0.25 * 0.999)  # shaded by share, below any action
     assert "boost 2.0" in fig.data[0].text[1][3] and "run share 0.400" in fig.data[0].text[1][5]
+
+
+def test_closed_loop_runs_only_on_request_with_the_model_locked(tmp_path, strong_model, fake_analysis):
+    """The pruning button: absent without a model, refused for another model, runs under the model lock."""
+    from workbench.app.analyses import _model_check
+
+    seen = {}
+
+    def analyze(run, model=None, prune=False, **kw):
+        tables = {"experts": pl.DataFrame({"layer": [0], "expert": [1], "max_abs": [9.0]})}
+        if prune:
+            seen["locked"] = svc.lock.locked()
+            seen["model"] = model
+            tables["prune"] = pl.DataFrame({"what": ["baseline", "super experts"], "ppl": [10.0, 60.0]})
+        return AnalysisResult("super-experts", tables, "experts")
+
+    fake_analysis("super-experts", analyze)
+    run = write_synthetic_run(tmp_path / "r", n_tokens=400, n_layers=2, n_experts=8, seq_len=100)
+    assert "without one" in _text(_body(make_app(run, warm=()).workbench, SECTIONS["super-experts-loop"])[0])
+    other = write_synthetic_run(tmp_path / "o", n_tokens=400, n_layers=3, n_experts=8, seq_len=100)
+    assert _model_check(make_app(other, model=strong_model, warm=()).workbench).message.startswith("The live model")
+
+    ctx = make_app(run, model=strong_model, warm=()).workbench
+    svc = ctx.service
+    ctx.data.analysis("super-experts", wait=10)
+    body, done = _body(ctx, SECTIONS["super-experts-loop"])
+    assert done and "loop-go" in _text(body) and "evaluate pruning" in _text(body)
+    assert "prune" not in seen  # nothing ran before the click
+    sec = SECTIONS["super-experts-loop"]
+    res = ctx.data.analysis(sec.analysis, variant=sec.variant, options=sec.loop.options(ctx), lock=svc.lock, wait=20)
+    assert seen == {"locked": True, "model": strong_model}
+    assert "prune" in res.tables
+    text = _text(_body(ctx, sec)[0])
+    assert "prune (2 rows)" in text and "experts (1 rows)" not in text  # only what the loop adds

@@ -281,3 +281,43 @@ def test_export_downloads_a_table(dash_app, live_server, browser, e2e_run):
     want = e2e_run.tokens.collect()
     assert got.height == want.height and got["token_id"].to_list() == want["token_id"].to_list()
     assert not console_errors(d)
+
+
+def test_closed_loop_button_starts_and_fills_in(tmp_path, strong_model, live_server, browser, monkeypatch):
+    """Pruning results: the button starts the model-backed variant; the section polls until it lands."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import workbench.analysis as wa
+    from workbench.analysis import AnalysisResult
+    from workbench.app import make_app
+    from workbench.app.synthetic import write_synthetic_run
+
+    def analyze(run, model=None, prune=False, **kw):
+        tables = {"experts": pl.DataFrame({"layer": [0], "expert": [1], "max_abs": [9.0]})}
+        if prune:
+            assert model is strong_model
+            time.sleep(1.5)  # long enough for the page to show "computing" first
+            tables["prune"] = pl.DataFrame({"what": ["baseline", "super experts"], "ppl": [10.0, 60.0]})
+        return AnalysisResult("super-experts", tables, "experts", summary="fake")
+
+    mod = types.ModuleType("workbench.analysis._fake_se")
+    mod.__spec__ = importlib.machinery.ModuleSpec(mod.__name__, None)
+    mod.analyze, mod.figures = analyze, (lambda res: {})
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setitem(wa.MODULES, "super-experts", "_fake_se")
+    run = write_synthetic_run(tmp_path / "run", n_tokens=400, n_layers=2, n_experts=8, seq_len=100)
+    srv = live_server(make_app(run, model=strong_model, warm=()))
+    d = browser()
+    d.get(srv.url + "/super-experts")
+    _settled(d)
+    button = _by_id(d, _dom_id(type="loop-go", sec="super-experts-loop"))
+    assert button is not None and "prune (" not in d.page_source
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
+    button.click()
+    wait_for(d, lambda d: "closed-loop analysis" in d.page_source, 10, "the computing notice")
+    wait_for(d, lambda d: "prune (2 rows)" in d.page_source, 30, "the pruning table")
+    _settled(d)
+    screenshot(d, "super_experts_loop")
+    assert not console_errors(d)
