@@ -254,6 +254,15 @@ class _Pipeline:
         self.writer.put((event, arrays, meta, token_ids, src, batch_end, final))
 
 
+def _to_device(arr: np.ndarray, device) -> torch.Tensor:
+    """Host -> device without a pageable copy: that one waits for the GPU queue to drain, which would
+    expose the CPU time between two forwards once per batch."""
+    t = torch.from_numpy(arr)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _batch_context(seqs: list[Sequence], pad_id: int, device) -> tuple:
     from .probes.base import BatchContext
 
@@ -267,10 +276,10 @@ def _batch_context(seqs: list[Sequence], pad_id: int, device) -> tuple:
     flat_valid = np.flatnonzero(mask.reshape(-1))
     doc = np.repeat(np.array([s.doc_id for s in seqs], np.int64), lengths)
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
-    input_ids = torch.from_numpy(ids).to(device)
-    attn = torch.from_numpy(mask).to(device)
+    input_ids = _to_device(ids, device)
+    attn = _to_device(mask, device)
     ctx = BatchContext(input_ids=input_ids, attention_mask=attn,
-                       valid=torch.from_numpy(flat_valid).to(device), doc_ids=np.array([s.doc_id for s in seqs]),
+                       valid=_to_device(flat_valid, device), doc_ids=np.array([s.doc_id for s in seqs]),
                        pos=pos, doc=doc)
     token_ids = np.concatenate([s.ids for s in seqs]).astype(np.int32)
     src = np.concatenate([s.src for s in seqs]).astype(np.int32)
