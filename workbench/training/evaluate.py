@@ -97,12 +97,13 @@ def run_records(mm, texts: list[str], max_len: int = 512, batch_tokens: int = 40
     return nll, targets, counts
 
 
-def ppl_table(groups: dict[str, list[int]], texts, nll, targets, uni) -> list[dict]:
+def ppl_table(groups: dict[str, list[int]], nbytes_of, nll, targets, uni) -> list[dict]:
+    """nbytes_of[i]: UTF-8 bytes of record i's predicted tokens (records may be cut to max_len)."""
     rows = []
     for g, idx in groups.items():
         m = np.concatenate([nll[i] for i in idx])
         u = np.concatenate([-uni[targets[i]] for i in idx])
-        nbytes = sum(len(texts[i].encode()) for i in idx)
+        nbytes = sum(nbytes_of[i] for i in idx)
         rows.append({"group": g, "records": len(idx), "tokens": int(m.size), "bytes_per_token": round(nbytes / m.size, 3),
                      "ppl": round(float(np.exp(m.mean())), 2), "unigram_ppl": round(float(np.exp(u.mean())), 1),
                      "bits_per_byte": round(float(m.sum() / math.log(2) / nbytes), 3),
@@ -188,6 +189,7 @@ def main(argv=None) -> None:
     texts = [r["text"] for r in recs]
     nll, targets, counts = run_records(mm, texts, max_len=args.max_len)
     nm = len(multi)
+    nbytes_of = [len(mm.tokenizer.decode(t.tolist()).encode()) for t in targets]
     by_lang: dict[str, list[int]] = {}
     for i, r in enumerate(multi):
         by_lang.setdefault(r["lang"], []).append(i)
@@ -198,8 +200,8 @@ def main(argv=None) -> None:
         "model": mm.describe() | {"file_hashes": mm.file_hashes},
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
-        "perplexity_by_language": ppl_table(by_lang, texts, nll, targets, uni),
-        "perplexity_by_domain": ppl_table(by_dom, texts, nll, targets, uni),
+        "perplexity_by_language": ppl_table(by_lang, nbytes_of, nll, targets, uni),
+        "perplexity_by_domain": ppl_table(by_dom, nbytes_of, nll, targets, uni),
         "expert_load": load_table(counts),
         "language_routing": language_routing(counts[:nm], [r["lang"] for r in multi], [r["key"] for r in multi]),
         "settings": {"multilingual_keys": len(keep), "max_len": args.max_len,
