@@ -386,3 +386,49 @@ def test_closed_loop_runs_only_on_request_with_the_model_locked(tmp_path, strong
     assert "prune" in res.tables
     text = _text(_body(ctx, sec)[0])
     assert "prune (2 rows)" in text and "experts (1 rows)" not in text  # only what the loop adds
+
+
+def _route(client, prefix: str, page: str) -> str:
+    """What the router callback returns for `page` of the app under `prefix` (through Dash's HTTP API)."""
+    body = {"output": "..wb-page.children...wb-nav.children..",
+            "outputs": [{"id": "wb-page", "property": "children"}, {"id": "wb-nav", "property": "children"}],
+            "inputs": [{"id": "url", "property": "pathname", "value": prefix + page.lstrip("/")}],
+            "changedPropIds": ["url.pathname"], "state": []}
+    r = client.post(prefix + "_dash-update-component", json=body)
+    assert r.status_code == 200, r.data[:500]
+    return json.dumps(r.get_json())  # Dash escapes "/" in its responses; compare decoded text
+
+
+def test_multi_run_app_serves_each_run_with_a_switcher(syn_run, bare_run, tmp_path, monkeypatch):
+    from workbench.app.main import make_multi_app, resolve_runs
+
+    server = make_multi_app([syn_run.path, bare_run.path], warm=())
+    names = list(server.workbench_apps)
+    assert names == [syn_run.path.name, bare_run.path.name]
+    client = server.test_client()
+    r = client.get("/")
+    assert r.status_code in (301, 302) and r.headers["Location"].endswith(f"/{names[0]}/")
+    for name, run in zip(names, (syn_run, bare_run)):
+        assert server.workbench_apps[name].workbench.run.path == run.path
+        assert client.get(f"/{name}/").status_code == 200
+        out = _route(client, f"/{name}/", "/")
+        # the overview of *this* run, and links to the same page of every run
+        assert f"/{names[0]}/" in out and f"/{names[1]}/" in out
+        assert f"Run {name}" in out
+    # a page of the unlabelled run says what it lacks rather than showing the other run's data
+    assert "--data multilingual" in _route(client, f"/{names[1]}/", "/multilingual")
+    # a folder of runs expands to its runs; a folder that is neither says so in one sentence
+    assert resolve_runs(syn_run.path.parent) == [syn_run.path]
+    with pytest.raises(WorkbenchError, match="not a run folder"):
+        resolve_runs(tmp_path)
+
+
+def test_serve_several_runs_binds_loopback(syn_run, bare_run, monkeypatch):
+    import flask
+
+    seen = {}
+    monkeypatch.setattr(flask.Flask, "run", lambda self, **kw: seen.update(kw))
+    from workbench.app import serve
+
+    serve([str(syn_run.path), str(bare_run.path)])
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8050

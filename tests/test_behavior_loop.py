@@ -133,3 +133,24 @@ def test_user_score_callable(loop):
     assert calls.count(None) == 2
     assert {"ban": "L1:E5"} in calls and {"zero": "L1:E5"} in calls and {"force": "L1:E5"} in calls
     assert len(calls) == 2 * (1 + 3 * 3)
+
+
+def test_text_score_is_the_prompts_own_log_likelihood(loop):
+    """score="text": the baseline is minus the mean token NLL of the held-out prompts (perplexity by
+    another route), and an unknown score name is a one-sentence error."""
+    from workbench import steering as st
+    from workbench.errors import WorkbenchError
+
+    mm, run, _ = loop
+    res = bh.analyze(run, model=mm, intervene=1, score="text", seeds=1, permutations=0, bootstrap=0, heldout=0.25,
+                     progress=False)
+    assert res.meta["score"] == "mean log-prob per token of the prompts" and res.meta["continuations"] is None
+    prompts = bh._heldout_prompts(run, mm, bh.activation_maps(run), np.isin(bh.activation_maps(run).doc_id,
+                                  res.meta["heldout_docs"]), "class", None, 32)
+    summ = res.tables["intervention_summary"]
+    for cls, texts in prompts.items():
+        base = summ.filter(pl.col("class") == cls)["baseline"][0]
+        assert base == pytest.approx(-st.perplexity(mm, texts, progress=False)["nll"], abs=1e-6)
+        assert base < 0
+    with pytest.raises(WorkbenchError, match="unknown behaviour score"):
+        bh.analyze(run, model=mm, intervene=1, score="bleu", seeds=1, permutations=0, bootstrap=0, progress=False)

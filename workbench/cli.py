@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_intervention_args(p)
 
-    p = sub.add_parser("app", help="serve the Dash dashboard for a run")
-    p.add_argument("run", metavar="RUN")
+    p = sub.add_parser("app", help="serve the Dash dashboard for one or more runs")
+    p.add_argument("run", metavar="RUN", nargs="+", help="run folder(s), or a folder of runs (e.g. demo_out/runs)")
     p.add_argument("--model", help="model for the Steering lab (hub id, folder or 'demo')")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8050)

@@ -33,6 +33,7 @@ class AnalysisPlan:
     run: str
     options: dict = field(default_factory=dict)
     title: str = ""
+    model: bool = False  # pass the loaded model (closed-loop analyses) instead of reloading it
 
 
 def plans(quick: bool) -> tuple[list[RunPlan], list[AnalysisPlan]]:
@@ -42,13 +43,18 @@ def plans(quick: bool) -> tuple[list[RunPlan], list[AnalysisPlan]]:
                 seq_len=256, max_tokens=8192 if quick else 49152),
         RunPlan("multilingual", "multilingual", first_keys=6 if quick else 30),
         RunPlan("behavior", "behavior", where={"set": ["refusal"]}, limit=80 if quick else 400),
+        RunPlan("code", "behavior", where={"set": ["code"]}, limit=80 if quick else 320),
     ]
     analyses = [
         AnalysisPlan("stats", "calibration", title="Routing statistics"),
-        AnalysisPlan("super-experts", "calibration", title="Super experts"),
+        AnalysisPlan("super-experts", "calibration", title="Super experts: profile, prune, perplexity",
+                     options={"prune": not quick, "prune_max_tokens": 4096, "n_random": 2}, model=True),
         AnalysisPlan("lrc", "calibration", title="Local routing consistency"),
         AnalysisPlan("multilingual", "multilingual", title="Multilingual routing"),
         AnalysisPlan("behavior", "behavior", title="fTRI behaviour map: refusal vs benign requests"),
+        AnalysisPlan("behavior", "code", title="fTRI behaviour map: code vs prose, closed loop",
+                     options={"intervene": 0 if quick else 8, "score": "text", "seeds": 2, "max_heldout": 24},
+                     model=True),
         AnalysisPlan("atlas", "calibration", title="Expert atlas"),
     ]
     return runs, analyses
@@ -96,9 +102,9 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
         t = time.time()
         try:
             mod = an.module(ap.analysis)
-            result = mod.analyze(runs[ap.run], **ap.options)
+            result = mod.analyze(runs[ap.run], **ap.options, **({"model": mm} if ap.model else {}))
             figs = mod.figures(result)
-            an.write_table(result.table, tables_dir / f"{ap.analysis}.parquet")
+            an.write_table(result.table, tables_dir / f"{ap.analysis}-{ap.run}.parquet")
             sections.append(Section(ap.title or ap.analysis, summary=result.summary, figures=figs,
                                     tables=dict(list(result.tables.items())[:4])))
             print(f"[demo]   done in {time.time() - t:.1f}s")
@@ -117,7 +123,7 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
         from .app import serve as serve_app
 
         print(f"[demo] serving the dashboard on http://127.0.0.1:{port} (Ctrl-C to stop)")
-        serve_app(str(runs["calibration"].path), model=mm.spec if mm.spec == "demo" else mm.path, port=port)
+        serve_app([str(r.path) for r in runs.values()], model=mm.spec if mm.spec == "demo" else mm.path, port=port)
     return report
 
 

@@ -278,9 +278,11 @@ def analyze(run, label: str = "class", target: str | None = None, normalize: boo
     non-control class of two; otherwise every class against the rest). With `intervene=N` the top-N
     of the target are switched off / forced on in `model` (default: the run's) and the behaviour
     score measured on held-out prompts: `heldout` of each class is kept out of the maps unless
-    `heldout_data` (records with text and the label) is given. Score: mean log-probability of
-    `continuations` (default: refusal openings), or `score(mm, prompts, interventions) -> float`.
+    `heldout_data` (records with text and the label) is given. Score: "continuations" (mean
+    log-probability of `continuations`, default refusal openings), "text" (of the prompts themselves),
+    or `score(mm, prompts, interventions) -> float`.
     """
+    _check_score(score)
     maps = activation_maps(run, label, phase)
     if len(maps.classes) < 2:
         raise WorkbenchError(f"behaviour maps need at least two classes in {label!r}; found {maps.classes}")
@@ -332,6 +334,8 @@ def analyze(run, label: str = "class", target: str | None = None, normalize: boo
 # Closing the loop
 
 
+SCORES = {None: "mean log-prob of continuations", "continuations": "mean log-prob of continuations",
+          "text": "mean log-prob per token of the prompts"}
 ACTIONS = {"off_reroute": "ban", "off_drop": "zero", "on_force": "force"}
 ACTION_TEXT = {"off_reroute": "off (ban: re-routed to the next expert)",
                "off_drop": "off (drop: slot zeroed, no replacement)", "on_force": "on (forced)"}
@@ -387,8 +391,9 @@ def close_loop(mm, experts, prompts: dict[str, list[str]], score=None, continuat
     """Switch `experts` off (ban / drop) and on (force) and measure the behaviour score on each class's
     prompts, against as many random experts from the same layers for `seeds` seeds.
 
-    score(mm, prompts, interventions) -> float; default: mean log-probability of `continuations`
-    (default: refusal openings) after each prompt.
+    score(mm, prompts, interventions) -> float, or a name: "continuations" (default: mean
+    log-probability of `continuations`, default refusal openings, after each prompt) or "text" (mean
+    log-probability per token of the prompts themselves: how well the model still models that class).
     """
     from .. import steering as st
     from ..probes.interventions import format_spec
@@ -396,8 +401,14 @@ def close_loop(mm, experts, prompts: dict[str, list[str]], score=None, continuat
     experts = [(int(a), int(b)) for a, b in experts]
     if not prompts:
         raise WorkbenchError("no held-out prompts to measure the behaviour on")
+    _check_score(score)
     conts = list(continuations) if continuations else list(REFUSAL_OPENINGS)
-    measure = score or (lambda m, p, inter: st.continuation_logprob(m, p, conts, interventions=inter))
+    if score == "text":
+        measure = lambda m, p, inter: -st.perplexity(m, p, interventions=inter, progress=False)["nll"]  # noqa: E731
+    elif score is None or score == "continuations":
+        measure = lambda m, p, inter: st.continuation_logprob(m, p, conts, interventions=inter)  # noqa: E731
+    else:
+        measure = score
     sets = [("top", 0, experts)] + [("random", s, [tuple(map(int, x)) for x in st.random_experts_like(mm, experts, seed=s)])
                                     for s in range(seeds)]
     rows = []
@@ -419,16 +430,23 @@ def close_loop(mm, experts, prompts: dict[str, list[str]], score=None, continuat
     bar.close()
     tab = pl.DataFrame(rows)
     summ = _loop_summary(tab)
-    what = "user score" if score else "mean log-prob of continuations"
+    what = SCORES.get(score, "user score") if isinstance(score, str) or score is None else "user score"
     lines = [f"intervention on the top-{len(experts)} ({format_spec(experts)}), score = {what}, "
              f"random control over {seeds} seeds:"]
     for cls, action, top, rmean, rstd, beyond in summ.select("class", "action", "change_top", "change_random",
                                                              "change_random_std", "beyond_random").iter_rows():
         lines.append(f"  {cls:>10s} {ACTION_TEXT[action]:42s} top {top:+.4f}  random {rmean:+.4f} +- "
                      f"{(rstd if rstd is not None else float('nan')):.4f}  beyond random {beyond:+.4f}")
-    meta = {"intervene_experts": experts, "score": what, "continuations": None if score else conts}
+    meta = {"intervene_experts": experts, "score": what,
+            "continuations": conts if score in (None, "continuations") else None}
     return AnalysisResult("behavior-loop", {"intervention": tab, "intervention_summary": summ},
                           "intervention_summary", "\n".join(lines), meta)
+
+
+def _check_score(score) -> None:
+    if isinstance(score, str) and score not in SCORES:
+        names = ", ".join(k for k in SCORES if k)
+        raise WorkbenchError(f"unknown behaviour score {score!r}; choose from {names} or pass a function")
 
 
 def _loop_summary(tab: pl.DataFrame) -> pl.DataFrame:
@@ -541,6 +559,9 @@ def add_arguments(p) -> None:
     g.add_argument("--max-heldout", type=int, default=32, help="prompts per class to score")
     g.add_argument("--continuations", help="score continuations: a .txt file (one a line) or 'a|b|c' "
                                            "(default: refusal openings)")
+    g.add_argument("--score", choices=["continuations", "text"], default="continuations",
+                   help="what --intervene measures: log-prob of --continuations after each prompt (default), "
+                        "or of the prompt text itself")
     g.add_argument("--seeds", type=int, default=3, help="random-expert control seeds")
 
 
@@ -563,5 +584,6 @@ def options_from_args(a) -> dict:
     return dict(label=a.label, target=a.target, normalize=not a.counts, permutations=a.permutations, fdr=a.fdr,
                 top_n=a.top_n, bootstrap=a.bootstrap, seed=a.seed, phase=None if a.phase == "all" else a.phase,
                 alternative=a.alternative, intervene=a.intervene, heldout=a.heldout, model=a.model,
-                heldout_data=a.heldout_data, max_heldout=a.max_heldout, continuations=conts, seeds=a.seeds)
+                heldout_data=a.heldout_data, max_heldout=a.max_heldout, continuations=conts, seeds=a.seeds,
+                score=a.score)
 
