@@ -4,46 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pytest
 
 from workbench.analysis import atlas
 from workbench.errors import WorkbenchError
-from workbench.store import RunWriter, open_run
+from test_multilingual import write_run as ml_write_run
 
 
 def write_run(path, docs, layers, n_experts, top_k):
     """docs: list of (class, [(token, {layer: (experts, weights)})])."""
-    tok = {c: [] for c in ("doc_id", "pos", "token", "class", "key")}
-    rt = {c: [] for c in ("doc_id", "pos", "layer", "experts", "weights")}
-    for d, (cls, toks) in enumerate(docs):
-        for pos, (text, routes) in enumerate(toks):
-            tok["doc_id"].append(d)
-            tok["pos"].append(pos)
-            tok["token"].append(text)
-            tok["class"].append(cls)
-            tok["key"].append(str(d))
-            for layer in layers:
-                ex, w = routes[layer]
-                rt["doc_id"].append(d)
-                rt["pos"].append(pos)
-                rt["layer"].append(layer)
-                rt["experts"].append(list(ex))
-                rt["weights"].append(list(w))
-    n = len(tok["doc_id"])
-    tokens = pa.table({"doc_id": pa.array(tok["doc_id"], pa.int64()), "pos": pa.array(tok["pos"], pa.int32()),
-                       "token_id": pa.array([ord(t[0]) for t in tok["token"]], pa.int32()), "token": tok["token"],
-                       "phase": ["prefill"] * n, "class": tok["class"], "key": tok["key"]})
-    routing = pa.table({"doc_id": pa.array(rt["doc_id"], pa.int64()), "pos": pa.array(rt["pos"], pa.int32()),
-                        "layer": pa.array(rt["layer"], pa.int16()),
-                        "experts": pa.array(rt["experts"], pa.list_(pa.int16())),
-                        "weights": pa.array(rt["weights"], pa.list_(pa.float32()))})
-    manifest = {"model": {"spec": "synthetic", "path": "", "model_type": "synthetic", "moe_layers": list(layers),
-                          "n_experts": n_experts, "top_k": top_k}, "label_columns": ["class", "key"]}
-    w = RunWriter(path, manifest)
-    w.write_part({"tokens": tokens, "routing": routing}, batch_end=1, n_tokens=n)
-    w.finish()
-    return open_run(path)
+    docs = [({"class": cls, "key": str(d)}, toks) for d, (cls, toks) in enumerate(docs)]
+    return ml_write_run(path, docs, layers, n_experts, top_k, labels=("class", "key"))
 
 
 E, LAYERS = 8, (0, 1, 2)

@@ -21,15 +21,16 @@ LANG_LAYERS = (0, 1, 4, 5)  # planted language-specific routing; 2, 3 are shared
 
 
 def write_run(path, docs, layers, n_experts, top_k, labels=("lang", "key")):
-    """docs: list of (labels dict, [per token: {layer: (experts, weights)}]) -> a run on disk."""
+    """docs: list of (labels dict, [per token: {layer: (experts, weights)} or (text, that dict)]) -> a run."""
     tok = {c: [] for c in ("doc_id", "pos", "token_id", "token", "phase", *labels)}
     rt = {c: [] for c in ("doc_id", "pos", "layer", "experts", "weights")}
     for d, (lab, toks) in enumerate(docs):
         for pos, routes in enumerate(toks):
+            text, routes = routes if isinstance(routes, tuple) else (chr(65 + pos % 26), routes)
             tok["doc_id"].append(d)
             tok["pos"].append(pos)
-            tok["token_id"].append(65 + pos % 26)
-            tok["token"].append(chr(65 + pos % 26))
+            tok["token_id"].append(ord(text[0]))
+            tok["token"].append(text)
             tok["phase"].append("prefill")
             for c in labels:
                 tok[c].append(lab[c])

@@ -87,7 +87,7 @@ def test_hand_worked(tmp_path):
 
 def _brute(ex, codes):
     T, L, K = ex.shape
-    cnt, co, tr, tops = Counter(), Counter(), Counter(), Counter()
+    cnt, co, tr = Counter(), Counter(), Counter()
     for t in range(T):
         for v in {None, codes[t]}:
             for li in range(L):

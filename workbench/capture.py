@@ -218,6 +218,25 @@ class _Writer:
             self.pool.shutdown(wait=True)
 
 
+@contextlib.contextmanager
+def _attached(mm: MoEModel, probe_list, writer: _Writer, bar):
+    """Probes on for the block; on success the writer drains and commits its last parts, on any
+    failure (Ctrl-C included) it stops without committing more, so the run stays resumable."""
+    try:
+        for p in probe_list:
+            p.attach(mm)
+        yield
+        writer.close()
+    except BaseException:
+        writer.q.put(None)
+        writer.thread.join(timeout=60)
+        raise
+    finally:
+        for p in probe_list:
+            p.detach()
+        bar.close()
+
+
 class _Pipeline:
     """Probes + async device->host copies + the writer; used by both capture and generation capture."""
 
@@ -346,25 +365,13 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
     pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
     bar = _progress(total, w.tokens_done, progress, f"capture {Path(out).name}")
     steer_cm = mm.steer(**interventions) if interventions else contextlib.nullcontext()
-    try:
-        for p in probe_list:
-            p.attach(mm)
-        with steer_cm, torch.inference_mode():
-            for bi in range(start, len(batches)):
-                ctx, token_ids, src, lengths = _batch_context(batches[bi], pad, mm.device)
-                pipe.begin(ctx)
-                mm.model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, use_cache=False)
-                pipe.end(ctx, token_ids, src, bi + 1, lengths, final=bi == len(batches) - 1)
-                bar.update(len(token_ids))
-        writer.close()
-    except BaseException:
-        writer.q.put(None)
-        writer.thread.join(timeout=60)
-        raise
-    finally:
-        for p in probe_list:
-            p.detach()
-        bar.close()
+    with _attached(mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
+        for bi in range(start, len(batches)):
+            ctx, token_ids, src, lengths = _batch_context(batches[bi], pad, mm.device)
+            pipe.begin(ctx)
+            mm.model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, use_cache=False)
+            pipe.end(ctx, token_ids, src, bi + 1, lengths, final=bi == len(batches) - 1)
+            bar.update(len(token_ids))
     w.finish(writer_wait_s=round(writer.blocked_s, 3))
     return open_run(out)
 
@@ -423,9 +430,7 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
     generations = []
     bar = _progress(len(ds.records), 0, progress, "generate")
     try:
-        for p in probe_list:
-            p.attach(mm)
-        with steer_cm, torch.inference_mode():
+        with _attached(mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
             for i, rec in enumerate(ds.records):
                 state.update(doc=i, past=0, step=0)
                 ids = torch.tensor([mm.tokenize(rec["text"])], device=mm.device)
@@ -435,17 +440,9 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
                                         do_sample=do_sample, pad_token_id=mm.tokenizer.pad_token_id, **gen_kwargs)
                 generations.append(mm.tokenizer.decode(gen[0, ids.shape[1]:]))
                 bar.update(1)
-        writer.close()
-    except BaseException:
-        writer.q.put(None)
-        writer.thread.join(timeout=60)
-        raise
     finally:
         for h in handles:
             h.remove()
-        for p in probe_list:
-            p.detach()
-        bar.close()
     w.finish(generations=generations)
     return open_run(out)
 

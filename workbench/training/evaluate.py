@@ -127,7 +127,7 @@ def load_table(counts: np.ndarray) -> list[dict]:
 def language_routing(counts: np.ndarray, langs: list[str], keys: list[str], n_shuffles: int = 20,
                      seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    L, E = counts.shape[1], counts.shape[2]
+    L = counts.shape[1]
     lang_names = sorted(set(langs))
     lab = np.array([lang_names.index(l) for l in langs])
     key_names = sorted(set(keys))
