@@ -164,12 +164,17 @@ def make_multi_app(runs, model=None, analysis_options: dict | None = None, warm=
     return server
 
 
-def serve(run_path, model=None, host: str = "127.0.0.1", port: int = 8050, debug: bool = False) -> None:
+def serve(run_path, model=None, host: str = "127.0.0.1", port: int = 8050, debug: bool = False,
+          device: str | None = None, dtype: str | None = None) -> None:
     """`workbench app RUN [RUN ...] [--model MODEL]`: serve the dashboard (loopback only unless `host` says otherwise).
 
     Several runs (or a folder of runs) share one server and one model, with a run switcher in the bar.
     """
     runs = resolve_runs(run_path)
+    if isinstance(model, str) and (device or dtype):
+        from ..models.loading import load_model
+
+        model = load_model(model, device=device, dtype=dtype)
     if len(runs) > 1:
         server = make_multi_app(runs, model=model)
         print(f"workbench: {len(runs)} runs on http://{host}:{port}/ : " + ", ".join(server.workbench_apps))

@@ -54,6 +54,9 @@ class Probe:
         self.ctx: BatchContext | None = None
         self.fired: set[int] = set()
 
+    def check(self, mm) -> None:
+        """Refuse settings this model cannot honour; called before the run folder is touched."""
+
     def attach(self, mm) -> None:
         raise NotImplementedError
 

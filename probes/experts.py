@@ -268,10 +268,13 @@ class ExpertsProbe(Probe):
         return {"dump": self.dump_spec, "dump_format": self.dump_format, "mode": self.mode}
 
     # -- attach / detach
-    def attach(self, mm) -> None:
-        register_implementation()
+    def check(self, mm) -> None:
         if self.dump_pairs:
             _check_dump(mm, self.dump_pairs)
+
+    def attach(self, mm) -> None:
+        register_implementation()
+        self.check(mm)
         self.layers = mm.moe_layers
         self.hidden_size = int(mm.model.config.hidden_size)
         mode = self.mode

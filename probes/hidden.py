@@ -53,6 +53,11 @@ class HiddenProbe(Probe):
     def settings(self) -> dict:
         return {"dump_layers": self.dump_spec, "dump_format": self.dump_format}
 
+    def check(self, mm) -> None:
+        from ..models.loading import _decoder_layers
+
+        parse_layers(self.dump_spec, len(_decoder_layers(mm.model)))
+
     def attach(self, mm) -> None:
         from ..models.loading import _decoder_layers
 

@@ -432,3 +432,20 @@ def test_serve_several_runs_binds_loopback(syn_run, bare_run, monkeypatch):
 
     serve([str(syn_run.path), str(bare_run.path)])
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8050
+
+
+def test_app_cli_loads_the_model_on_the_named_device(syn_run, monkeypatch, capsys):
+    import dash
+
+    import workbench.models.loading as loading
+    from workbench.cli import main
+
+    seen = {}
+    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda spec, **kw: seen.setdefault("load", (spec, kw)) and real(spec, **kw))
+    assert main(["app", str(syn_run.path), "--model", "demo", "--device", "cpu", "--dtype", "float32"]) == 0
+    assert seen["load"] == ("demo", {"device": "cpu", "dtype": "float32"})
+    assert seen["host"] == "127.0.0.1"
+    assert main(["app", str(syn_run.path), "--device", "cpu"]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -192,6 +192,10 @@ def test_dump_spec_errors(tiny_model, tmp_path, sample_texts):
         wb.capture(mm, sample_texts, tmp_path / "b", probes=["experts"], dump_experts="L9:E1", progress=False)
     with pytest.raises(WorkbenchError):
         wb.capture(mm, sample_texts, tmp_path / "c", probes=["experts"], dump_experts="nonsense", progress=False)
+    with pytest.raises(WorkbenchError):
+        wb.capture(mm, sample_texts, tmp_path / "d", probes=["hidden"], dump_hidden="99", progress=False)
+    # refused before anything is written: no half-made run folder is left behind
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "gpt_oss"])

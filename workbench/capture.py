@@ -330,6 +330,8 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
         raise WorkbenchError("--max-tokens must be at least 1")
     ds = load_dataset(data)
     probe_list = make_probes(probes, logits=logits, **probe_options)
+    for p in probe_list:
+        p.check(mm)
     cap = max_len or int(getattr(mm.model.config, "max_position_embeddings", 2048) or 2048)
     seqs = build_sequences(ds, mm.tokenizer, seq_len=seq_len, max_tokens=max_tokens, max_len=min(cap, 8192))
     inter = _describe_interventions(mm, interventions)
@@ -387,6 +389,8 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
     mm = model if isinstance(model, MoEModel) else load_model(model)
     ds = load_dataset(prompts)
     probe_list = make_probes(probes, logits=logits)
+    for p in probe_list:
+        p.check(mm)
     from .probes.base import BatchContext
 
     inter = _describe_interventions(mm, interventions)

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("app", help="serve the Dash dashboard for one or more runs")
     p.add_argument("run", metavar="RUN", nargs="+", help="run folder(s), or a folder of runs (e.g. demo_out/runs)")
     p.add_argument("--model", help="model for the Steering lab (hub id, folder or 'demo')")
+    p.add_argument("--device", help="device for --model (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", help="dtype for --model, e.g. bfloat16")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--debug", action="store_true")
@@ -178,7 +180,10 @@ def cmd_steer(args) -> None:
 def cmd_app(args) -> None:
     from .app import serve
 
-    serve(args.run, model=args.model, host=args.host, port=args.port, debug=args.debug)
+    if (args.device or args.dtype) and not args.model:
+        raise WorkbenchError("--device and --dtype apply to --model; name the model too")
+    serve(args.run, model=args.model, host=args.host, port=args.port, debug=args.debug, device=args.device,
+          dtype=args.dtype)
 
 
 def cmd_export(args) -> None:
