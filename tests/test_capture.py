@@ -172,3 +172,12 @@ def test_open_run_frames_and_manifest(tiny_model, sample_texts, tmp_path):
     assert again.routing.collect().schema["experts"] == pl.List(pl.Int16)
     assert again.manifest["versions"]["transformers"]
     assert run.n_experts == 8 and run.top_k == 2
+
+
+def test_experts_implementation_auto_is_eager_on_cpu(tiny_dir):
+    from workbench.models.loading import load_model
+
+    path = str(tiny_dir("qwen3_moe"))
+    assert load_model(path).model.config._experts_implementation == "eager"
+    assert load_model(path, device="cpu").model.config._experts_implementation == "eager"
+    assert load_model(path, experts_implementation=None).model.config._experts_implementation != "eager"

@@ -81,3 +81,12 @@ def test_gpu_reference_and_triton_agree_inside_capture(tiny_dir, sample_texts, t
     for col in ("expert", "out_maxabs", "out_argmax", "weight"):
         np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy())
     np.testing.assert_allclose(a["out_l2"].to_numpy(), b["out_l2"].to_numpy(), rtol=1e-5)
+
+
+def test_auto_experts_implementation_keeps_the_fast_default_on_gpu(tiny_dir):
+    from workbench.models.loading import load_model
+
+    path = str(tiny_dir("olmoe"))
+    assert load_model(path).model.config._experts_implementation == "eager"
+    default = load_model(path, experts_implementation=None).model.config._experts_implementation
+    assert load_model(path, device="cuda").model.config._experts_implementation == default != "eager"
