@@ -270,3 +270,23 @@ def test_records_are_valid_json_lines():
     for n in MINE:
         for line in (DATASETS_DIR / f"{n}.jsonl").read_text(encoding="utf-8").splitlines():
             assert isinstance(json.loads(line)["text"], str)
+
+
+def test_interleave_keeps_every_value_under_a_limit():
+    from workbench.data import load_dataset, subset
+    from workbench.errors import WorkbenchError
+
+    cal = load_dataset("calibration")
+    assert [r["domain"] for r in cal.records[:5]] == ["code"] * 5  # domain-major on disk
+    sub = subset(cal, interleave="domain", limit=10)
+    doms = [r["domain"] for r in sub.records]
+    assert sorted(set(doms)) == sorted({r["domain"] for r in cal.records}) and len(doms) == 10
+    assert doms[:5] == doms[5:]  # round-robin, first-seen order of the values
+    # nothing lost or duplicated, and each value keeps its own order
+    full = subset(cal, interleave="domain")
+    assert sorted(map(id, full.records)) == sorted(map(id, cal.records))
+    code = [r["text"] for r in full.records if r["domain"] == "code"]
+    assert code == [r["text"] for r in cal.records if r["domain"] == "code"]
+    assert sub.sha256 != subset(cal, limit=10).sha256 and "interleaved by domain" in sub.name
+    with pytest.raises(WorkbenchError, match="no record has that field"):
+        subset(cal, interleave="colour")

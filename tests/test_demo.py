@@ -41,3 +41,27 @@ def test_quick_demo_writes_a_full_report_serves_every_run_and_reuses_captures(tm
     main(["demo", "--quick", "--out", str(out), "--no-serve"])
     assert {p: p.stat().st_mtime_ns for p in manifests} == manifests
     assert len(served) == 1
+
+
+def test_demo_recaptures_a_run_whose_plan_changed(tmp_path, monkeypatch, capsys):
+    """A newer workbench may change what the demo captures: its old run is redone, not an error."""
+    import workbench.demo as demo
+    from workbench.cli import main
+    from workbench.store import open_run
+
+    def small(tokens):
+        return lambda quick: ([demo.RunPlan("calibration", "calibration", seq_len=128, max_tokens=tokens,
+                                            interleave="domain")],
+                              [demo.AnalysisPlan("stats", "calibration", title="Routing statistics")])
+
+    out = tmp_path / "demo"
+    monkeypatch.setattr(demo, "plans", small(512))
+    assert main(["demo", "--out", str(out), "--no-serve"]) == 0
+    monkeypatch.setattr(demo, "plans", small(4096))
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--no-serve"]) == 0
+    assert "capturing again" in capsys.readouterr().out
+    run = open_run(out / "runs" / "calibration")
+    assert run.manifest["status"] == "complete" and sum(p["tokens"] for p in run.manifest["parts"]) == 4096
+    # every domain made it into the first 4096 tokens (documents are ~400 tokens)
+    assert run.tokens.select("domain").unique().collect().height == 5

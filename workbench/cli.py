@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", action="store_true", help="also store fp32 router logits [E] per token and layer")
     p.add_argument("--where", action="append", metavar="COL=V[,V]", help="keep records whose label matches")
     p.add_argument("--limit", type=int, help="keep the first N records (after --where)")
+    p.add_argument("--interleave", metavar="COL", help="order records round-robin over COL's values, so --limit "
+                                                       "and --max-tokens keep every value (e.g. domain)")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, help="pack the token stream into consecutive S-token sequences")
@@ -135,8 +137,8 @@ def cmd_capture(args) -> None:
     from .data import load_dataset, parse_where, subset
 
     data = load_dataset(args.data)
-    if args.where or args.limit:
-        data = subset(data, where=parse_where(args.where), limit=args.limit)
+    if args.where or args.limit or args.interleave:
+        data = subset(data, where=parse_where(args.where), limit=args.limit, interleave=args.interleave)
     mm = load_model(args.model, device=_device(args.device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     run = capture(mm, data, args.out, probes=[s.strip() for s in args.probes.split(",") if s.strip()],
                   logits=args.logits, batch_size=args.batch_size, max_tokens=args.max_tokens, seq_len=args.seq_len,

@@ -125,9 +125,11 @@ def load_dataset(data, limit: int | None = None) -> Dataset:
 
 
 def subset(ds: Dataset, where: dict | None = None, first_keys: int | None = None, limit: int | None = None,
-           key: str = "key") -> Dataset:
+           key: str = "key", interleave: str | None = None) -> Dataset:
     """Records matching `where` ({column: value or list}), the first `first_keys` distinct `key`
-    values (keeps parallel translations together), then the first `limit` records."""
+    values (keeps parallel translations together), reordered round-robin over the values of
+    `interleave` (so a `limit` or a token cap keeps every value, e.g. every calibration domain), then
+    the first `limit` records."""
     recs = ds.records
     desc = []
     if where:
@@ -144,6 +146,14 @@ def subset(ds: Dataset, where: dict | None = None, first_keys: int | None = None
                 keys[r[key]] = None
         recs = [r for r in recs if r.get(key) in keys]
         desc.append(f"first {first_keys} {key}s")
+    if interleave is not None:
+        if not any(interleave in r for r in recs):
+            raise WorkbenchError(f"cannot interleave {ds.name} by {interleave!r}: no record has that field")
+        groups: dict = {}
+        for r in recs:
+            groups.setdefault(str(r.get(interleave)), []).append(r)
+        recs = [g[i] for i in range(max(map(len, groups.values()))) for g in groups.values() if i < len(g)]
+        desc.append(f"interleaved by {interleave}")
     if limit is not None:
         recs = recs[:limit]
         desc.append(f"first {limit}")

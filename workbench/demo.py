@@ -11,7 +11,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import WorkbenchError
+from .errors import RunMismatch, WorkbenchError
 
 
 @dataclass
@@ -25,6 +25,7 @@ class RunPlan:
     first_keys: int | None = None
     limit: int | None = None
     max_tokens: int | None = None
+    interleave: str | None = None
 
 
 @dataclass
@@ -40,7 +41,7 @@ def plans(quick: bool) -> tuple[list[RunPlan], list[AnalysisPlan]]:
     """What the demo captures and analyses; `quick` shrinks every capture for CI and a first look."""
     runs = [
         RunPlan("calibration", "calibration", probes=("routing", "experts", "hidden", "attention"), logits=True,
-                seq_len=256, max_tokens=8192 if quick else 49152),
+                seq_len=256, max_tokens=8192 if quick else 49152, interleave="domain"),
         RunPlan("multilingual", "multilingual", first_keys=6 if quick else 30),
         RunPlan("behavior", "behavior", where={"set": ["refusal"]}, limit=80 if quick else 400),
         RunPlan("code", "behavior", where={"set": ["code"]}, limit=80 if quick else 320),
@@ -90,11 +91,16 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
     runs = {}
     for rp in run_plans:
         ds = load_dataset(rp.dataset)
-        if rp.where or rp.first_keys or rp.limit:
-            ds = subset(ds, where=rp.where, first_keys=rp.first_keys, limit=rp.limit)
+        if rp.where or rp.first_keys or rp.limit or rp.interleave:
+            ds = subset(ds, where=rp.where, first_keys=rp.first_keys, limit=rp.limit, interleave=rp.interleave)
         print(f"[demo] capture {rp.name}: {ds.name}, {len(ds.records)} records, probes {','.join(rp.probes)}")
-        runs[rp.name] = capture(mm, ds, out / "runs" / (rp.name + ("-quick" if quick else "")), probes=rp.probes, logits=rp.logits,
-                                seq_len=rp.seq_len, max_tokens=rp.max_tokens, batch_size=8, resume=True)
+        path = out / "runs" / (rp.name + ("-quick" if quick else ""))
+        kw = dict(probes=rp.probes, logits=rp.logits, seq_len=rp.seq_len, max_tokens=rp.max_tokens, batch_size=8)
+        try:
+            runs[rp.name] = capture(mm, ds, path, resume=True, **kw)
+        except RunMismatch:  # the demo's plan changed (a newer workbench): the demo folder is ours to redo
+            print(f"[demo]   {path} holds an older demo capture; capturing again")
+            runs[rp.name] = capture(mm, ds, path, overwrite=True, **kw)
     sections = [Section("Model and runs", summary=_overview(mm, runs), note=note or "")]
     tables_dir = out / "tables"
     for ap in analysis_plans:

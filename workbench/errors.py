@@ -3,3 +3,7 @@
 
 class WorkbenchError(Exception):
     """Bad input or an unsupported model, explained in one sentence."""
+
+
+class RunMismatch(WorkbenchError):
+    """The output folder holds a run of a different model, data or settings (resume refused)."""

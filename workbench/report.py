@@ -76,11 +76,15 @@ def write_report(path: str | Path, title: str, subtitle: str, sections: list[Sec
         if s.figures:
             parts.append("<div class='figs'>")
             for fig in s.figures.values():
-                parts.append("<div class='fig'>" + fig.to_html(full_html=False, include_plotlyjs=False) + "</div>")
+                parts.append("<div class='fig'>" + fig.to_html(full_html=False, include_plotlyjs=False, default_width="100%",
+                                                             config={"responsive": True}) + "</div>")
             parts.append("</div>")
         for name, df in s.tables.items():
             parts.append(f"<h3>{html.escape(name)}</h3>" + _table_html(df))
         parts.append("</section>")
+    # Figures are drawn as their divs are parsed, before the flex layout settles: fit them once it has.
+    parts.append("<script>window.addEventListener('load',function(){document.querySelectorAll('.js-plotly-plot')"
+                 ".forEach(function(d){Plotly.Plots.resize(d);});});</script>")
     parts.append(f"<footer style='margin:24px 32px;color:#667'>Written {time.strftime('%Y-%m-%d %H:%M')} "
                  "by MoE Workbench.</footer></body></html>")
     path.write_text("".join(parts), encoding="utf-8")

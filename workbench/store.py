@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import WorkbenchError
+from .errors import RunMismatch, WorkbenchError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -101,7 +101,7 @@ class RunWriter:
                     f"{self.path} already holds a run; pass --resume to finish it or --overwrite to replace it"
                 )
             if not same:
-                raise WorkbenchError(
+                raise RunMismatch(
                     f"cannot resume {self.path}: it was captured with a different model, data or settings"
                 )
             self.manifest = old
