@@ -290,3 +290,19 @@ def test_interleave_keeps_every_value_under_a_limit():
     assert sub.sha256 != subset(cal, limit=10).sha256 and "interleaved by domain" in sub.name
     with pytest.raises(WorkbenchError, match="no record has that field"):
         subset(cal, interleave="colour")
+
+
+def test_bundled_folder_does_not_shadow_hugging_face_datasets():
+    """`datasets/` is data, not a package: `import datasets` in the repo root must still find
+    Hugging Face's library (a regular package wins over a namespace folder)."""
+    import importlib.util
+    import subprocess
+
+    root = DATASETS_DIR.parent
+    assert not (DATASETS_DIR / "__init__.py").exists()
+    if importlib.util.find_spec("datasets") is None or importlib.util.find_spec("datasets").origin is None:
+        pytest.skip("Hugging Face datasets not installed")
+    out = subprocess.run([sys.executable, "-c", "import datasets; print(datasets.__file__)"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert Path(out.stdout.strip()).resolve().parent != DATASETS_DIR.resolve()
