@@ -262,3 +262,16 @@ def test_parallel_part_writer_keeps_order_and_rows(tiny_model, sample_texts, tmp
     assert run.expert_stats.collect().height == n_tok * len(mm.moe_layers) * mm.top_k
     docs = run.routing.collect()["doc_id"].unique().sort().to_list()
     assert docs == list(range(len(sample_texts) * 3))
+
+
+def test_dump_of_an_expert_nobody_reached_says_so(tiny_model, sample_texts, tmp_path):
+    """Banning the dumped expert means no token reaches it: the missing dump table is explained."""
+    mm = tiny_model("olmoe")
+    layer = mm.moe_layers[0]
+    run = wb.capture(mm, sample_texts, tmp_path / "run", probes=["experts"], dump_experts=f"L{layer}:E3",
+                     interventions={"ban": f"L{layer}:E3"}, progress=False)
+    assert run.expert_stats.filter((pl.col("layer") == layer) & (pl.col("expert") == 3)).collect().height == 0
+    with pytest.raises(WorkbenchError, match=f"dumped L{layer}:E3 but no token reached them"):
+        run.table("dump_experts")
+    with pytest.raises(WorkbenchError, match="has no 'dump_hidden' table"):
+        run.table("dump_hidden")

@@ -210,6 +210,11 @@ class Run:
         if not files:
             if name in SCHEMAS:
                 return pl.from_arrow(SCHEMAS[name].empty_table()).lazy()
+            asked = {"dump_experts": ("expert_stats", "dump"), "dump_hidden": ("hidden", "dump_layers")}.get(name)
+            spec = asked and (self.manifest.get("probes", {}).get(asked[0]) or {}).get(asked[1])
+            if spec:
+                raise WorkbenchError(f"run {self.path} dumped {spec} but no token reached them, so {name!r} is empty"
+                                     " (check the experts' load: workbench analyze stats)")
             raise WorkbenchError(f"run {self.path} has no {name!r} table")
         return pl.scan_parquet([str(f) for f in files])
 
