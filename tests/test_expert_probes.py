@@ -39,7 +39,7 @@ def _alone(mm, layer_index, x, experts):
     """Expert `experts[t]` on token row x[t], weight 1, via the experts module itself (eager)."""
     ex = mm.layer(layer_index).experts
     with torch.no_grad():
-        return ex(x, torch.as_tensor(experts, dtype=torch.long)[:, None], torch.ones(x.shape[0], 1, dtype=x.dtype))
+        return ex(x, torch.tensor(np.asarray(experts), dtype=torch.long)[:, None], torch.ones(x.shape[0], 1, dtype=x.dtype))
 
 
 def _shared_alone(mm, layer_index, x):
