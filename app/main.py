@@ -40,11 +40,12 @@ def _pages():
     return [overview.PAGE, tokens.PAGE, *analyses.PAGES, steering_lab.PAGE, export.PAGE]
 
 
-def _model(model):
+def _model(model, device: str | None = None, dtype: str | None = None):
+    """A loaded MoEModel from a spec (or the model itself)."""
     if isinstance(model, str):
         from ..models.loading import load_model
 
-        return load_model(model)
+        return load_model(model, device=device, dtype=dtype)
     return model
 
 
@@ -171,22 +172,15 @@ def serve(run_path, model=None, host: str = "127.0.0.1", port: int = 8050, debug
     Several runs (or a folder of runs) share one server and one model, with a run switcher in the bar.
     """
     runs = resolve_runs(run_path)
-    if isinstance(model, str) and (device or dtype):
-        from ..models.loading import load_model
-
-        model = load_model(model, device=device, dtype=dtype)
-    if len(runs) > 1:
-        server = make_multi_app(runs, model=model)
-        print(f"workbench: {len(runs)} runs on http://{host}:{port}/ : " + ", ".join(server.workbench_apps))
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"workbench: serving on {host}:{port}; the dashboard has no login, anyone who reaches it can "
-                  "use the model")
-        server.run(host=host, port=port, debug=debug, threaded=True)
-        return
-    app = make_app(runs[0], model=model)
+    model = _model(model, device, dtype)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"workbench: serving on {host}:{port}; the dashboard has no login, anyone who reaches it can "
               "use the model")
+    if len(runs) > 1:
+        server = make_multi_app(runs, model=model)
+        print(f"workbench: {len(runs)} runs on http://{host}:{port}/ : " + ", ".join(server.workbench_apps))
+        server.run(host=host, port=port, debug=debug, threaded=True)
+        return
+    app = make_app(runs[0], model=model)
     # No version check: it calls plotly's server from the browser, and the workbench runs offline.
     app.run(host=host, port=port, debug=debug, dev_tools_hot_reload=False, dev_tools_disable_version_check=True)
-

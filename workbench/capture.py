@@ -90,7 +90,9 @@ class _Decoder:
         return pa.array(strs, pa.string()).take(pa.array(inv.reshape(-1)))
 
 
-def make_probes(names, logits: bool = False, **options) -> list:
+def make_probes(names, logits: bool = False, model: MoEModel | None = None, **options) -> list:
+    """The probes `names` with their options; with `model`, each checks its settings against it
+    (before a capture touches its run folder)."""
     from .probes.routing import RoutingProbe
 
     names = list(dict.fromkeys(names))
@@ -113,6 +115,9 @@ def make_probes(names, logits: bool = False, **options) -> list:
             from .probes.attention import AttentionProbe
 
             probes.append(AttentionProbe())
+    if model is not None:
+        for p in probes:
+            p.check(model)
     return probes
 
 
@@ -329,9 +334,7 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
     if max_tokens is not None and max_tokens < 1:
         raise WorkbenchError("--max-tokens must be at least 1")
     ds = load_dataset(data)
-    probe_list = make_probes(probes, logits=logits, **probe_options)
-    for p in probe_list:
-        p.check(mm)
+    probe_list = make_probes(probes, logits=logits, model=mm, **probe_options)
     cap = max_len or int(getattr(mm.model.config, "max_position_embeddings", 2048) or 2048)
     seqs = build_sequences(ds, mm.tokenizer, seq_len=seq_len, max_tokens=max_tokens, max_len=min(cap, 8192))
     inter = _describe_interventions(mm, interventions)
@@ -388,9 +391,7 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
     """
     mm = model if isinstance(model, MoEModel) else load_model(model)
     ds = load_dataset(prompts)
-    probe_list = make_probes(probes, logits=logits)
-    for p in probe_list:
-        p.check(mm)
+    probe_list = make_probes(probes, logits=logits, model=mm)
     from .probes.base import BatchContext
 
     inter = _describe_interventions(mm, interventions)

@@ -334,8 +334,7 @@ def analyze(run, label: str = "class", target: str | None = None, normalize: boo
 # Closing the loop
 
 
-SCORES = {None: "mean log-prob of continuations", "continuations": "mean log-prob of continuations",
-          "text": "mean log-prob per token of the prompts"}
+SCORES = {"continuations": "mean log-prob of continuations", "text": "mean log-prob per token of the prompts"}
 ACTIONS = {"off_reroute": "ban", "off_drop": "zero", "on_force": "force"}
 ACTION_TEXT = {"off_reroute": "off (ban: re-routed to the next expert)",
                "off_drop": "off (drop: slot zeroed, no replacement)", "on_force": "on (forced)"}
@@ -401,11 +400,11 @@ def close_loop(mm, experts, prompts: dict[str, list[str]], score=None, continuat
     experts = [(int(a), int(b)) for a, b in experts]
     if not prompts:
         raise WorkbenchError("no held-out prompts to measure the behaviour on")
-    _check_score(score)
+    score = _check_score(score)
     conts = list(continuations) if continuations else list(REFUSAL_OPENINGS)
     if score == "text":
         measure = lambda m, p, inter: -st.perplexity(m, p, interventions=inter, progress=False)["nll"]  # noqa: E731
-    elif score is None or score == "continuations":
+    elif score == "continuations":
         measure = lambda m, p, inter: st.continuation_logprob(m, p, conts, interventions=inter)  # noqa: E731
     else:
         measure = score
@@ -430,7 +429,7 @@ def close_loop(mm, experts, prompts: dict[str, list[str]], score=None, continuat
     bar.close()
     tab = pl.DataFrame(rows)
     summ = _loop_summary(tab)
-    what = SCORES.get(score, "user score") if isinstance(score, str) or score is None else "user score"
+    what = SCORES[score] if isinstance(score, str) else "user score"
     lines = [f"intervention on the top-{len(experts)} ({format_spec(experts)}), score = {what}, "
              f"random control over {seeds} seeds:"]
     for cls, action, top, rmean, rstd, beyond in summ.select("class", "action", "change_top", "change_random",
@@ -438,15 +437,17 @@ def close_loop(mm, experts, prompts: dict[str, list[str]], score=None, continuat
         lines.append(f"  {cls:>10s} {ACTION_TEXT[action]:42s} top {top:+.4f}  random {rmean:+.4f} +- "
                      f"{(rstd if rstd is not None else float('nan')):.4f}  beyond random {beyond:+.4f}")
     meta = {"intervene_experts": experts, "score": what,
-            "continuations": conts if score in (None, "continuations") else None}
+            "continuations": conts if score == "continuations" else None}
     return AnalysisResult("behavior-loop", {"intervention": tab, "intervention_summary": summ},
                           "intervention_summary", "\n".join(lines), meta)
 
 
-def _check_score(score) -> None:
+def _check_score(score):
+    """The score's name ("continuations" when None) or the user's callable; an unknown name is refused."""
+    score = "continuations" if score is None else score
     if isinstance(score, str) and score not in SCORES:
-        names = ", ".join(k for k in SCORES if k)
-        raise WorkbenchError(f"unknown behaviour score {score!r}; choose from {names} or pass a function")
+        raise WorkbenchError(f"unknown behaviour score {score!r}; choose from {', '.join(SCORES)} or pass a function")
+    return score
 
 
 def _loop_summary(tab: pl.DataFrame) -> pl.DataFrame:
@@ -559,7 +560,7 @@ def add_arguments(p) -> None:
     g.add_argument("--max-heldout", type=int, default=32, help="prompts per class to score")
     g.add_argument("--continuations", help="score continuations: a .txt file (one a line) or 'a|b|c' "
                                            "(default: refusal openings)")
-    g.add_argument("--score", choices=["continuations", "text"], default="continuations",
+    g.add_argument("--score", choices=sorted(SCORES), default="continuations",
                    help="what --intervene measures: log-prob of --continuations after each prompt (default), "
                         "or of the prompt text itself")
     g.add_argument("--seeds", type=int, default=3, help="random-expert control seeds")
