@@ -7,10 +7,47 @@
     with mm.steer(ban="L3:E5"): ...                # interventions around forward / generate / capture
 """
 
-from .capture import capture, capture_generate  # functions shadow the submodule name on purpose
+import sys
+import types
+
 from .errors import WorkbenchError
-from .models.loading import MoEModel, load_model, wrap_model
-from .store import Run, open_run
+
+try:
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("moe-workbench")
+except PackageNotFoundError:  # a plain checkout that was never installed
+    __version__ = "0+unknown"
+
+# torch, transformers and polars load on first use, so `workbench --help` and argument errors stay fast.
+_LAZY = {"capture": ".capture", "capture_generate": ".capture", "MoEModel": ".models.loading",
+         "load_model": ".models.loading", "wrap_model": ".models.loading", "Run": ".store", "open_run": ".store"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # `capture` the function replaces the submodule attribute on purpose
+        return value
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `workbench.capture` must not replace the function `workbench.capture`."""
+
+    def __setattr__(self, name, value):
+        if name == "capture" and isinstance(value, types.ModuleType):
+            value = value.capture
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["MoEModel", "Run", "WorkbenchError", "capture", "capture_generate", "dataset", "load_model", "open_run",
            "tiny", "wrap_model"]
