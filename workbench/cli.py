@@ -88,9 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model for the Steering lab (hub id, folder or 'demo')")
     p.add_argument("--device", help="device for --model (default: cuda when available, else cpu)")
     p.add_argument("--dtype", help="dtype for --model, e.g. bfloat16")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8050)
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="confirm a non-loopback --host: anyone who reaches it can use the dashboard (no login)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer to this Host name (e.g. a reverse proxy's); repeatable")
+    p.add_argument("--debug", action="store_true",
+                   help="Flask's development server with the Werkzeug debugger (runs code for whoever opens it)")
 
     p = sub.add_parser("export", help="export routing and analysis tables")
     p.add_argument("run", metavar="RUN")
@@ -185,7 +190,7 @@ def cmd_app(args) -> None:
     if (args.device or args.dtype) and not args.model:
         raise WorkbenchError("--device and --dtype apply to --model; name the model too")
     serve(args.run, model=args.model, host=args.host, port=args.port, debug=args.debug, device=args.device,
-          dtype=args.dtype)
+          dtype=args.dtype, allow_remote=args.allow_remote, allowed_hosts=args.allow_host)
 
 
 def cmd_export(args) -> None:
