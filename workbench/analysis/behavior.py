@@ -21,7 +21,7 @@ import polars as pl
 
 from ..errors import WorkbenchError
 from . import AnalysisResult
-from .common import doc_labels, doc_token_ids, routing_arrays
+from .common import doc_labels, doc_token_ids, per_doc_counts
 
 # Openings of refusals, the built-in behaviour score's continuation set (mean log-probability).
 REFUSAL_OPENINGS = ("I'm sorry, but I can't", "I cannot help with that", "I can't assist with that",
@@ -58,21 +58,12 @@ class Maps:
 
 def activation_maps(run, label: str = "class", phase: str | None = "prefill") -> Maps:
     """Per-prompt layer x expert selection counts, with the prompt's class from the `label` column."""
-    ra = routing_arrays(run, phase=phase)
-    bounds = ra.doc_bounds
-    ntok = np.diff(bounds)
-    d, nl, e = len(ntok), ra.experts.shape[1], ra.n_experts
-    di = np.repeat(np.arange(d), ntok)
-    ex = ra.experts.astype(np.int64)
-    ok = (ex >= 0) & (ex < e)
-    idx = (di[:, None, None] * nl + np.arange(nl)[None, :, None]) * e + ex
-    counts = np.bincount(idx[ok], minlength=d * nl * e).reshape(d, nl, e).astype(np.float64)
-    doc = ra.doc[bounds[:-1]]
+    doc, ntok, counts, _, layers = per_doc_counts(run, phase=phase, desc="behavior: maps")
     lab = pl.DataFrame({"doc_id": doc}).join(doc_labels(run, [label], phase=phase), on="doc_id", how="left",
                                              maintain_order="left")
     labels = lab[label].cast(pl.Utf8).to_numpy().astype(object)
     keep = lab[label].is_not_null().to_numpy()
-    m = Maps(doc, labels, list(ra.layers), counts, ntok.astype(np.float64), e)
+    m = Maps(doc, labels, list(layers), counts, ntok.astype(np.float64), run.n_experts)
     return m.select(keep)
 
 

@@ -86,3 +86,190 @@ def doc_token_ids(run, docs=None, phase: str | None = "prefill") -> dict[int, np
     for d, ids in df.group_by("doc_id", maintain_order=True).agg(pl.col("token_id")).iter_rows():
         out[int(d)] = np.asarray(ids, np.int64)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming: routing in bounded chunks. Every analysis reads through this, so peak memory follows the
+# chunk size (tokens per chunk), not the run.
+
+DEFAULT_CHUNK_TOKENS = 1 << 18  # 262,144 tokens: ~0.2 GB of routing arrays at 16 layers x top-8
+_chunk_tokens: int | None = None
+
+
+def set_chunk_tokens(n: int | None) -> None:
+    """Tokens per chunk for every streaming analysis in this process (None: back to the default).
+
+    Also settable with the environment variable WORKBENCH_CHUNK_TOKENS."""
+    global _chunk_tokens
+    if n is not None and int(n) < 1:
+        raise WorkbenchError("the chunk size must be at least 1 token")
+    _chunk_tokens = None if n is None else int(n)
+
+
+def chunk_tokens(n: int | None = None) -> int:
+    """The chunk size in effect: the argument, else set_chunk_tokens, else $WORKBENCH_CHUNK_TOKENS."""
+    import os
+
+    if n is None:
+        n = _chunk_tokens
+    if n is None:
+        env = os.environ.get("WORKBENCH_CHUNK_TOKENS")
+        try:
+            n = int(float(env)) if env else DEFAULT_CHUNK_TOKENS
+        except ValueError:
+            raise WorkbenchError(f"WORKBENCH_CHUNK_TOKENS={env!r} is not a number of tokens") from None
+    if int(n) < 1:
+        raise WorkbenchError("the chunk size must be at least 1 token")
+    return int(n)
+
+
+@dataclass
+class RoutingChunk:
+    """One chunk of routing (rows sorted by doc_id, pos) and the tokens/ columns asked for, row-aligned."""
+
+    ra: RoutingArrays
+    tokens: pl.DataFrame | None
+
+
+def _part_tokens(run, part: dict, columns, phase) -> pl.DataFrame | None:
+    f = part["files"].get("tokens")
+    if f is None:
+        return None
+    cols = ["doc_id", "pos"] + [c for c in columns if c not in ("doc_id", "pos")]
+    if phase is not None and "phase" not in cols:
+        cols.append("phase")
+    df = pl.read_parquet(run.path / f, columns=cols)
+    if phase is not None:
+        df = df.filter(pl.col("phase") == phase)
+    return df.unique(["doc_id", "pos"], keep="first", maintain_order=True)
+
+
+def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chunk_tokens_: int | None = None,
+                 progress: bool = False, desc: str = "reading routing"):
+    """Yield RoutingChunk of at most `chunk_tokens` tokens each, part by part, batch by batch.
+
+    A document may span two chunks (a part boundary or a batch boundary): consumers merge partial
+    results by document or by key, so nothing needs a whole document in memory. The tokens frame
+    (when token_columns or phase are given) comes from the same part's tokens/ file.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    layers = sorted(run.moe_layers)
+    nl, k = len(layers), run.top_k
+    lay_ref = np.asarray(layers, np.int64)
+    step = chunk_tokens(chunk_tokens_) * nl
+    parts = [p for p in run.manifest["parts"] if "routing" in p["files"]]
+    if not parts:
+        raise WorkbenchError(f"run {run.path} has no routing rows")
+    doc_set = None if docs is None else np.asarray(sorted({int(d) for d in docs}), np.int64)
+    need_tok = bool(token_columns) or phase is not None
+    total = sum(int(p.get("tokens", 0)) for p in parts)
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    for part in parts:
+        pf = pq.ParquetFile(run.path / part["files"]["routing"])
+        tok = _part_tokens(run, part, token_columns, phase) if need_tok else None
+        cols = ["doc_id", "pos", "layer", "experts", "weights"]
+        batches = pf.iter_batches(batch_size=step, columns=cols)
+        for b in batches:
+            doc = b.column("doc_id").to_numpy().astype(np.int64)
+            pos = b.column("pos").to_numpy().astype(np.int32)
+            lay = b.column("layer").to_numpy().astype(np.int64)
+            ex_col, w_col = b.column("experts"), b.column("weights")
+            lens = pc.list_value_length(ex_col).to_numpy(zero_copy_only=False)
+            if len(lens) and (lens.min() != k or lens.max() != k):
+                raise WorkbenchError(f"run {run.path}: routing rows must each hold top_k={k} experts")
+            ex = np.asarray(ex_col.flatten().to_numpy(zero_copy_only=False), np.int16).reshape(-1, k)
+            w = np.asarray(w_col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, k)
+            order = np.lexsort((lay, pos, doc))
+            if not np.array_equal(order, np.arange(len(order))):
+                doc, pos, lay, ex, w = doc[order], pos[order], lay[order], ex[order], w[order]
+            if len(doc) % nl or not (lay.reshape(-1, nl) == lay_ref).all():
+                raise WorkbenchError(f"run {run.path}: routing rows are not whole tokens x MoE layers {layers}"
+                                     " in one part (or a batch cut a token)")
+            d1, p1 = doc[::nl], pos[::nl]
+            keep = None
+            if doc_set is not None:
+                keep = np.isin(d1, doc_set)
+            tframe = None
+            if tok is not None:
+                keys = pl.DataFrame({"doc_id": d1, "pos": p1})
+                tframe = keys.join(tok, on=["doc_id", "pos"], how="left", maintain_order="left")
+                if phase is not None:
+                    hit = tframe["phase"].is_not_null().to_numpy()
+                    keep = hit if keep is None else keep & hit
+            ex, w = ex.reshape(-1, nl, k), w.reshape(-1, nl, k)
+            if keep is not None and not keep.all():
+                d1, p1, ex, w = d1[keep], p1[keep], ex[keep], w[keep]
+                if tframe is not None:
+                    tframe = tframe.filter(pl.Series(keep))
+            bar.update(len(doc) // nl)
+            if len(d1) == 0:
+                continue
+            yield RoutingChunk(RoutingArrays(doc=d1, pos=p1, layers=layers, experts=ex, weights=w,
+                                             n_experts=run.n_experts), tframe)
+    bar.close()
+
+
+def routing_keys(run, phase: str | None = None) -> pl.DataFrame:
+    """(doc_id, pos) of every routed token, sorted (phase-filtered): 12 bytes a token, no routing lists."""
+    first = min(run.moe_layers)
+    lf = run.routing.filter(pl.col("layer") == first).select("doc_id", "pos")
+    if phase is not None:
+        lf = lf.join(run.tokens.filter(pl.col("phase") == phase).select("doc_id", "pos"), on=["doc_id", "pos"],
+                     how="semi")
+    return lf.unique(maintain_order=False).sort("doc_id", "pos").collect()
+
+
+def merge_by_doc(doc_ids: list, arrays: list[list]):
+    """Concatenate per-chunk per-document arrays, sum the partial rows of a document cut by a chunk
+    boundary, and sort by doc_id (the order of the dense reader). arrays: one list per field."""
+    doc = np.concatenate(doc_ids) if doc_ids else np.zeros(0, np.int64)
+    outs = [np.concatenate(a) if a else None for a in arrays]
+    uniq, inv = np.unique(doc, return_inverse=True)
+    if len(uniq) == len(doc) and (len(doc) < 2 or np.all(np.diff(doc) > 0)):
+        return doc, outs
+    merged = []
+    for a in outs:
+        m = np.zeros((len(uniq),) + a.shape[1:], a.dtype)
+        np.add.at(m, inv, a)
+        merged.append(m)
+    return uniq, merged
+
+
+def per_doc_counts(run, phase: str | None = None, importance: bool = False, chunk: int | None = None,
+                   progress: bool = False, desc: str = "routing per document"):
+    """Stream the run into per-document (layer, expert) sums.
+
+    Returns (doc ids [D] sorted, tokens per doc [D], selection counts [D, L, E] float64, importance
+    sums [D, L, E] float64 or None, layers). importance: the selected experts' routing weights
+    renormalised to sum 1 per token (uniform 1/K when they sum to 0). Exact: counts add; a document
+    cut by a chunk boundary adds two partial float sums (the dense order differs by rounding only).
+    """
+    docs, nts, cnts, imps = [], [], [], []
+    layers = sorted(run.moe_layers)
+    e = run.n_experts
+    for ch in iter_routing(run, phase=phase, chunk_tokens_=chunk, progress=progress, desc=desc):
+        ra = ch.ra
+        bounds = ra.doc_bounds
+        ntok = np.diff(bounds)
+        d = len(ntok)
+        t, nl, k = ra.experts.shape
+        di = np.repeat(np.arange(d), ntok)
+        ex = ra.experts.astype(np.int64)
+        ok = (ex >= 0) & (ex < e)
+        idx = (di[:, None, None] * nl + np.arange(nl)[None, :, None]) * e + ex
+        cnts.append(np.bincount(idx[ok], minlength=d * nl * e).reshape(d, nl, e).astype(np.float64))
+        if importance:
+            w = ra.weights.astype(np.float64)
+            s = w.sum(-1, keepdims=True)
+            w = np.where(s > 0, w / np.where(s > 0, s, 1.0), 1.0 / k)
+            imps.append(np.bincount(idx[ok], weights=w[ok], minlength=d * nl * e).reshape(d, nl, e))
+        docs.append(ra.doc[bounds[:-1]])
+        nts.append(ntok.astype(np.int64))
+    if not docs:
+        raise WorkbenchError(f"run {run.path} has no routing rows" + (f" in phase {phase!r}" if phase else ""))
+    fields = [nts, cnts] + ([imps] if importance else [])
+    doc, out = merge_by_doc(docs, fields)
+    return doc, out[0], out[1], (out[2] if importance else None), layers

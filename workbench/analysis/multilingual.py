@@ -23,7 +23,7 @@ import polars as pl
 
 from ..errors import WorkbenchError
 from . import AnalysisResult
-from .common import doc_labels, routing_arrays
+from .common import doc_labels, per_doc_counts
 
 # --------------------------------------------------------------------------------------------------
 # Distributions
@@ -119,14 +119,17 @@ def routing_profiles(ra) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def profiles(run, lang_column: str = "lang", key_column: str = "key", extra_columns=(),
-             phase: str | None = None) -> Profiles:
-    """Load a run's routing into per-document profiles with their language and key labels."""
+             phase: str | None = None, progress: bool = False) -> Profiles:
+    """Load a run's routing into per-document profiles with their language and key labels (streamed
+    in chunks of `workbench.analysis.common.chunk_tokens()` tokens; memory: the profiles)."""
     extra_columns = [c for c in extra_columns if c and c not in (lang_column, key_column)]
     have = set(run.tokens.collect_schema().names())
     extra_columns = [c for c in extra_columns if c in have]
     labels = doc_labels(run, [lang_column, key_column] + extra_columns, phase=phase)
-    ra = routing_arrays(run, phase=phase)
-    doc, ntok, imp, frq = routing_profiles(ra)
+    doc, ntok, cnt, imp, layers = per_doc_counts(run, phase=phase, importance=True, progress=progress,
+                                                  desc="multilingual: profiles")
+    denom = ntok[:, None, None].astype(np.float64)
+    imp, frq = imp / denom, cnt / denom
     lab = pl.DataFrame({"doc_id": doc}).join(labels, on="doc_id", how="left", maintain_order="left")
     if lab[lang_column].null_count() == lab.height:
         raise WorkbenchError(f"run {run.path} has no {lang_column!r} labels on its routed tokens")
@@ -134,7 +137,7 @@ def profiles(run, lang_column: str = "lang", key_column: str = "key", extra_colu
     lang = lab[lang_column].cast(pl.Utf8).to_numpy().astype(object)
     key = lab[key_column].cast(pl.Utf8).to_numpy().astype(object)
     extra = {c: lab[c].cast(pl.Utf8).to_numpy().astype(object) for c in extra_columns}
-    p = Profiles(doc, lang, key, extra, list(ra.layers), ntok, imp, frq, ra.n_experts)
+    p = Profiles(doc, lang, key, extra, list(layers), ntok, imp, frq, run.n_experts)
     return p.select(keep)
 
 
