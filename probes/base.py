@@ -87,5 +87,12 @@ def list_array(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, flat)
 
 
+def to_ctx(t: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+    """Bring a tensor seen in a hook to the batch's device (a no-op unless the model is split by a
+    device_map, where layers live on different GPUs, the CPU, or come from disk)."""
+    dev = ctx.valid.device
+    return t if t.device == dev else t.to(dev)
+
+
 class ProbeDidNotFire(RuntimeError):
     """A hooked module was never called: the model does not route the way its adapter says."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import WorkbenchError
-from .base import BatchMeta, Probe, ProbeDidNotFire
+from .base import BatchMeta, Probe, ProbeDidNotFire, to_ctx
 from .kernels import row_stats
 
 IMPL_NAME = "workbench_probe"
@@ -193,7 +193,7 @@ def probe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if getattr(self, "_is_expert_parallel", False):
         raise WorkbenchError("the experts probe does not support expert parallelism; capture on one device")
     rec = getattr(self, _ATTR, None)
-    mode = rec.mode if rec is not None else ("grouped" if hidden_states.is_cuda else "loop")
+    mode = rec.mode if rec is not None and rec.mode != "auto" else ("grouped" if hidden_states.is_cuda else "loop")
     fwd = _grouped_forward if mode == "grouped" else _loop_forward
     if rec is not None and rec.probe.ctx is None:
         rec = None  # a forward outside capture (e.g. the app): compute, record nothing
@@ -278,8 +278,9 @@ class ExpertsProbe(Probe):
         self.layers = mm.moe_layers
         self.hidden_size = int(mm.model.config.hidden_size)
         mode = self.mode
-        if mode == "auto":
+        if mode == "auto" and not getattr(mm.model, "hf_device_map", None):
             mode = "grouped" if mm.device.type == "cuda" else "loop"
+        # split by a device_map: "auto" stays, each layer picks the path of the device it runs on
         self.active_mode = mode
         cfgs = {}
         for layer in mm.layers:
@@ -319,6 +320,7 @@ class ExpertsProbe(Probe):
     # -- recording (called from the implementation and hooks, inside the forward)
     def _valid(self, t: torch.Tensor) -> torch.Tensor:
         v = self.ctx.valid
+        t = to_ctx(t, self.ctx)
         if t.shape[0] == v.shape[0]:
             return t
         return t.index_select(0, v)
@@ -335,7 +337,7 @@ class ExpertsProbe(Probe):
             if self.ctx is None:
                 return
             y = out[0] if isinstance(out, tuple) else out
-            y = y.reshape(-1, y.shape[-1])
+            y = to_ctx(y.reshape(-1, y.shape[-1]), self.ctx)
             mx, arg, l2, _, _ = row_stats(y)
             rec = self._shared.setdefault(index, [None, None])
             rec[0] = (self._valid(mx), self._valid(arg), self._valid(l2))
@@ -356,6 +358,9 @@ class ExpertsProbe(Probe):
         """Keep rows of token `tok` (flat batch index) that are not padding, as fp16 or int8."""
         if self.ctx is None:
             return
+        y, tok = to_ctx(y, self.ctx), to_ctx(tok, self.ctx)
+        slot = to_ctx(slot, self.ctx) if slot is not None else None
+        weight = to_ctx(weight, self.ctx) if weight is not None else None
         if self._vmap is None:
             n = self.ctx.input_ids.numel()
             vm = torch.full((n,), -1, dtype=torch.int64, device=tok.device)

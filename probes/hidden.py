@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from ..errors import WorkbenchError
-from .base import BatchMeta, Probe, ProbeDidNotFire
+from .base import BatchMeta, Probe, ProbeDidNotFire, to_ctx
 from .kernels import row_stats
 
 
@@ -77,7 +77,7 @@ class HiddenProbe(Probe):
             if ctx is None:
                 return
             h = out[0] if isinstance(out, (tuple, list)) else out
-            h = h.reshape(-1, h.shape[-1])
+            h = to_ctx(h.reshape(-1, h.shape[-1]), ctx)
             if h.shape[0] != ctx.valid.shape[0]:
                 h = h.index_select(0, ctx.valid)
             copy = self.dump_format if index in self.dump else None

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .base import BatchMeta, Probe, ProbeDidNotFire, list_array
+from .base import BatchMeta, Probe, ProbeDidNotFire, list_array, to_ctx
 
 
 class RoutingProbe(Probe):
@@ -36,7 +36,7 @@ class RoutingProbe(Probe):
             ctx = self.ctx
             if ctx is None:
                 return
-            logits, weights, idx = out[0], out[1], out[2]
+            logits, weights, idx = (to_ctx(t, ctx) for t in out[:3])
             v = ctx.valid
             if idx.shape[0] != ctx.input_ids.numel():  # defensive: a router that did not flatten
                 idx, weights, logits = (t.reshape(-1, t.shape[-1]) for t in (idx, weights, logits))

@@ -62,6 +62,17 @@ class MoEModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device, or, for a model split by a device_map
+        (whose offloaded weights sit on `meta`), the device the input embeddings run on."""
+        dm = getattr(self.model, "hf_device_map", None)
+        if dm:
+            emb = self.model.get_input_embeddings()
+            hook = getattr(emb, "_hf_hook", None)
+            dev = getattr(hook, "execution_device", None)
+            if dev is None:
+                dev = emb.weight.device
+            dev = torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+            return dev if dev.type != "meta" else torch.device("cpu")
         return next(self.model.parameters()).device
 
     @property
@@ -184,12 +195,19 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     experts_implementation: str | None = "auto",
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | None = None,
 ) -> MoEModel:
     """Load `spec` (hub id, local folder or `demo`) in eval mode and map its MoE layers.
 
     experts_implementation "auto": `eager` on CPU (captured routing and outputs bit-comparable with
     the reference path, and the fastest there), the model's own default (grouped_mm) on a GPU, where
     eager is 2-4x slower. None keeps the model's default everywhere; any other name is passed on.
+
+    device_map ("auto", "balanced", "sequential" or a dict) and max_memory ("0=70GiB,cpu=200GiB" or
+    a dict) split a model too big for one device through accelerate: layers on several GPUs, the CPU,
+    or disk (weights read back layer by layer, into `offload_folder`). `device` is then ignored.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -209,8 +227,14 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    if device_map is not None:
+        kwargs.update(_device_map_kwargs(device_map, max_memory, offload_folder))
+        device = None
     if experts_implementation == "auto":
-        on_gpu = device is not None and torch.device(device).type != "cpu"
+        on_gpu = (device is not None and torch.device(device).type != "cpu") or \
+            (device_map is not None and torch.cuda.is_available())
         experts_implementation = None if on_gpu else "eager"
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
@@ -222,6 +246,43 @@ def load_model(
     if device:
         model.to(device)
     return wrap_model(model, tok, spec=spec, path=path)
+
+
+def parse_max_memory(spec: str | dict | None) -> dict | None:
+    """'0=70GiB,1=70GiB,cpu=200GiB' -> {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'} (accelerate's form)."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    out: dict = {}
+    for item in [s.strip() for s in str(spec).split(",") if s.strip()]:
+        key, sep, val = item.partition("=")
+        key, val = key.strip(), val.strip()
+        if not sep or not val or not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise WorkbenchError(f"malformed --max-memory item {item!r}: write DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
+        if not any(ch.isdigit() for ch in val):
+            raise WorkbenchError(f"--max-memory {item!r}: {val!r} is not a size such as 70GiB or 500MB")
+        out[int(key) if key.isdigit() else key] = val
+    if not out:
+        raise WorkbenchError("--max-memory is empty: write DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
+    return out
+
+
+def _device_map_kwargs(device_map, max_memory, offload_folder) -> dict:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise WorkbenchError("--device-map needs accelerate: pip install 'moe-workbench[scale]'") from None
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise WorkbenchError(f"unknown --device-map {device_map!r}; use auto, balanced, balanced_low_0 or sequential")
+    kw = {"device_map": device_map}
+    mem = parse_max_memory(max_memory)
+    if mem is not None:
+        kw["max_memory"] = mem
+    if offload_folder is None:
+        import tempfile
+
+        offload_folder = tempfile.mkdtemp(prefix="wb_offload_")
+    kw["offload_folder"] = str(offload_folder)
+    return kw
 
 
 def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> MoEModel:
