@@ -11,7 +11,7 @@ import sys
 
 from .errors import WorkbenchError
 
-ANALYSES = ("stats", "super-experts", "lrc", "multilingual", "behavior", "atlas")
+ANALYSES = ("stats", "super-experts", "lrc", "multilingual", "behavior", "atlas", "placement")
 
 
 def _add_intervention_args(p: argparse.ArgumentParser, with_zero: bool = True) -> None:
@@ -111,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("import", help="import routing recorded by vLLM or SGLang as a run")
+    p.add_argument("engine", choices=["vllm", "sglang", "sglang-dump"], help="which engine wrote SOURCE")
+    p.add_argument("source", metavar="SOURCE", help="vllm/sglang: a .json/.jsonl of request outputs; "
+                                                    "sglang-dump: a .pt dump or a folder of them")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--model", metavar="MODEL_OR_CONFIG", help="the served model: 'demo', a folder, a config.json "
+                                                              "(gives dense/MoE layers, experts, top-k)")
+    p.add_argument("--tokens", metavar="JSONL", help="per-request input_ids/output_ids and labels when SOURCE lacks them")
+    p.add_argument("--physical-to-logical", metavar="FILE", help="SGLang's expert-location JSON/.pt when it ran EPLB")
+    p.add_argument("--experts", type=int, help="routed experts per layer when no --model is given")
+    p.add_argument("--resume", action="store_true", help="finish a killed import of the same input")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
     sub.add_parser("datasets", help="list the bundled datasets")
     return ap
@@ -213,7 +226,18 @@ def _device(d):
     return "cuda" if torch.cuda.is_available() else None
 
 
-COMMANDS = {"capture": cmd_capture, "tiny": cmd_tiny, "datasets": cmd_datasets, "analyze": cmd_analyze,
+def cmd_import(args) -> None:
+    from .importers import import_routed_experts
+
+    run = import_routed_experts(args.source, args.out, engine=args.engine, model=args.model, tokens=args.tokens,
+                                physical_to_logical=args.physical_to_logical, n_experts=args.experts,
+                                resume=args.resume, overwrite=args.overwrite)
+    info = run.manifest.get("import", {})
+    print(f"imported {info.get('tokens', 0)} tokens of {info.get('documents', 0)} sequences x "
+          f"{len(run.moe_layers)} MoE layers from {args.engine} into {run.path}")
+
+
+COMMANDS = {"import": cmd_import, "capture": cmd_capture, "tiny": cmd_tiny, "datasets": cmd_datasets, "analyze": cmd_analyze,
             "steer": cmd_steer, "app": cmd_app, "export": cmd_export, "demo": cmd_demo}
 
 

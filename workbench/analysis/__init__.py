@@ -21,7 +21,8 @@ import polars as pl
 from ..errors import WorkbenchError
 
 MODULES = {"stats": "stats", "super-experts": "super_experts", "lrc": "lrc", "multilingual": "multilingual",
-           "behavior": "behavior", "atlas": "atlas"}
+           "behavior": "behavior", "atlas": "atlas",
+           "placement": "placement"}
 
 
 @dataclass
