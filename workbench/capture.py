@@ -235,6 +235,9 @@ def _attached(mm: MoEModel, probe_list, writer: _Writer, bar):
     except BaseException:
         writer.q.put(None)
         writer.thread.join(timeout=60)
+        writer.pool.shutdown(wait=True, cancel_futures=True)
+        writer.writer.discard_uncommitted()  # parts written but never listed: nothing half-done stays
+        writer.writer.release()
         raise
     finally:
         for p in probe_list:

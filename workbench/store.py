@@ -3,12 +3,24 @@
 Crash safety: every part is written under a temporary name, fsynced and renamed; the manifest,
 rewritten the same way, lists a part only after all of that part's tables are on disk. A reader
 (or `--resume`) trusts the manifest, so a capture killed at any instant leaves a consistent run.
+
+Integrity: the manifest records each part file's size and xxh3-128 checksum (computed by the encoder
+threads, off the forward loop). Opening a run stats every listed file; a table's files are checksummed
+the first time it is read. Damage is reported here, in one sentence naming the part (`DamagedRun`).
+
+Exclusion: every writer of a run folder holds an OS lock (flock on `.workbench.lock`, released by
+the kernel when the process dies), so two writers can never mix their parts.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
+import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +34,18 @@ from .errors import RunMismatch, WorkbenchError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".workbench.lock"
+CHECKSUM = "xxh3_128"
+_PART_FILE = re.compile(r"^part-\d{6}\.parquet$")
+_PART_TMP = re.compile(r"^\.part-\d{6}\.parquet\.tmp$")
+
+
+class DamagedRun(WorkbenchError):
+    """A part file the manifest lists is missing, truncated, altered or unreadable."""
+
+
+class RunLocked(WorkbenchError):
+    """Another process is writing the run folder."""
 
 # Column contract (DESIGN.md). Label columns of `tokens` are added per run.
 SCHEMAS: dict[str, pa.Schema] = {
@@ -45,13 +69,36 @@ def _dictionary_columns(table: pa.Table) -> list[str]:
     return [f.name for f in table.schema if pa.types.is_integer(f.type) or pa.types.is_string(f.type)]
 
 
+def io_error(e: OSError, path, what: str = "writing") -> WorkbenchError:
+    """An OS error a user can cause (disk full, read-only or forbidden target) as one sentence."""
+    where = e.filename or path
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WorkbenchError(f"disk full while {what} {where}; nothing incomplete was kept: free some space "
+                              "and run the same command again (a capture continues with --resume)")
+    return WorkbenchError(f"cannot write {where}: {e.strerror or e}")
+
+
+def file_checksum(path: Path) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return f"{CHECKSUM}:{h.hexdigest()}"
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise io_error(e, path) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,14 +117,70 @@ def write_manifest(path: Path, manifest: dict) -> None:
     _fsync_dir(Path(path))
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path, validate: bool = True) -> dict:
     p = Path(path) / MANIFEST
     if not p.exists():
         raise WorkbenchError(f"{path} is not a workbench run (no {MANIFEST})")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        raise WorkbenchError(f"{p} is damaged (not valid JSON)") from None
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DamagedRun(f"{p} is damaged (not valid JSON); capture the run again with --overwrite") from None
+    except OSError as e:
+        raise WorkbenchError(f"cannot read {p}: {e.strerror or e}") from None
+    if validate:
+        why = manifest_problem(m)
+        if why:
+            raise DamagedRun(f"{p} is damaged ({why}); `workbench check {path} --repair` resets it so "
+                             "--resume captures the run again")
+    return m
+
+
+def manifest_problem(m) -> str | None:
+    """Why a manifest's structure cannot be trusted, or None."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    parts = m.get("parts")
+    if parts is None:
+        return "it lists no parts"
+    if not isinstance(parts, list):
+        return "its parts entry is not a list"
+    for i, part in enumerate(parts):
+        if not (isinstance(part, dict) and isinstance(part.get("files"), dict)
+                and all(isinstance(v, str) for v in part["files"].values())
+                and isinstance(part.get("tokens"), int) and isinstance(part.get("batch_end"), int)):
+            return f"part {i} is malformed"
+        bad = [v for v in part["files"].values() if Path(v).is_absolute() or ".." in Path(v).parts]
+        if bad:
+            return f"part {i} points outside the run ({bad[0]})"
+    return None
+
+
+def _lock_holder(f) -> str:
+    try:
+        f.seek(0)
+        return f.read().strip()[:20] or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def lock_run(path: Path):
+    """Take the run folder's exclusive writer lock (non-blocking); returns the open lock file."""
+    try:
+        f = open(path / LOCK, "a+")
+    except OSError as e:
+        raise io_error(e, path) from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _lock_holder(f)
+        f.close()
+        raise RunLocked(f"{path} is being written by another process (pid {holder}); wait for it to finish "
+                        "or stop it, then try again") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 class RunWriter:
@@ -86,15 +189,38 @@ class RunWriter:
     def __init__(self, path: str | Path, manifest: dict, resume: bool = False, overwrite: bool = False,
                  identity_keys: tuple[str, ...] = ("identity",)):
         self.path = Path(path)
-        existing = self.path / MANIFEST
+        self._sums: dict[str, tuple[int, str]] = {}
+        self._sums_lock = threading.Lock()
+        self._old: dict | None = None  # with overwrite: the run to clear once the new capture writes
+        self._lock = None
         if self.path.exists() and not self.path.is_dir():
             raise WorkbenchError(f"--out {self.path} exists and is not a folder")
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise io_error(e, self.path) from None
+        try:
+            self._lock = lock_run(self.path)
+            self._open(manifest, resume, overwrite, identity_keys)
+        except BaseException:
+            self.release()
+            if created:  # leave no trace of a capture that never started
+                (self.path / LOCK).unlink(missing_ok=True)
+                with _suppress_oserror():
+                    self.path.rmdir()
+            raise
+
+    def _open(self, manifest, resume, overwrite, identity_keys) -> None:
+        existing = self.path / MANIFEST
+        self.already_complete = False
         if existing.exists() and not overwrite:
             old = read_manifest(self.path)
             same = all(old.get(k) == manifest.get(k) for k in identity_keys)
             if old.get("status") == "complete" and same:
                 self.manifest = old  # nothing to do: a finished capture of the same thing
                 self.already_complete = True
+                self.release()
                 return
             if not resume:
                 raise WorkbenchError(
@@ -106,32 +232,65 @@ class RunWriter:
                 )
             self.manifest = old
             self._drop_orphans()
-        else:
-            if self.path.exists() and any(self.path.iterdir()) and not existing.exists() and not overwrite:
-                raise WorkbenchError(f"--out {self.path} is a non-empty folder that is not a run; use another path")
-            if overwrite and self.path.exists():
-                self._clear()
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.manifest = dict(manifest, schema_version=SCHEMA_VERSION, status="running", parts=[],
-                                 created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            return
+        foreign = [f for f in self.path.iterdir() if f.name != LOCK]
+        if foreign and not existing.exists():
+            raise WorkbenchError(f"--out {self.path} is a non-empty folder that is not a run; use another path")
+        if existing.exists():  # overwrite: the old run stays whole until the new capture writes its first part
+            self._old = read_manifest(self.path)
+        self.manifest = dict(manifest, schema_version=SCHEMA_VERSION, status="running", parts=[],
+                             created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if self._old is None:
             write_manifest(self.path, self.manifest)
-        self.already_complete = False
 
-    def _clear(self) -> None:
-        import shutil
+    def _table_dirs(self, manifest: dict) -> set[str]:
+        names = set(TABLES) | {"dump_experts", "dump_hidden"}
+        for part in manifest.get("parts", []):
+            names |= {Path(f).parts[0] for f in part["files"].values()}
+        return names
 
-        for t in TABLES + ("dump_experts", "dump_hidden"):
-            shutil.rmtree(self.path / t, ignore_errors=True)
-        (self.path / MANIFEST).unlink(missing_ok=True)
+    def _clear_old(self) -> None:
+        """Replace the old run: new manifest first (a kill now leaves an empty, resumable run), then
+        remove exactly the files the old manifest listed, plus part-named leftovers in its table folders."""
+        old, self._old = self._old, None
+        write_manifest(self.path, self.manifest)
+        for part in old.get("parts", []):
+            for rel in part["files"].values():
+                (self.path / rel).unlink(missing_ok=True)
+        for name in self._table_dirs(old):
+            d = self.path / name
+            if not d.is_dir():
+                continue
+            for f in d.iterdir():
+                if f.is_file() and (_PART_FILE.match(f.name) or _PART_TMP.match(f.name)):
+                    f.unlink()
+            with _suppress_oserror():
+                d.rmdir()  # only if empty: anything a user put there stays
+
+    def release(self) -> None:
+        """Give up the writer lock (the kernel also drops it if the process dies)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def discard_uncommitted(self) -> None:
+        """After a failed capture: remove part files written but never listed, so nothing half-done stays."""
+        start = len(self.manifest["parts"])
+        for idx in range(start, max(getattr(self, "_reserved", 0), start)):
+            for name in self._table_dirs(self.manifest):
+                for f in (self.path / name / f"part-{idx:06d}.parquet", self.path / name / f".part-{idx:06d}.parquet.tmp"):
+                    with _suppress_oserror():
+                        f.unlink(missing_ok=True)
+        self._reserved = start
 
     def _drop_orphans(self) -> None:
         """Remove part files a killed capture wrote after its last manifest update."""
         listed = {f for part in self.manifest["parts"] for f in part["files"].values()}
-        for f in self.path.glob("*/*.parquet"):
-            if str(f.relative_to(self.path)) not in listed:
+        for f in self.path.glob("*/*"):
+            if _PART_FILE.match(f.name) and str(f.relative_to(self.path)) not in listed:
                 f.unlink()
-        for f in self.path.glob("*/.*.tmp"):
-            f.unlink()
+            elif _PART_TMP.match(f.name):
+                f.unlink()
 
     @property
     def next_batch(self) -> int:
@@ -148,6 +307,8 @@ class RunWriter:
 
     def reserve_part(self) -> int:
         """The index of the next part; parts may then be written concurrently and committed in order."""
+        if self._old is not None:
+            self._clear_old()
         self._reserved = max(getattr(self, "_reserved", 0), len(self.manifest["parts"]))
         self._reserved += 1
         return self._reserved - 1
@@ -155,17 +316,28 @@ class RunWriter:
     def write_table_file(self, idx: int, name: str, table: pa.Table) -> str:
         """Write (thread-safe) table `name` of part `idx`; nothing lists it until `commit_part`."""
         d = self.path / name
-        d.mkdir(exist_ok=True)
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError as e:
+            raise io_error(e, d) from None
         rel = f"{name}/part-{idx:06d}.parquet"
         tmp = d / f".part-{idx:06d}.parquet.tmp"
         flat = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
-        # statistics of list columns (logits, dumped vectors) cost a third of the write and serve no filter
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table),
-                       write_statistics=flat)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / rel)
+        try:
+            # statistics of list columns (logits, dumped vectors) cost a third of the write and serve no filter
+            pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table),
+                           write_statistics=flat)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest = file_checksum(tmp)  # here, in the encoder thread, while the file is in the page cache
+            size = tmp.stat().st_size
+            os.replace(tmp, self.path / rel)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise io_error(e, self.path / rel) from None
         _fsync_dir(d)
+        with self._sums_lock:
+            self._sums[rel] = (size, digest)
         return rel
 
     def write_part_files(self, idx: int, tables: dict[str, pa.Table]) -> dict[str, str]:
@@ -180,16 +352,37 @@ class RunWriter:
         """List a written part in the manifest; parts are committed strictly in index order."""
         if idx != len(self.manifest["parts"]):
             raise RuntimeError(f"part {idx} committed out of order (expected {len(self.manifest['parts'])})")
-        self.manifest["parts"].append({"index": idx, "batch_end": batch_end, "tokens": n_tokens, "files": files})
-        write_manifest(self.path, self.manifest)
+        with self._sums_lock:
+            sums = {name: self._sums.pop(rel, None) for name, rel in files.items()}
+        part = {"index": idx, "batch_end": batch_end, "tokens": n_tokens, "files": files}
+        if all(sums.values()):
+            part["bytes"] = {name: v[0] for name, v in sums.items()}
+            part["checksums"] = {name: v[1] for name, v in sums.items()}
+        self.manifest["parts"].append(part)
+        try:
+            write_manifest(self.path, self.manifest)
+        except BaseException:
+            self.manifest["parts"].pop()  # the part is not listed: discard_uncommitted may remove it
+            raise
 
     def update(self, **fields) -> None:
         self.manifest.update(fields)
         write_manifest(self.path, self.manifest)
 
     def finish(self, **fields) -> None:
+        if self._old is not None:
+            self._clear_old()
         self.manifest.update(fields, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_manifest(self.path, self.manifest)
+        self.release()
+
+
+class _suppress_oserror:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, e, tb):
+        return et is not None and issubclass(et, OSError)
 
 
 @dataclass
@@ -200,7 +393,37 @@ class Run:
     manifest: dict
 
     def files(self, table: str) -> list[Path]:
-        return [self.path / p["files"][table] for p in self.manifest["parts"] if table in p["files"]]
+        """The listed part files of `table`, each verified (size, checksum, Parquet footer) on first use."""
+        out = []
+        for i, part in enumerate(self.manifest["parts"]):
+            rel = part["files"].get(table)
+            if rel is not None:
+                verify_part_file(self.path, part, table, deep=True)
+                out.append(self.path / rel)
+        return out
+
+    def check_files(self) -> None:
+        """Cheap check of every listed file (exists, recorded size); checksums wait for `files()`."""
+        for part in self.manifest["parts"]:
+            for table in part["files"]:
+                verify_part_file(self.path, part, table, deep=False)
+
+    @property
+    def note(self) -> str | None:
+        """One line for analyses of a run that is incomplete or was repaired, else None."""
+        m = self.manifest
+        parts, tokens = len(m["parts"]), sum(p["tokens"] for p in m["parts"])
+        repairs = m.get("repairs") or []
+        if repairs:
+            dropped = sum(len(r.get("dropped_parts", [])) for r in repairs)
+            state = ("and was captured again with --resume since" if m.get("status") == "complete" else
+                     "and lacks those tokens until `workbench capture ... --resume` captures them again")
+            return (f"note: run {self.path} was repaired ({dropped} damaged part(s) dropped) {state}; "
+                    f"results cover {parts} parts, {tokens} tokens")
+        if m.get("status") != "complete":
+            return (f"note: run {self.path} is still running or was interrupted (status {m.get('status')!r}); "
+                    f"results cover its {parts} completed parts, {tokens} tokens")
+        return None
 
     def has(self, table: str) -> bool:
         return bool(self.files(table))
@@ -217,6 +440,13 @@ class Run:
                                      " (check the experts' load: workbench analyze stats)")
             raise WorkbenchError(f"run {self.path} has no {name!r} table")
         return pl.scan_parquet([str(f) for f in files])
+
+    def read_note(self) -> None:
+        """Print `note` (if any) to stderr: analyses and exports call it once per run."""
+        import sys
+
+        if self.note:
+            print(self.note, file=sys.stderr)
 
     # The tables under the names a notebook user expects.
     @property
@@ -271,8 +501,61 @@ class Run:
 
 
 def open_run(path: str | Path) -> Run:
-    """Open a run folder (complete or not: a killed capture is readable up to its last part)."""
+    """Open a run folder (complete or not: a killed capture is readable up to its last part).
+
+    Raises DamagedRun, naming the part, when a listed file is missing or has the wrong size."""
     p = Path(path)
     if not p.is_dir():
         raise WorkbenchError(f"run folder {path} does not exist")
-    return Run(p, read_manifest(p))
+    run = Run(p, read_manifest(p))
+    run.check_files()
+    return run
+
+
+_VERIFIED: dict[tuple, bool] = {}  # (file, size, mtime, checksum) already verified in this process
+_VERIFIED_LOCK = threading.Lock()
+
+
+def part_problem(root: Path, part: dict, table: str, deep: bool = True) -> str | None:
+    """Why one listed part file cannot be trusted (missing, wrong size, checksum, unreadable), or None."""
+    rel = part["files"][table]
+    f = root / rel
+    try:
+        st = f.stat()
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    want = (part.get("bytes") or {}).get(table)
+    if want is not None and st.st_size != want:
+        return f"has {st.st_size} bytes instead of {want} (truncated or overwritten)"
+    if not deep:
+        return None
+    digest = (part.get("checksums") or {}).get(table)
+    key = (str(f), st.st_size, st.st_mtime_ns, digest)
+    with _VERIFIED_LOCK:
+        if key in _VERIFIED:
+            return None
+    try:
+        if digest is not None and file_checksum(f) != digest:
+            return "does not match its checksum (altered or bit rot)"
+        pq.read_metadata(f)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})" if e.strerror else "is not a readable Parquet file"
+    except Exception:  # pyarrow raises ArrowInvalid & co. for a broken footer
+        return "is not a readable Parquet file"
+    with _VERIFIED_LOCK:
+        _VERIFIED[key] = True
+    return None
+
+
+def damaged_message(root, rel: str, why: str) -> str:
+    return (f"run {root} is damaged: part file {rel} {why}; `workbench check {root} --repair` drops it "
+            "so that `workbench capture ... --resume` captures it again")
+
+
+def verify_part_file(root: Path, part: dict, table: str, deep: bool = True) -> None:
+    """The one place that turns a damaged part into a user-facing error."""
+    why = part_problem(root, part, table, deep)
+    if why:
+        raise DamagedRun(damaged_message(root, part["files"][table], why))
