@@ -2,8 +2,9 @@
 specialisation, prefill vs decode; every table for all tokens (label = null) and again per value of
 each label column (and per phase when a run has decode tokens).
 
-Counts are bincounts over dense routing arrays, one layer at a time, so memory stays at the routing
-arrays plus one layer's pairs.
+The routing streams in chunks of tokens (`common.iter_routing`); every table is a sum of per-chunk
+counts (bincounts; co-activation and transitions as indicator-matrix products), so memory stays at
+one chunk plus the result tables, whatever the run's size.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import polars as pl
 
 from ..errors import WorkbenchError
 from . import AnalysisResult
-from .common import routing_arrays
 
 _BASE_COLS = ("doc_id", "pos", "token_id", "token", "phase")
 
@@ -62,57 +62,159 @@ def _frame(label, values, code_col, **cols) -> pl.DataFrame:
         "label", "value", *cols.keys())
 
 
+def _label_groups(run, labels, max_values: int, skipped: list):
+    """[(label column, sorted value names)] from the routed tokens (a lazy scan, not the routing)."""
+    first = min(run.moe_layers)
+    keys = run.routing.filter(pl.col("layer") == first).select("doc_id", "pos")
+    have = run.tokens.collect_schema().names()
+    out = [(None, [None])]
+    cand = [c for c in have if c not in _BASE_COLS[:4]]
+    tok = run.tokens.join(keys, on=["doc_id", "pos"], how="semi")
+    if labels is None:
+        chosen = []
+        cols = [c for c in run.label_columns if c in cand]
+        if cols:
+            nv = tok.select(pl.col(c).drop_nulls().n_unique() for c in cols).collect().row(0)
+            for c, n in zip(cols, nv):
+                if c == "src_doc" or n > max_values:  # src_doc: packed-capture record id
+                    skipped.append((c, "an id: too many values; pass --labels to force"))
+                elif n < 2:
+                    skipped.append((c, "one value only"))
+                else:
+                    chosen.append(c)
+        n_phase = tok.select(pl.col("phase").fill_null("prefill").n_unique()).collect().item()
+        if n_phase > 1:
+            chosen.append("phase")
+    else:
+        chosen = [labels] if isinstance(labels, str) else list(labels)
+        bad = [c for c in chosen if c not in cand]
+        if bad:
+            raise WorkbenchError(f"run {run.path} has no label column {bad[0]!r} (labels: {', '.join(cand) or 'none'})")
+    for c in chosen:
+        vals = tok.select(pl.col(c).cast(pl.Utf8).unique()).collect()[c].to_list()
+        out.append((c, sorted(v for v in vals if v is not None)))
+    return out
+
+
+def _indicator(ex_l: np.ndarray, E: int, dtype) -> np.ndarray:
+    """[T, E] multiplicity of each expert in each token's top-k (co-activation / transitions as GEMMs)."""
+    T, K = ex_l.shape
+    x = np.bincount((np.arange(T)[:, None] * E + ex_l).reshape(-1), minlength=T * E).reshape(T, E)
+    return x.astype(dtype)
+
+
+class _GroupAcc:
+    """Mergeable partial results of one label column: every count is a sum over chunks (exact)."""
+
+    def __init__(self, label, values, L, E, coactivation, transitions):
+        self.label, self.values = label, values
+        V = len(values)
+        self.n_tok = np.zeros(V, np.int64)
+        self.cnt = np.zeros((V, L, E), np.int64)
+        self.wsum = np.zeros((V, L, E), np.float64)
+        self.co = np.zeros((V, L, E, E), np.int64) if coactivation else None
+        self.tr = np.zeros((V, max(L - 1, 0), E, E), np.int64) if transitions else None
+        self.tt = None  # (v, le, token_id, count)
+        self.tf = None  # (v, token_id, token_count)
+        self.pruned = False
+
+
+def _merge_counts(acc, new, keys, col, cap=None, keep=None):
+    df = new if acc is None else pl.concat([acc, new]).group_by(keys).agg(pl.col(col).sum())
+    if cap is not None and df.height > cap:
+        # bounded memory: keep each group's `keep` largest candidates (a heavy-hitter sketch; counts of
+        # kept tokens are lower bounds from then on)
+        df = df.sort(col, descending=True).group_by(keys[:-1], maintain_order=True).head(keep)
+        return df, True
+    return df, False
+
+
 def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: float = 0.0,
             coactivation: bool = True, transitions: bool = True, max_label_values: int = 64,
-            progress: bool = True) -> AnalysisResult:
+            progress: bool = True, chunk_tokens: int | None = None, max_token_pairs: int = 20_000_000) -> AnalysisResult:
     """Tables: experts (main), layers, coactivation, transitions, top_tokens, top_labels.
 
     experts: count (selections), share (of the layer's selections), token_share (of tokens),
     mean_weight, top_token_share (selections from its top_n tokens), is_dead (token_share <= dead),
     is_always_on (token_share >= always_on). layers: cv (std/mean of counts over experts),
     entropy_norm (entropy of the share / log E), n_dead, n_always_on.
+
+    Streams the routing in chunks of `chunk_tokens` tokens (see common.chunk_tokens) and adds up
+    counts, so memory stays at one chunk plus the tables. Exact, except: weight sums add per chunk
+    (float rounding), and when more than `max_token_pairs` distinct (group, layer, expert, token)
+    triples are seen, top tokens become a heavy-hitter sketch (meta["top_tokens_exact"] is False).
     """
-    from tqdm.auto import tqdm
-
-    ra = routing_arrays(run)
-    T, L, K = ra.experts.shape
-    E = ra.n_experts
-    if ra.experts.min() < 0 or ra.experts.max() >= E:
-        raise WorkbenchError(f"run {run.path}: routing holds expert ids outside 0..{E - 1}")
-    keys = pl.DataFrame({"doc_id": ra.doc, "pos": ra.pos})
-    tok_cols = [c for c in run.tokens.collect_schema().names()]
-    tok = keys.join(run.tokens.select(tok_cols).collect().unique(["doc_id", "pos"]), on=["doc_id", "pos"],
-                    how="left", maintain_order="left")
-    tok = tok.with_columns(pl.col("phase").fill_null("prefill"), pl.col("token_id").fill_null(-1))
     skipped: list = []
-    groups = _groups(run, tok, labels, max_label_values, skipped)
-    layers = ra.layers
-    ex = ra.experts.astype(np.int64)
-    w = ra.weights.astype(np.float64)
-    token_id = tok["token_id"].to_numpy().astype(np.int64)
-    token_str = tok.select("token_id", "token").unique("token_id")
+    groups = _label_groups(run, labels, max_label_values, skipped)
+    layers = sorted(run.moe_layers)
+    L, K, E = len(layers), run.top_k, run.n_experts
+    accs = [_GroupAcc(lab, vals, L, E, coactivation and K > 1, transitions) for lab, vals in groups]
+    need = ["token_id", "token", "phase"] + [g[0] for g in groups if g[0] not in (None, "phase")]
+    token_str = None
+    T = 0
     lid = np.arange(L)[None, :, None]
-    flat_le = (lid * E + ex).reshape(T, -1)  # [T, L*K] layer-expert index
-
+    keep = max(1000, 100 * top_n)
+    for ch in _iter(run, need, chunk_tokens, progress):
+        ra, tok = ch.ra, ch.tokens
+        if ra.experts.min() < 0 or ra.experts.max() >= E:
+            raise WorkbenchError(f"run {run.path}: routing holds expert ids outside 0..{E - 1}")
+        Tc = len(ra.doc)
+        T += Tc
+        tok = tok.with_columns(pl.col("phase").fill_null("prefill"), pl.col("token_id").fill_null(-1))
+        ts = tok.select("token_id", "token").unique("token_id", keep="first")
+        token_str = ts if token_str is None else pl.concat([token_str, ts]).unique("token_id", keep="first")
+        ex = ra.experts.astype(np.int64)
+        w = ra.weights.astype(np.float64)
+        token_id = tok["token_id"].to_numpy().astype(np.int64)
+        flat_le = (lid * E + ex).reshape(Tc, -1)
+        dtype = np.float32 if Tc < (1 << 24) else np.float64  # integer sums stay exact in the GEMM
+        xs = [_indicator(ex[:, li, :], E, dtype) for li in range(L)] if (coactivation or transitions) else None
+        for acc in accs:
+            V = len(acc.values)
+            if acc.label is None:
+                code = np.zeros(Tc, np.int64)
+            else:
+                idx_map = {v: i for i, v in enumerate(acc.values)}
+                code = tok[acc.label].cast(pl.Utf8).replace_strict(idx_map, default=-1,
+                                                                   return_dtype=pl.Int64).to_numpy()
+            ok = code >= 0
+            c_tok = code[ok]
+            acc.n_tok += np.bincount(c_tok, minlength=V).astype(np.int64)
+            idx = (c_tok[:, None] * (L * E) + flat_le[ok]).reshape(-1)
+            acc.cnt += np.bincount(idx, minlength=V * L * E).reshape(V, L, E)
+            acc.wsum += np.bincount(idx, weights=w[ok].reshape(-1), minlength=V * L * E).reshape(V, L, E)
+            tt = (pl.DataFrame({"v": np.repeat(c_tok, L * K), "le": flat_le[ok].reshape(-1),
+                                "token_id": np.repeat(token_id[ok], L * K)})
+                  .group_by("v", "le", "token_id").len("count").with_columns(pl.col("count").cast(pl.Int64)))
+            acc.tt, pruned = _merge_counts(acc.tt, tt, ["v", "le", "token_id"], "count", max_token_pairs, keep)
+            acc.pruned |= pruned
+            tf = (pl.DataFrame({"v": c_tok, "token_id": token_id[ok]}).group_by("v", "token_id").len("token_count")
+                  .with_columns(pl.col("token_count").cast(pl.Int64)))
+            acc.tf, _ = _merge_counts(acc.tf, tf, ["v", "token_id"], "token_count")
+            if xs is None:
+                continue
+            rows = [np.flatnonzero(code == v) for v in range(V)] if acc.label is not None else [None]
+            for li in range(L):
+                for v, r in enumerate(rows):
+                    x = xs[li] if r is None else xs[li][r]
+                    if acc.co is not None:
+                        g = (x.T @ x).astype(np.int64)
+                        g[np.diag_indices(E)] -= acc_diag(x)
+                        acc.co[v, li] += g
+                    if acc.tr is not None and li + 1 < L:
+                        y = xs[li + 1] if r is None else xs[li + 1][r]
+                        acc.tr[v, li] += (x.T @ y).astype(np.int64)
+    if T == 0:
+        raise WorkbenchError(f"run {run.path} has no routing rows")
     exp_rows, lay_rows, co_rows, tr_rows, top_rows, lab_rows = [], [], [], [], [], []
-    bar = tqdm(groups, desc="stats", disable=not progress, dynamic_ncols=True)
-    for label, values, code in bar:
+    for acc in accs:
+        label, values = acc.label, acc.values
         V = len(values)
-        ok = code >= 0
-        c_tok = code[ok]
-        n_tok = np.bincount(c_tok, minlength=V).astype(np.int64)  # tokens per value
-        idx = (c_tok[:, None] * (L * E) + flat_le[ok]).reshape(-1)
-        cnt = np.bincount(idx, minlength=V * L * E).reshape(V, L, E)
-        wsum = np.bincount(idx, weights=w[ok].reshape(-1), minlength=V * L * E).reshape(V, L, E)
-        # top tokens per (value, layer, expert)
-        tt = pl.DataFrame({"v": np.repeat(c_tok, L * K), "le": flat_le[ok].reshape(-1),
-                           "token_id": np.repeat(token_id[ok], L * K)})
-        tok_freq = pl.DataFrame({"v": c_tok, "token_id": token_id[ok]}).group_by("v", "token_id").len("token_count")
-        top = (tt.group_by("v", "le", "token_id").len("count")
-               .sort(["v", "le", "count", "token_id"], descending=[False, False, True, False])
+        n_tok, cnt, wsum = acc.n_tok, acc.cnt, acc.wsum
+        top = (acc.tt.sort(["v", "le", "count", "token_id"], descending=[False, False, True, False])
                .group_by("v", "le", maintain_order=True).head(top_n)
                .with_columns(pl.col("count").cum_count().over("v", "le").alias("rank"))
-               .join(tok_freq, on=["v", "token_id"], how="left"))
+               .join(acc.tf, on=["v", "token_id"], how="left"))
         top_share = top.group_by("v", "le").agg(pl.col("count").sum().alias("c"))
         ts = np.zeros(V * L * E)
         ts[(top_share["v"].to_numpy() * L * E + top_share["le"].to_numpy())] = top_share["c"].to_numpy()
@@ -164,15 +266,10 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
             d = d.filter(pl.col("count") > 0).sort(["layer", "expert", "lift", "value"],
                                                    descending=[False, False, True, False])
             lab_rows.append(d.with_columns(pl.col("lift").cum_count().over("layer", "expert").cast(pl.Int32).alias("rank")))
-        # co-activation within a layer, transitions to the next MoE layer (one layer at a time)
-        iu, ju = np.triu_indices(K, 1)
+        # co-activation within a layer, transitions to the next MoE layer
         for li in range(L):
-            e_l = ex[ok, li, :]
-            if coactivation and K > 1:
-                a, b = e_l[:, iu].reshape(-1), e_l[:, ju].reshape(-1)
-                vrep = np.repeat(c_tok, len(iu))
-                co = np.bincount(vrep * E * E + a * E + b, minlength=V * E * E).reshape(V, E, E)
-                co = co + co.transpose(0, 2, 1)
+            if acc.co is not None:
+                co = acc.co[:, li]
                 nz = np.nonzero(co)
                 c_e = cnt[nz[0], li, nz[1]]
                 c_o = cnt[nz[0], li, nz[2]]
@@ -180,12 +277,8 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
                 co_rows.append(_frame(label, values, nz[0], layer=np.full(len(cval), layers[li], np.int16),
                                       expert=nz[1].astype(np.int16), other=nz[2].astype(np.int16), count=cval,
                                       p_other_given_expert=cval / c_e, lift=cval * n_tok[nz[0]] / (c_e * c_o)))
-            if transitions and li + 1 < L:
-                e_n = ex[ok, li + 1, :]
-                a = np.repeat(e_l, K, axis=1).reshape(-1)
-                b = np.tile(e_n, (1, K)).reshape(-1)
-                vrep = np.repeat(c_tok, K * K)
-                tr = np.bincount(vrep * E * E + a * E + b, minlength=V * E * E).reshape(V, E, E)
+            if acc.tr is not None and li + 1 < L:
+                tr = acc.tr[:, li]
                 nz = np.nonzero(tr)
                 tval = tr[nz]
                 tr_rows.append(_frame(label, values, nz[0], layer=np.full(len(tval), layers[li], np.int16),
@@ -204,8 +297,20 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     if lab_rows:
         tables["top_labels"] = pl.concat(lab_rows)
     meta = {"tokens": T, "layers": layers, "n_experts": E, "top_k": K,
-            "labels": [g[0] for g in groups if g[0] is not None], "skipped_labels": skipped}
+            "labels": [g[0] for g in groups if g[0] is not None], "skipped_labels": skipped,
+            "top_tokens_exact": not any(a.pruned for a in accs)}
     return AnalysisResult("stats", tables, "experts", _summary(tables, meta), meta)
+
+def acc_diag(x: np.ndarray) -> np.ndarray:
+    """diag(x.T @ x) holds sum n^2; co-activation counts ordered pairs of distinct slots: n^2 - n."""
+    return x.sum(0).astype(np.int64)
+
+
+def _iter(run, need, chunk, progress):
+    from .common import iter_routing
+
+    return iter_routing(run, token_columns=need, chunk_tokens_=chunk, progress=progress, desc="stats")
+
 
 
 def _fill_nan(df: pl.DataFrame) -> pl.DataFrame:
