@@ -21,7 +21,7 @@ import polars as pl
 from ..errors import WorkbenchError
 
 MODULES = {"stats": "stats", "super-experts": "super_experts", "lrc": "lrc", "multilingual": "multilingual",
-           "behavior": "behavior", "atlas": "atlas",
+           "behavior": "behavior", "atlas": "atlas", "compare": "compare", "attribution": "attribution",
            "placement": "placement"}
 
 
@@ -50,13 +50,17 @@ def module(name: str):
     return importlib.import_module(f"workbench.analysis.{MODULES[name]}")
 
 
-def analyze(name: str, run, **options) -> AnalysisResult:
-    """`analyze("lrc", run, m=[4, 16])` — the same as `workbench.analysis.lrc.analyze(run, m=[4, 16])`."""
+def analyze(name: str, run, reuse: bool = True, **options) -> AnalysisResult:
+    """`analyze("lrc", run, m=[4, 16])` — `workbench.analysis.lrc.analyze(run, m=[4, 16])`, computed once:
+    the result is stored in `RUN/analyses/` and reused while the run and the options are unchanged
+    (`reuse=False` recomputes and stores again; see workbench.analysis.persist)."""
     from ..store import Run, open_run
+    from .persist import cached
 
     if not isinstance(run, Run):
         run = open_run(run)
-    return module(name).analyze(run, **options)
+    mod = module(name)
+    return cached(name, run, lambda **o: mod.analyze(run, **o), options, reuse=reuse)
 
 
 def write_table(df: pl.DataFrame, path: str | Path) -> None:
@@ -105,7 +109,12 @@ def run_cli(name: str, args) -> None:
     mod = module(name)
     run = open_run(args.run)
     options = mod.options_from_args(args) if hasattr(mod, "options_from_args") else {}
-    result = mod.analyze(run, **options)
+    from .persist import cached
+
+    result = cached(name, run, lambda **o: mod.analyze(run, **o), options,
+                    reuse=not getattr(args, "recompute", False))
+    if result.meta.get("reused"):
+        print(f"(reused the stored result in {run.path}/analyses/{name}/; --recompute to redo it)")
     if args.out:
         write_table(result.table, args.out)
     print(result.summary or repr(result))
