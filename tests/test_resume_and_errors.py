@@ -144,6 +144,7 @@ def test_bad_inputs_are_one_line_errors(tiny_dir, dense_dir, tmp_path, capsys, m
     ]
     (tmp_path / "x.txt").write_text("hello\n")
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # the fixtures' "Writing model shards" bars are not the CLI's output
     for argv, needle in cases:
         if argv[0] == "capture":
             argv = argv + ["--out", str(out), "--no-progress"]

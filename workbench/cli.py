@@ -6,90 +6,248 @@ Errors a user can cause are WorkbenchError: printed as one line, exit code 2, no
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from .errors import WorkbenchError
 
-ANALYSES = ("stats", "super-experts", "lrc", "multilingual", "behavior", "atlas", "placement")
+from . import options as opt
+
+# Analysis subcommands: a one-line help and a description each. Kept here (not in the modules) so
+# `workbench --help` does not import numpy/polars/numba; a module's options load only when named.
+ANALYSES = {
+    "stats": ("expert usage: load, balance, co-activation, transitions, top tokens",
+              "Routing statistics of a run: how often each expert is chosen per layer (all tokens and per "
+              "value of each label column), load balance, dead and always-on experts, the tokens that "
+              "choose each expert, co-activation within a layer and transitions between layers. "
+              "Needs the routing probe."),
+    "super-experts": ("super experts: extreme down_proj outputs that make attention sinks",
+                      "Super experts (Su et al., ICLR 2026): experts in the first 75% of layers whose maximum "
+                      "|down_proj output| exceeds the 99.5th percentile and max/10; massive activations per "
+                      "layer; with --prune, perplexity and attention-sink decay with them zeroed against random "
+                      "experts. Needs the experts probe (hidden and attention for the full picture)."),
+    "lrc": ("local routing consistency: how well a model suits expert offloading and caching",
+            "Local routing consistency (Liang et al., ICLR 2026): segment routing best performance SRP for "
+            "windows of m tokens, per expert, per layer and for the model, and the hit rate of an expert cache "
+            "of every size (SCH) next to LRU, LFU and Belady. Needs the routing probe."),
+    "multilingual": ("multilingual routing alignment: where languages share experts",
+                     "Multilingual routing alignment (Bandarkar et al., ICLR 2026): per layer, the divergence of "
+                     "each language's expert importance from the reference language on parallel text (a key "
+                     "label aligns translations, a lang label names the language), the middle layers where "
+                     "languages converge, language-specific experts, and with --steer the perplexity change "
+                     "when middle-layer task experts are promoted."),
+    "behavior": ("behaviour maps: experts that separate one class of prompts from the rest",
+                 "fTRI-style behaviour maps (Dahlke et al.): which experts light up on prompts of a target class "
+                 "against the others, a permutation test with FDR control and bootstrap stability, and with "
+                 "--intervene N the behaviour score on held-out prompts with the top N experts switched off "
+                 "or on, against random experts of the same layers."),
+    "atlas": ("expert and token atlas: 2-D maps of experts and tokens by routing",
+              "Expert atlas: seeded UMAP maps of experts by what selects them (label values, frequent tokens) "
+              "and of tokens by their routing weights, with the labels the app colours by."),
+    "placement": ("expert placement: GPU load balance for expert parallelism, EPLB suggestion",
+                  "Expert placement: per layer and window of tokens, the GPU load balance (mean/max load, the "
+                  "engines' balancedness) of an expert-parallel deployment, and a DeepSeek-EPLB-style placement "
+                  "with replicated hot experts, fitted on early windows and judged on later ones; --export-json "
+                  "writes it as SGLang's --init-expert-location file. Runs on captured and imported runs."),
+}
+
+_EXAMPLES = {
+    "workbench": """examples:
+  workbench demo                                   the bundled model and datasets -> runs, report, app
+  workbench capture demo --data calibration --out runs/cal --probes routing,experts
+  workbench analyze stats runs/cal --out stats.parquet
+  workbench steer demo --prompt "The capital of France is" --ban L3:E5
+  workbench app runs/cal
+
+Errors you can fix print one line and exit with code 2. Documentation: the README.""",
+    "demo": """examples:
+  workbench demo                     full demo, then serve the dashboard on http://127.0.0.1:8050
+  workbench demo --quick --no-serve  a fast look, report only""",
+    "capture": """examples:
+  workbench capture demo --data calibration --out runs/cal
+  workbench capture demo --data multilingual --where lang=en,de --limit 200 --out runs/ende
+  workbench capture ./my-model --data prompts.jsonl --probes routing,experts --layers 0-3 --out runs/mine
+  workbench capture demo --data prompts.txt --seq-len 512 --out runs/packed --resume
+
+DATA: a bundled dataset name (see `workbench datasets`), or a .txt (one document per line),
+.jsonl (one JSON object per line with a string "text"; other fields become labels) or .parquet
+file with a "text" column. Files must be UTF-8. Documents longer than the model's context are cut
+with a warning; --seq-len packs the text into sequences instead, so nothing is cut.""",
+    "analyze": """examples:
+  workbench analyze stats runs/cal --labels domain --out stats.csv
+  workbench analyze super-experts runs/cal --figures figs/
+  workbench analyze lrc runs/cal --m 4,16,64 --seq-len 512
+  workbench analyze ANALYSIS --help      the options of one analysis""",
+    "stats": "examples:\n  workbench analyze stats runs/cal\n  workbench analyze stats runs/cal --labels domain "
+             "--top-n 20 --out stats.parquet --figures figs/",
+    "super-experts": "examples:\n  workbench analyze super-experts runs/cal\n  workbench analyze super-experts "
+                     "runs/cal --prune --prune-max-tokens 4096",
+    "lrc": "examples:\n  workbench analyze lrc runs/cal\n  workbench analyze lrc runs/cal --m 4,16 --seq-len 512 "
+           "--n-boot 0",
+    "multilingual": "examples:\n  workbench analyze multilingual runs/ml\n  workbench analyze multilingual runs/ml "
+                    "--reference en --tau 0.3 --steer",
+    "behavior": "examples:\n  workbench analyze behavior runs/beh --label class --target refusal\n  workbench "
+                "analyze behavior runs/beh --intervene 10 --seeds 3",
+    "atlas": "examples:\n  workbench analyze atlas runs/cal --labels domain\n  workbench analyze atlas runs/cal "
+             "--what experts",
+    "steer": """examples:
+  workbench steer demo --prompt "def fib(n):" --ban L3:E5,L4:E1
+  workbench steer demo --prompt "Once upon a time" --boost L2:E7=1.0 --json
+SPEC: L<layer>:E<expert>[,...] (E-1 = the shared expert); --boost and --scale take SPEC=value.""",
+    "app": """examples:
+  workbench app runs/cal
+  workbench app demo_out/runs --model demo      with the Steering lab""",
+    "export": """examples:
+  workbench export runs/cal --format csv --out exported/
+  workbench export runs/cal --what routing,tokens --out exported/""",
+    "tiny": """examples:
+  workbench tiny qwen3_moe --out tiny-qwen
+  workbench tiny mixtral --layers 2 --experts 4 --top-k 2 --out tiny-mixtral""",
+    "datasets": "example:\n  workbench datasets",
+}
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), not the usage block."""
+
+    def error(self, message: str):
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_intervention_args(p: argparse.ArgumentParser, with_zero: bool = True) -> None:
-    p.add_argument("--ban", metavar="SPEC", help="experts never selected, e.g. L3:E54,L4:E38")
-    p.add_argument("--force", metavar="SPEC", help="experts always selected")
-    p.add_argument("--boost", metavar="SPEC", help="soft promotion: SPEC[=lambda] adds lambda*std(logits) (default 0.5)")
+    p.add_argument("--ban", metavar="SPEC", type=opt.expert_spec(False),
+                   help="experts never selected (re-routed to the next best), e.g. L3:E54,L4:E38")
+    p.add_argument("--force", metavar="SPEC", type=opt.expert_spec(False), help="experts always selected")
+    p.add_argument("--boost", metavar="SPEC", type=opt.expert_spec(True),
+                   help="soft promotion: SPEC[=lambda] adds lambda*std(logits) (default 0.5)")
     if with_zero:
-        p.add_argument("--zero", metavar="SPEC", help="routing unchanged, contribution dropped (pruning); E-1 = shared")
-    p.add_argument("--scale", metavar="SPEC", help="routing unchanged, weight times s: SPEC=s")
+        p.add_argument("--zero", metavar="SPEC", type=opt.expert_spec(False),
+                       help="routing unchanged, contribution dropped (pruning); E-1 = shared")
+    p.add_argument("--scale", metavar="SPEC", type=opt.expert_spec(True),
+                   help="routing unchanged, weight times s: SPEC=s")
 
 
 def _interventions(args) -> dict:
     return {k: getattr(args, k) for k in ("ban", "force", "boost", "zero", "scale") if getattr(args, k, None)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="workbench", description="MoE Workbench: see and change what MoE experts do.")
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _sub(sub, name: str, help: str, description: str):
+    return sub.add_parser(name, help=help, description=description, epilog=_EXAMPLES.get(name), formatter_class=_FMT)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser. With `argv`, only the analysis that argv names gets its options (importing
+    one analysis module, not six), which keeps `--help` and argument errors fast."""
+    ap = _Parser(prog="workbench", description="MoE Workbench: capture, analyse and steer the routing of "
+                 "Mixture-of-Experts transformers models.", epilog=_EXAMPLES["workbench"], formatter_class=_FMT)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the main job: bundled model + datasets -> run, analyses, report, app")
+    p = _sub(sub, "demo", "the main job: bundled model + datasets -> run, analyses, report, app",
+             "Capture the bundled demo model on the bundled datasets, run every analysis, write an HTML report "
+             "and serve the dashboard. Fully offline; a second run reuses what is already complete.")
     p.add_argument("--out", default="demo_out", help="demo folder (default: ./demo_out)")
     p.add_argument("--no-serve", action="store_true", help="stop after writing the report")
-    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--port", type=opt.port, default=8050, help="dashboard port (default 8050)")
     p.add_argument("--quick", action="store_true", help="smaller datasets (for a fast look and CI)")
 
-    p = sub.add_parser("capture", help="capture routing (and more) of MODEL on DATA into a run folder")
-    p.add_argument("model", metavar="MODEL", help="hub id, local folder, or 'demo'")
-    p.add_argument("--data", required=True, help="bundled dataset name or a .txt/.jsonl/.parquet file")
+    p = _sub(sub, "capture", "capture routing (and more) of MODEL on DATA into a run folder",
+             "Run DATA through MODEL with probes attached and stream what they see into Parquet tables in the "
+             "run folder --out (routing always; expert outputs, hidden states and attention sinks on request). "
+             "A killed capture resumes with --resume.")
+    p.add_argument("model", metavar="MODEL", help="hub id, local folder, or 'demo' (the bundled model)")
+    p.add_argument("--data", required=True, help="bundled dataset name or a .txt/.jsonl/.parquet file (UTF-8)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--probes", default="routing", help="comma list of routing,experts,hidden,attention")
+    p.add_argument("--probes", default="routing", help="comma list of routing,experts,hidden,attention (default routing)")
+    p.add_argument("--layers", type=opt.layer_list, metavar="LAYERS",
+                   help="record only these MoE layers (decoder-layer indices), e.g. 1,3 or 0-2 (default: all)")
     p.add_argument("--logits", action="store_true", help="also store fp32 router logits [E] per token and layer")
-    p.add_argument("--where", action="append", metavar="COL=V[,V]", help="keep records whose label matches")
-    p.add_argument("--limit", type=int, help="keep the first N records (after --where)")
-    p.add_argument("--interleave", metavar="COL", help="order records round-robin over COL's values, so --limit "
-                                                       "and --max-tokens keep every value (e.g. domain)")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, help="pack the token stream into consecutive S-token sequences")
+    p.add_argument("--where", action="append", type=opt.where, metavar="COL=V[,V]",
+                   help="keep records whose label COL is one of the values (repeatable: all must hold)")
+    p.add_argument("--limit", type=opt.at_least(1), metavar="N", help="keep the first N records (after --where)")
+    p.add_argument("--interleave", type=opt.column, metavar="COL",
+                   help="order records round-robin over COL's values, so --limit and --max-tokens keep every "
+                        "value (e.g. domain)")
+    p.add_argument("--max-tokens", type=opt.at_least(1), metavar="N", help="stop after N tokens in all")
+    p.add_argument("--batch-size", type=opt.at_least(1), default=8, metavar="B", help="sequences a forward (default 8)")
+    p.add_argument("--seq-len", type=opt.seq_len, metavar="S",
+                   help="pack the token stream into consecutive S-token sequences (nothing is cut)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16, float16, auto")
+    p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, float16 or auto (default: the model's; "
+                                                   "float32 for demo on CPU)")
     p.add_argument("--resume", action="store_true", help="finish a killed capture of the same model and data")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--dump-experts", metavar="SPEC", help="store full down_proj outputs of these experts")
-    p.add_argument("--dump-hidden", metavar="LAYERS", help="store full residual vectors after these layers, e.g. 1,3")
-    p.add_argument("--dump-format", choices=["fp16", "int8"], default="fp16")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--part-tokens", type=int, default=65536, help="tokens per Parquet part (the unit of resume)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dump-experts", metavar="SPEC", type=opt.expert_spec(False),
+                   help="store full down_proj outputs of these experts (needs the experts probe)")
+    p.add_argument("--dump-hidden", metavar="LAYERS", type=opt.layer_list,
+                   help="store full residual vectors after these layers, e.g. 1,3 (needs the hidden probe)")
+    p.add_argument("--dump-format", choices=["fp16", "int8"], default="fp16", help="dump precision (default fp16)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model's own code")
+    p.add_argument("--part-tokens", type=opt.at_least(1), default=65536, metavar="N",
+                   help="tokens per Parquet part, the unit of resume (default 65536)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device-map", metavar="MAP", help="split the model over GPUs / CPU / disk with accelerate: "
+                                                     "auto, balanced, balanced_low_0 or sequential")
+    p.add_argument("--max-memory", metavar="DEV=SIZE,...", help="memory per device for --device-map, e.g. "
+                                                                "0=70GiB,cpu=200GiB (what does not fit goes to disk)")
+    p.add_argument("--offload-folder", metavar="DIR", help="where --device-map / --layerwise keep offloaded weights")
+    p.add_argument("--layerwise", action="store_true", help="run the data through one decoder layer at a time, "
+                                                           "loading only that layer (models bigger than the machine)")
     _add_intervention_args(p)
 
-    p = sub.add_parser("analyze", help="run an analysis on a run")
+    p = _sub(sub, "analyze", "run an analysis on a run",
+             "Run one analysis on a run folder: its summary goes to the terminal, its main table to --out, "
+             "its figures to --figures.")
     asub = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
-    for name in ANALYSES:
-        ap_an = asub.add_parser(name, help=f"{name} analysis")
-        ap_an.add_argument("run", metavar="RUN")
+    named = argv[1] if argv and len(argv) > 1 and argv[0] == "analyze" else None
+    for name, (short, desc) in ANALYSES.items():
+        ap_an = _sub(asub, name, short, desc)
+        ap_an.add_argument("run", metavar="RUN", help="run folder")
         ap_an.add_argument("--out", help="main table (.parquet, .csv or .json)")
         ap_an.add_argument("--figures", metavar="DIR", help="write figures as HTML (PNG too with kaleido)")
-        _analysis_module(name).add_arguments(ap_an) if _analysis_available(name) else None
+        ap_an.add_argument("--recompute", action="store_true",
+                           help="ignore the result stored in RUN/analyses/ (computed once, reused while the run "
+                                "and options are unchanged) and compute it again")
+        ap_an.add_argument("--chunk-tokens", type=int, metavar="N",
+                           help="tokens read at a time (memory bound; default 262144 or $WORKBENCH_CHUNK_TOKENS)")
+        if (argv is None or name == named) and _analysis_available(name):
+            _analysis_module(name).add_arguments(ap_an)
 
-    p = sub.add_parser("steer", help="compare baseline and steered continuations of a prompt")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p = _sub(sub, "steer", "compare baseline and steered continuations of a prompt",
+             "Generate a continuation of --prompt twice, plainly and with the interventions, and show both "
+             "with the routing changes they caused.")
+    p.add_argument("model", metavar="MODEL", help="hub id, local folder, or 'demo'")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=opt.at_least(1, 100_000), default=24, metavar="N",
+                   help="tokens to generate (default 24)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--device")
-    p.add_argument("--dtype")
+    p.add_argument("--seed", type=opt.seed, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=opt.between(0, 100, lo_open=True), default=1.0,
+                   help="sampling temperature, > 0 (default 1.0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, float16 or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_intervention_args(p)
 
-    p = sub.add_parser("app", help="serve the Dash dashboard for one or more runs")
+    p = _sub(sub, "app", "serve the Dash dashboard for one or more runs",
+             "Serve the dashboard (overview, experts, locality, multilingual, behaviour, atlas, and with --model "
+             "the Steering lab) for one or more runs on a local port.")
     p.add_argument("run", metavar="RUN", nargs="+", help="run folder(s), or a folder of runs (e.g. demo_out/runs)")
     p.add_argument("--model", help="model for the Steering lab (hub id, folder or 'demo')")
     p.add_argument("--device", help="device for --model (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", help="dtype for --model, e.g. bfloat16")
+    p.add_argument("--dtype", type=opt.dtype, help="dtype for --model, e.g. bfloat16")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--port", type=opt.port, default=8050, help="port (default 8050)")
     p.add_argument("--allow-remote", action="store_true",
                    help="confirm a non-loopback --host: anyone who reaches it can use the dashboard (no login)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -97,22 +255,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="Flask's development server with the Werkzeug debugger (runs code for whoever opens it)")
 
-    p = sub.add_parser("export", help="export routing and analysis tables")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("--format", choices=["parquet", "csv", "json"], default="parquet")
+    p = _sub(sub, "export", "export routing and analysis tables",
+             "Write a run's tables (and analysis tables) as Parquet, CSV or JSON, with a SCHEMA.md that "
+             "describes every column, into a new folder.")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--format", choices=["parquet", "csv", "json"], default="parquet", help="file format (default parquet)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--what", default="all", help="comma list of tables/analyses, or 'all'")
+    p.add_argument("--what", default="all", help="comma list of tables/analyses, or 'all' (default)")
 
-    p = sub.add_parser("tiny", help="write a tiny random-weight checkpoint (offline)")
-    p.add_argument("model_type", metavar="MODEL_TYPE")
-    p.add_argument("--out", required=True)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p = _sub(sub, "check", "verify every part of a run (sizes, checksums, Parquet); --repair drops damaged parts",
+             "Verify every part file a run lists: present, of the recorded size and checksum, readable Parquet. "
+             "With --repair, unlist the first damaged part and every later one (and delete their files) so "
+             "`workbench capture ... --resume` captures them again. Exit code 2 when damage is found and not repaired.")
+    p.add_argument("run", metavar="RUN", help="run folder")
+    p.add_argument("--repair", action="store_true", help="drop damaged parts so --resume captures them again")
 
-    p = sub.add_parser("import", help="import routing recorded by vLLM or SGLang as a run")
+    p = _sub(sub, "tiny", "write a tiny random-weight checkpoint (offline)",
+             "Write a tiny random-weight checkpoint of a real MoE architecture with a byte-level tokenizer, "
+             "for tests and quick experiments. Same arguments, same files.")
+    p.add_argument("model_type", metavar="MODEL_TYPE", help="a transformers model type, e.g. qwen3_moe, mixtral, olmoe")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layers", type=opt.at_least(1, 256), default=4, help="decoder layers (default 4)")
+    p.add_argument("--experts", type=opt.at_least(1, 1024), default=8, help="routed experts per MoE layer (default 8)")
+    p.add_argument("--top-k", type=opt.at_least(1, 1024), default=2, help="experts per token (default 2)")
+    p.add_argument("--hidden", type=opt.at_least(8, 8192), default=64, help="hidden size, a multiple of 8 (default 64)")
+    p.add_argument("--seed", type=opt.seed, default=0, help="weight seed (default 0)")
+
+    p = _sub(sub, "import", "import routing recorded by vLLM or SGLang as a run",
+             "Turn routing a serving engine recorded (vLLM enable_return_routed_experts, SGLang "
+             "--enable-return-routed-experts or its expert distribution dump) into a run every id-only "
+             "analysis reads.")
     p.add_argument("engine", choices=["vllm", "sglang", "sglang-dump"], help="which engine wrote SOURCE")
     p.add_argument("source", metavar="SOURCE", help="vllm/sglang: a .json/.jsonl of request outputs; "
                                                     "sglang-dump: a .pt dump or a folder of them")
@@ -125,7 +297,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish a killed import of the same input")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
-    sub.add_parser("datasets", help="list the bundled datasets")
+    p = sub.add_parser("compare", help="compare two runs: changed routing decisions, load, specialisation",
+                       description="Compare run B with run A: per layer the share of tokens whose experts changed, "
+                       "top-k overlap, routing JSD, load shift per expert, specialisation shift per label, and each "
+                       "changed decision; runs of different data get load, balance and specialisation side by side. "
+                       "--match weights|routing first matches B's experts to A's (checkpoints).")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("--out", metavar="DIR", help="write every table (Parquet) and figure (HTML) here")
+    p.add_argument("--match", choices=["none", "weights", "routing"], default="none",
+                   help="match B's experts to A's first: by weights (checkpoints) or routing (same tokens)")
+    p.add_argument("--distribution", choices=["weights", "logits"], default="weights",
+                   help="routing distribution for the JSD: renormalised top-k weights, or softmax of the logits")
+    p.add_argument("--labels", help="comma list of label columns (default: the shared ones with <= 50 values)")
+    p.add_argument("--weak", type=float, default=0.5, help="matches below this similarity are flagged weak")
+    p.add_argument("--max-changes", type=int, default=200_000, help="rows kept in the changes table")
+
+    p = sub.add_parser("attribute", help="which experts cause the loss on DATA: first-order estimate, exact zeroing",
+                       description="Attribute the mean token NLL of DATA (or NLL(DATA) - NLL(control)) to every "
+                       "(layer, expert): the first-order effect of zeroing it from one backward pass, and with "
+                       "--exact the effect measured by zeroing experts one by one.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", required=True, help="bundled dataset name or a .txt/.jsonl/.parquet file")
+    p.add_argument("--where", action="append", metavar="COL=V[,V]", help="keep records whose label matches")
+    p.add_argument("--control", metavar="DATA", help="contrast: attribute NLL(data) - NLL(control)")
+    p.add_argument("--control-where", action="append", metavar="COL=V[,V]", help="--where for the control")
+    p.add_argument("--limit", type=int, help="keep the first N records (after --where)")
+    p.add_argument("--exact", metavar="N|all|SPEC", help="also zero experts one by one: the N largest estimates, "
+                                                         "all, or a SPEC")
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens of DATA (and of the control) evaluated")
+    p.add_argument("--seq-len", type=int, default=128, help="pack into S-token sequences (0 = one per record)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", help="the table (.parquet, .csv or .json)")
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+
+    _sub(sub, "datasets", "list the bundled datasets", "List the bundled datasets with their sizes and label columns.")
     return ap
 
 
@@ -142,22 +349,33 @@ def _analysis_available(name: str) -> bool:
 
 
 def cmd_capture(args) -> None:
-    from .capture import capture
+    from .data import load_dataset, subset
 
-    opts = {}
+    # Everything that can be checked without the model is checked before it loads.
+    data = load_dataset(args.data)
+    if args.where or args.limit or args.interleave:
+        data = subset(data, where=dict(args.where or []), limit=args.limit, interleave=args.interleave)
+    opts = {"dump_format": args.dump_format}
     if args.dump_experts:
         opts["dump_experts"] = args.dump_experts
     if args.dump_hidden:
         opts["dump_hidden"] = args.dump_hidden
-    opts["dump_format"] = args.dump_format
+    if args.layers is not None:
+        opts["layers"] = args.layers
+    from .capture import capture
     from .models.loading import load_model
 
-    from .data import load_dataset, parse_where, subset
+    from .distributed import local_device
 
-    data = load_dataset(args.data)
-    if args.where or args.limit or args.interleave:
-        data = subset(data, where=parse_where(args.where), limit=args.limit, interleave=args.interleave)
-    mm = load_model(args.model, device=_device(args.device), dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.layerwise:
+        from .layerwise import load_layerwise
+
+        mm = load_layerwise(args.model, device=_device(args.device), dtype=args.dtype,
+                            offload_folder=args.offload_folder, trust_remote_code=args.trust_remote_code)
+    else:
+        mm = load_model(args.model, device=local_device(_device(args.device)), dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code, device_map=args.device_map,
+                        max_memory=args.max_memory, offload_folder=args.offload_folder)
     run = capture(mm, data, args.out, probes=[s.strip() for s in args.probes.split(",") if s.strip()],
                   logits=args.logits, batch_size=args.batch_size, max_tokens=args.max_tokens, seq_len=args.seq_len,
                   resume=args.resume, overwrite=args.overwrite, interventions=_interventions(args) or None,
@@ -187,7 +405,10 @@ def cmd_analyze(args) -> None:
     if not _analysis_available(args.analysis):
         raise WorkbenchError(f"the {args.analysis} analysis is not available in this version")
     from .analysis import run_cli
+    from .analysis.common import set_chunk_tokens
 
+    if getattr(args, "chunk_tokens", None) is not None:
+        set_chunk_tokens(args.chunk_tokens)
     run_cli(args.analysis, args)
 
 
@@ -212,10 +433,28 @@ def cmd_export(args) -> None:
     export_cli(args)
 
 
+def cmd_check(args) -> None:
+    from .check import check_cli
+
+    check_cli(args)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(out=args.out, serve=not args.no_serve, port=args.port, quick=args.quick)
+
+
+def cmd_compare(args) -> None:
+    from .analysis.compare import compare_cli
+
+    compare_cli(args)
+
+
+def cmd_attribute(args) -> None:
+    from .attribution import attribute_cli
+
+    attribute_cli(args)
 
 
 def _device(d):
@@ -238,37 +477,74 @@ def cmd_import(args) -> None:
 
 
 COMMANDS = {"import": cmd_import, "capture": cmd_capture, "tiny": cmd_tiny, "datasets": cmd_datasets, "analyze": cmd_analyze,
-            "steer": cmd_steer, "app": cmd_app, "export": cmd_export, "demo": cmd_demo}
+            "steer": cmd_steer, "app": cmd_app, "export": cmd_export, "demo": cmd_demo,
+            "check": cmd_check}
+
+COMMANDS.update(compare=cmd_compare, attribute=cmd_attribute)
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # arguments first: no heavy import before they are known to be good
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else 2
+    except WorkbenchError as e:  # an analysis module refusing its options while the parser is built
+        print(f"workbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("workbench: interrupted", file=sys.stderr)
+        return 130
     try:
+        _quiet_libraries()
         COMMANDS[args.command](args)
     except WorkbenchError as e:
         print(f"workbench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("workbench: interrupted (completed parts are kept; use --resume)", file=sys.stderr)
+        hint = " (completed parts are kept; use --resume)" if args.command == "capture" else ""
+        print(f"workbench: interrupted{hint}", file=sys.stderr)
         return 130
+    except OSError as e:  # a target the user named is read-only, forbidden or full
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        from .store import io_error
+
+        print(f"workbench: error: {io_error(e, e.filename or '')}", file=sys.stderr)
+        return 2
     return 0
 
 
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
 def _quiet_libraries() -> None:
+    """Library chatter off, our own warnings on one line each; imports nothing heavy."""
     import logging
     import warnings
 
+    from .errors import WorkbenchWarning
+
     warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("always", category=WorkbenchWarning)
+    plain = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, WorkbenchWarning):
+            print(f"workbench: warning: {message}", file=sys.stderr)
+        else:
+            plain(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (in-process callers): tell it directly
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
-    except Exception:
-        pass
 
 
 if __name__ == "__main__":

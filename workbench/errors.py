@@ -7,3 +7,8 @@ class WorkbenchError(Exception):
 
 class RunMismatch(WorkbenchError):
     """The output folder holds a run of a different model, data or settings (resume refused)."""
+
+
+class WorkbenchWarning(Warning):
+    """Something the user should know (input cut, values normalised); the CLI prints it on one line.
+    Not a UserWarning, which the CLI silences for third-party libraries."""
