@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from dash import Dash, Input, Output, dcc, html
+from dash import Dash, Input, Output, dcc, html, set_props
 
 from ..errors import WorkbenchError
 from ..store import Run, open_run
@@ -49,21 +49,118 @@ def _model(model, device: str | None = None, dtype: str | None = None):
     return model
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = (host or "").strip("[]").lower()
+    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts_for(host: str, extra=()) -> tuple[str, ...] | str:
+    """The Host header names a server bound to `host` answers to (see `install_host_check`).
+
+    Loopback names always; the bound name itself; for a wildcard bind ("0.0.0.0", "::") also this
+    machine's names. IP literals of any address are accepted then too (a DNS-rebinding page can only
+    send a host *name*, so literals are safe).
+    """
+    import socket
+
+    names = {*LOOPBACK_NAMES, *(h.lower() for h in extra)}
+    if host not in WILDCARD_HOSTS:
+        names.add(host.strip("[]").lower())
+    else:
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower(), "<ip>"}
+    return tuple(sorted(names))
+
+
+def _host_name(header: str) -> str:
+    """'Example.com:8050' -> 'example.com'; '[::1]:8050' -> '::1'."""
+    h = (header or "").strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def install_host_check(server, allowed=LOOPBACK_NAMES) -> None:
+    """Answer only requests whose Host header names this server (against DNS rebinding: a web page on
+    evil.example that re-points its name at 127.0.0.1 would otherwise read a loopback dashboard).
+
+    `allowed`: host names ("<ip>" = any IP literal), or "*" to accept any (behind a proxy you trust).
+    Calling it again on the same Flask server replaces the list (several apps can share one server).
+    """
+    import ipaddress
+
+    from flask import request
+
+    server.workbench_allowed_hosts = allowed
+    if getattr(server, "_workbench_host_check", False):
+        return
+    server._workbench_host_check = True
+
+    @server.before_request
+    def _check_host():
+        names = server.workbench_allowed_hosts
+        if names == "*":
+            return None
+        host = _host_name(request.host)
+        if host in names or is_loopback(host):
+            return None
+        if "<ip>" in names:
+            try:
+                ipaddress.ip_address(host)
+                return None
+            except ValueError:
+                pass
+        return (f"This dashboard does not answer to the host name {host!r}; open it through one of: "
+                + ", ".join(n for n in names if n != "<ip>") + " (or serve it with --host NAME).\n",
+                403, {"Content-Type": "text/plain; charset=utf-8"})
+
+
+def _on_callback_error(err: Exception):
+    """Any exception in a page callback: show one sentence in the page's error bar instead of HTTP 500.
+
+    A WorkbenchError (bad input, damaged run part) is shown as it is; anything else says its type and
+    goes to the server log with its traceback.
+    """
+    from dash import set_props
+
+    if isinstance(err, WorkbenchError):
+        msg = str(err)
+    else:
+        log.error("dashboard callback failed", exc_info=err)
+        msg = f"Something failed on the server ({type(err).__name__}: {err}); the details are in the server log."
+    set_props("wb-error", {"children": msg, "style": {"display": "block"}})
+    return None  # every output of the failed callback: no_update
+
+
 def make_app(run, model=None, analysis_options: dict | None = None, warm=("stats",), *,
-             service: ModelService | None = None, siblings: dict[str, str] | None = None, **dash_kwargs) -> Dash:
+             service: ModelService | None = None, siblings: dict[str, str] | None = None,
+             allowed_hosts=LOOPBACK_NAMES, **dash_kwargs) -> Dash:
     """The dashboard for `run` (a Run or a run folder); `model` (MoEModel or spec) enables the Steering lab.
 
     In Jupyter: `make_app("runs/cal", model="demo").run(jupyter_mode="inline")`.
     `analysis_options` maps an analysis name to keyword arguments for its `analyze`.
     `service` shares one loaded model between several apps; `siblings` (run name -> URL prefix) adds a
-    run switcher to the navigation (see `make_multi_app`).
+    run switcher to the navigation (see `make_multi_app`). `allowed_hosts`: the Host names the server
+    answers to (loopback only by default; "*" behind a proxy such as JupyterHub's).
     """
     if not isinstance(run, Run):
         run = open_run(run)
     if service is None and model is not None:
         service = ModelService(_model(model))
     app = Dash(__name__, title="MoE Workbench", suppress_callback_exceptions=True, index_string=INDEX,
-               update_title=None, **dash_kwargs)
+               update_title=None, on_error=_on_callback_error, **dash_kwargs)
+    if "server" not in dash_kwargs:  # a shared server gets its check from whoever made it
+        install_host_check(app.server, allowed_hosts)
     ctx = AppContext(app=app, data=RunData(run, analysis_options), service=service)
     app.workbench = ctx  # tests and notebooks reach the caches through this
     pages = _pages()
@@ -76,6 +173,8 @@ def make_app(run, model=None, analysis_options: dict | None = None, warm=("stats
             dcc.Store(id="steer-state", storage_type="session", data={"items": []}),
             dcc.Store(id="session-id", storage_type="session", data=uuid.uuid4().hex),
             html.Div(id="wb-nav"),
+            # Filled by _on_callback_error: a failed callback says what went wrong here, never HTTP 500.
+            html.Div(id="wb-error", className="notice failed", style={"display": "none"}),
             html.Div(id="wb-page"),
         ])
 
@@ -85,18 +184,23 @@ def make_app(run, model=None, analysis_options: dict | None = None, warm=("stats
     def route(pathname):
         rel = "/" + (app.strip_relative_path(pathname or "/") or "").strip("/")
         page = by_path.get(rel)
+        set_props("wb-error", {"children": "", "style": {"display": "none"}})  # an old error: gone on navigation
         nav = [html.Span("MoE Workbench", className="brand")]
         nav += [dcc.Link(p.title, href=ctx.href(p.path), className="active" if p is page else "") for p in pages]
         nav.append(_run_switch(run.path.name, siblings, page.path if page else "/"))
         if page is None:
             return html.Div([html.H2("Page not found"), dcc.Link("back to the overview", href=ctx.href("/"))]), nav
+        from .state import Unavailable
+        from .ui import notice
+
         try:
             return page.layout(ctx), nav
-        except WorkbenchError as e:
-            from .state import Unavailable
-            from .ui import notice
-
+        except WorkbenchError as e:  # e.g. a damaged part of the run: the sentence names it
             return notice(Unavailable(str(e))), nav
+        except Exception as e:  # a bug in one page must not take the dashboard down
+            log.error("page %s failed", rel, exc_info=e)
+            return notice(Unavailable(f"This page failed: {type(e).__name__}: {e} (details in the server log).",
+                                      kind="failed")), nav
 
     for p in pages:
         p.register(app, ctx)
@@ -146,7 +250,8 @@ def resolve_runs(paths) -> list[Path]:
     return out
 
 
-def make_multi_app(runs, model=None, analysis_options: dict | None = None, warm=("stats",)):
+def make_multi_app(runs, model=None, analysis_options: dict | None = None, warm=("stats",),
+                   allowed_hosts=LOOPBACK_NAMES):
     """One server, one app per run under `/<run name>/`, one shared model; `/` goes to the first run.
 
     Returns the Flask server; `server.workbench_apps` maps run name -> Dash app.
@@ -155,6 +260,7 @@ def make_multi_app(runs, model=None, analysis_options: dict | None = None, warm=
 
     paths = _run_names(resolve_runs(runs))
     server = Flask("workbench")
+    install_host_check(server, allowed_hosts)
     service = ModelService(_model(model)) if model is not None else None
     prefixes = {name: f"/{name}/" for name in paths}
     apps = {name: make_app(path, analysis_options=analysis_options, warm=warm, service=service, siblings=prefixes,
@@ -165,22 +271,71 @@ def make_multi_app(runs, model=None, analysis_options: dict | None = None, warm=
     return server
 
 
-def serve(run_path, model=None, host: str = "127.0.0.1", port: int = 8050, debug: bool = False,
-          device: str | None = None, dtype: str | None = None) -> None:
-    """`workbench app RUN [RUN ...] [--model MODEL]`: serve the dashboard (loopback only unless `host` says otherwise).
+def check_serve_options(host: str, debug: bool = False, allow_remote: bool = False) -> None:
+    """Refuse, in one sentence, what would expose the dashboard by accident (checked before any loading)."""
+    if not is_loopback(host) and not allow_remote:
+        raise WorkbenchError(f"--host {host} makes the dashboard reachable from other machines, with no login and "
+                             "a live model; pass --allow-remote to confirm")
+    if debug and not is_loopback(host):
+        raise WorkbenchError("--debug turns on the Werkzeug debugger, which runs Python code for whoever opens "
+                             "the page; it only binds a loopback --host")
 
-    Several runs (or a folder of runs) share one server and one model, with a run switcher in the bar.
+
+def wsgi_server(server, host: str = "127.0.0.1", port: int = 8050, threads: int = 8):
+    """A waitress server for the Flask `server` (not started: call `.run()`; `.close()` stops it).
+
+    waitress, not Flask's development server (which says itself it is not for deployment): a fixed
+    pool of request threads, bounded connections, no debugger. Port 0 picks a free port
+    (`.effective_port`).
     """
+    from waitress import create_server
+
+    return create_server(server, host=host, port=port, threads=threads, ident="workbench",
+                         connection_limit=200, channel_timeout=60, clear_untrusted_proxy_headers=True)
+
+
+def serve(run_path, model=None, host: str = "127.0.0.1", port: int = 8050, debug: bool = False,
+          device: str | None = None, dtype: str | None = None, allow_remote: bool = False,
+          allowed_hosts=(), threads: int = 8) -> None:
+    """`workbench app RUN [RUN ...] [--model MODEL]`: serve the dashboard through waitress.
+
+    Loopback only unless `host` says otherwise and `allow_remote` confirms it; requests must name an
+    allowed host (`install_host_check`; `allowed_hosts` adds names, e.g. a reverse proxy's). Several
+    runs (or a folder of runs) share one server and one model, with a run switcher in the bar.
+    `debug` uses Flask's development server with the Werkzeug debugger instead (with a warning).
+    """
+    import sys
+
+    check_serve_options(host, debug, allow_remote)
     runs = resolve_runs(run_path)
     model = _model(model, device, dtype)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    allowed = allowed_hosts_for(host, allowed_hosts)
+    if not is_loopback(host):
         print(f"workbench: serving on {host}:{port}; the dashboard has no login, anyone who reaches it can "
-              "use the model")
+              "use the model", file=sys.stderr)
+    if debug:
+        print("workbench: warning: --debug serves through Flask's development server with the Werkzeug "
+              "debugger, which runs Python code for anyone who can open the page (other users of this machine "
+              "included); use it only to debug", file=sys.stderr)
     if len(runs) > 1:
-        server = make_multi_app(runs, model=model)
-        print(f"workbench: {len(runs)} runs on http://{host}:{port}/ : " + ", ".join(server.workbench_apps))
-        server.run(host=host, port=port, debug=debug, threaded=True)
-        return
-    app = make_app(runs[0], model=model)
-    # No version check: it calls plotly's server from the browser, and the workbench runs offline.
-    app.run(host=host, port=port, debug=debug, dev_tools_hot_reload=False, dev_tools_disable_version_check=True)
+        server = make_multi_app(runs, model=model, allowed_hosts=allowed)
+        print(f"workbench: {len(runs)} runs: " + ", ".join(server.workbench_apps))
+        if debug:
+            server.run(host=host, port=port, debug=True, threaded=True)
+            return
+    else:
+        app = make_app(runs[0], model=model, allowed_hosts=allowed)
+        if debug:
+            # No version check: it calls plotly's server from the browser, and the workbench runs offline.
+            app.run(host=host, port=port, debug=True, dev_tools_hot_reload=False,
+                    dev_tools_disable_version_check=True)
+            return
+        server = app.server
+    srv = wsgi_server(server, host=host, port=port, threads=threads)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"workbench: dashboard on http://{shown}:{getattr(srv, 'effective_port', port)}/ (Ctrl-C to stop)",
+          flush=True)
+    try:
+        srv.run()
+    finally:
+        srv.close()

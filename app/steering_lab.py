@@ -230,12 +230,23 @@ def register(app, app_ctx):
         if svc is None or not job:
             return no_update, True, no_update
         state, payload = svc.poll(job["id"])
-        if state in ("queued", "running"):
-            return no_update, False, f"generating… ({state}, {payload:.1f} s)"
+        if state == "queued":
+            return no_update, False, queue_status(payload)
+        if state == "running":
+            return no_update, False, f"generating… ({payload:.1f} s)"
         if state == "done":
             res = payload["result"]
             return render_result(res), True, f"done in {payload['seconds']:.2f} s · {_describe(payload['interventions'])}"
         return no_update, True, html.Span(str(payload), className="error")
+
+
+def queue_status(payload: dict) -> str:
+    """What a user waiting in the model queue reads: their place in it."""
+    ahead = int(payload["ahead"])
+    if ahead == 0:
+        return f"starting… ({payload['seconds']:.1f} s)"
+    return (f"queued: {ahead} request{'s' if ahead != 1 else ''} ahead of yours ({payload['seconds']:.1f} s); "
+            "the model runs one at a time, in turn")
 
 
 def _describe(inter: dict) -> str:

@@ -296,16 +296,16 @@ def test_service_sessions_do_not_cancel_each_other(strong_model):
     svc = ModelService(strong_model)
     svc.lock.acquire()  # hold the model: the first job blocks, the rest queue behind it
     try:
-        a1 = svc.submit("A", "one", [], max_new_tokens=2)
+        b0 = svc.submit("B", "zero", [], max_new_tokens=2)
         time.sleep(0.2)
         a2 = svc.submit("A", "two", [], max_new_tokens=2)
         b1 = svc.submit("B", "three", [], max_new_tokens=2)
         a3 = svc.submit("A", "four", [[0, 1, "ban", None]], max_new_tokens=2)
-        assert svc.poll(a2)[0] == "unknown"  # superseded by a3 before it ran
+        assert svc.poll(a2)[0] == "cancelled"  # superseded by a3 before it ran
         assert svc.poll(b1)[0] == "queued"
     finally:
         svc.lock.release()
-    assert _wait(svc, a1)[0] == "done"
+    assert _wait(svc, b0)[0] == "cancelled"  # B's newer request superseded its running one
     assert _wait(svc, b1)[0] == "done" and _wait(svc, b1)[1]["result"].prompt == "three"
     state, pay = _wait(svc, a3)
     assert state == "done" and pay["interventions"] == {"ban": [(0, 1)]}
@@ -328,16 +328,34 @@ def test_service_reports_bad_spec_in_one_sentence(strong_model):
     assert svc.parse("L0:E1,L1:E2") == [(0, 1), (1, 2)]
 
 
-def test_serve_binds_loopback_by_default(syn_run, monkeypatch):
-    import dash
+def _fake_waitress(monkeypatch, seen):
+    """serve() builds its waitress server through wsgi_server; record the call and return at once."""
+    import workbench.app.main as app_main
 
+    class Srv:
+        effective_port = 0
+
+        def run(self):
+            seen["ran"] = True
+
+        def close(self):
+            pass
+
+    def fake(server, host="127.0.0.1", port=8050, threads=8):
+        seen.update(host=host, port=port, server=server)
+        return Srv()
+
+    monkeypatch.setattr(app_main, "wsgi_server", fake)
+
+
+def test_serve_binds_loopback_by_default(syn_run, monkeypatch):
     seen = {}
-    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+    _fake_waitress(monkeypatch, seen)
     from workbench.app import serve
 
     serve(str(syn_run.path))
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8050 and seen["debug"] is False
-    serve(str(syn_run.path), host="0.0.0.0", port=9000)
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8050 and seen["ran"]
+    serve(str(syn_run.path), host="0.0.0.0", port=9000, allow_remote=True)
     assert seen["host"] == "0.0.0.0" and seen["port"] == 9000
 
 
@@ -424,24 +442,21 @@ def test_multi_run_app_serves_each_run_with_a_switcher(syn_run, bare_run, tmp_pa
 
 
 def test_serve_several_runs_binds_loopback(syn_run, bare_run, monkeypatch):
-    import flask
-
     seen = {}
-    monkeypatch.setattr(flask.Flask, "run", lambda self, **kw: seen.update(kw))
+    _fake_waitress(monkeypatch, seen)
     from workbench.app import serve
 
     serve([str(syn_run.path), str(bare_run.path)])
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8050
+    assert set(seen["server"].workbench_apps) == {syn_run.path.name, bare_run.path.name}
 
 
 def test_app_cli_loads_the_model_on_the_named_device(syn_run, monkeypatch, capsys):
-    import dash
-
     import workbench.models.loading as loading
     from workbench.cli import main
 
     seen = {}
-    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+    _fake_waitress(monkeypatch, seen)
     real = loading.load_model
     monkeypatch.setattr(loading, "load_model", lambda spec, **kw: seen.setdefault("load", (spec, kw)) and real(spec, **kw))
     assert main(["app", str(syn_run.path), "--model", "demo", "--device", "cpu", "--dtype", "float32"]) == 0

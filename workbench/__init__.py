@@ -67,3 +67,11 @@ def tiny(model_type: str, out, **kwargs):
     from .models.tiny import make_tiny
 
     return make_tiny(model_type, out, **kwargs)
+
+
+def import_routed_experts(outputs, out, engine=None, model=None, **kwargs):
+    """Routing a serving engine recorded (vLLM `RequestOutput`s, SGLang response dicts or recorder
+    dumps, or files of them) as a run; see `workbench.importers.import_routed_experts`."""
+    from .importers import import_routed_experts as _imp
+
+    return _imp(outputs, out, engine=engine, model=model, **kwargs)
