@@ -12,7 +12,7 @@ import math
 import re
 
 __all__ = ["at_least", "between", "column", "columns", "dtype", "expert_spec", "int_list", "layer_list",
-           "port", "seed", "seq_len", "where"]
+           "port", "seed", "seq_len", "text_of", "where"]
 
 _MAX_INT = 2**62  # beyond any token count, and still an int64 for numpy and torch
 
@@ -159,4 +159,17 @@ def expert_spec(valued: bool):
         return text
 
     parse.__name__ = "SPEC"
+    return parse
+
+
+def text_of(check, also: tuple[str, ...] = ()):
+    """Validate with `check` but keep the text (for options whose module parses the text itself);
+    the words in `also` (e.g. 'auto', 'all') pass unchecked."""
+
+    def parse(text: str) -> str:
+        if str(text).strip() not in also:
+            check(text)
+        return text
+
+    parse.__name__ = getattr(check, "__name__", "value")
     return parse

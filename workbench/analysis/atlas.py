@@ -231,13 +231,16 @@ def figures(result: AnalysisResult) -> dict:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--labels", help="comma list of label columns to profile and colour by (default: all low-cardinality)")
+    from ..options import at_least, between, columns, seed, text_of
+
+    p.add_argument("--labels", type=text_of(columns),
+                   help="comma list of label columns to profile and colour by (default: all low-cardinality)")
     p.add_argument("--what", default="experts,tokens", help="experts, tokens or both (default)")
-    p.add_argument("--top-tokens", type=int, default=200, help="frequent tokens in the expert profiles")
-    p.add_argument("--max-tokens", type=int, default=5000, help="token atlas sample size")
-    p.add_argument("--n-neighbors", type=int, default=15)
-    p.add_argument("--min-dist", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-tokens", type=at_least(1), default=200, help="frequent tokens in the expert profiles (default 200)")
+    p.add_argument("--max-tokens", type=at_least(1), default=5000, help="token atlas sample size (default 5000)")
+    p.add_argument("--n-neighbors", type=at_least(2), default=15, help="UMAP neighbours (default 15)")
+    p.add_argument("--min-dist", type=between(0, 1), default=0.1, help="UMAP minimum distance, 0 to 1 (default 0.1)")
+    p.add_argument("--seed", type=seed, default=0, help="UMAP seed (default 0)")
     p.add_argument("--phase", choices=["prefill", "decode"])
 
 

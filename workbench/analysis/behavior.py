@@ -533,28 +533,34 @@ def figures(result: AnalysisResult) -> dict:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--label", default="class", help="label column naming each prompt's class (default: class)")
+    from ..options import at_least, between, column, seed
+
+    p.add_argument("--label", type=column, default="class", help="label column naming each prompt's class (default: class)")
     p.add_argument("--target", help="class to contrast with the rest (default: 'target', or the non-control class)")
     p.add_argument("--counts", action="store_true", help="maps of token counts instead of rates per token")
-    p.add_argument("--top-n", type=int, default=10)
-    p.add_argument("--permutations", type=int, default=1000, help="permutation test resamples (0 = skip)")
-    p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level")
+    p.add_argument("--top-n", type=at_least(1), default=10, help="experts in the top list (default 10)")
+    p.add_argument("--permutations", type=at_least(0, note=" (0 skips the test)"), default=1000,
+                   help="permutation test resamples (0 = skip)")
+    p.add_argument("--fdr", type=between(0, 1, lo_open=True, hi_open=True), default=0.05,
+                   help="Benjamini-Hochberg level (default 0.05)")
     p.add_argument("--alternative", choices=["two-sided", "greater", "less"], default="two-sided")
-    p.add_argument("--bootstrap", type=int, default=100, help="half-split resamples for top-N stability (0 = skip)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=at_least(0, note=" (0 skips it)"), default=100,
+                   help="half-split resamples for top-N stability (0 = skip)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of permutations, bootstrap and controls (default 0)")
     p.add_argument("--phase", choices=["prefill", "decode", "all"], default="prefill")
     g = p.add_argument_group("closing the loop")
-    g.add_argument("--intervene", type=int, default=0, metavar="N", help="switch the top-N off / on and measure")
+    g.add_argument("--intervene", type=at_least(0), default=0, metavar="N", help="switch the top-N off / on and measure")
     g.add_argument("--model", help="model for --intervene (default: the run's)")
-    g.add_argument("--heldout", type=float, default=0.3, help="share of each class held out of the maps (default 0.3)")
+    g.add_argument("--heldout", type=between(0, 1, lo_open=True, hi_open=True), default=0.3,
+                   help="share of each class held out of the maps (default 0.3)")
     g.add_argument("--heldout-data", help="held-out prompts (text + label field) instead of a split of the run")
-    g.add_argument("--max-heldout", type=int, default=32, help="prompts per class to score")
+    g.add_argument("--max-heldout", type=at_least(1), default=32, help="prompts per class to score (default 32)")
     g.add_argument("--continuations", help="score continuations: a .txt file (one a line) or 'a|b|c' "
                                            "(default: refusal openings)")
     g.add_argument("--score", choices=sorted(SCORES), default="continuations",
                    help="what --intervene measures: log-prob of --continuations after each prompt (default), "
                         "or of the prompt text itself")
-    g.add_argument("--seeds", type=int, default=3, help="random-expert control seeds")
+    g.add_argument("--seeds", type=at_least(1), default=3, help="random-expert control seeds (default 3)")
 
 
 def options_from_args(a) -> dict:

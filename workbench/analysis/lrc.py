@@ -644,11 +644,15 @@ def figures(result: AnalysisResult) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="window lengths, comma list (default 4,16,64,256)")
-    parser.add_argument("--seq-len", type=int, help="cut documents into sequences of this many tokens (paper: 512)")
-    parser.add_argument("--sch-stride", type=int, default=16, help="simulate caches on every N-th sequence (default 16)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over sequences (0: no intervals)")
-    parser.add_argument("--seed", type=int, default=0)
+    from ..options import at_least, int_list, seed, seq_len
+
+    parser.add_argument("--m", type=int_list, default=",".join(map(str, DEFAULT_M)),
+                        help="window lengths in tokens, comma list (default 4,16,64,256)")
+    parser.add_argument("--seq-len", type=seq_len, help="cut documents into sequences of this many tokens (paper: 512)")
+    parser.add_argument("--sch-stride", type=at_least(1), default=16, help="simulate caches on every N-th sequence (default 16)")
+    parser.add_argument("--n-boot", type=at_least(0, note=" (0: no intervals)"), default=1000,
+                        help="bootstrap resamples over sequences (0: no intervals)")
+    parser.add_argument("--seed", type=seed, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--expert-ci", action="store_true", help="bootstrap intervals for every expert even on large runs")
     parser.add_argument("--no-sch", action="store_true", help="SRP only")
     parser.add_argument("--policies", default=",".join(POLICIES), help="baseline cache policies (lru,lfu,belady; '' for none)")

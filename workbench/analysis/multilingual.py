@@ -634,27 +634,30 @@ def figures(result: AnalysisResult) -> dict:
 
 def add_arguments(p) -> None:
     p.add_argument("--reference", default="en", help="reference language code (default: en)")
-    p.add_argument("--lang-column", default="lang")
-    p.add_argument("--key-column", default="key", help="label that aligns translations")
-    p.add_argument("--tau", type=float, default=0.3, help="language-specific if delta frequency > tau (default 0.3)")
-    p.add_argument("--middle-threshold", type=float, default=0.5,
+    from ..options import at_least, between, column, layer_list, text_of
+
+    p.add_argument("--lang-column", type=column, default="lang", help="label naming the language (default: lang)")
+    p.add_argument("--key-column", type=column, default="key", help="label that aligns translations (default: key)")
+    p.add_argument("--tau", type=between(0, 1), default=0.3, help="language-specific if delta frequency > tau (default 0.3)")
+    p.add_argument("--middle-threshold", type=between(0, 1), default=0.5,
                    help="middle layers: curve at or under min + t * (max - min) (default 0.5)")
-    p.add_argument("--middle-layers", help="override detection, e.g. 4-9 or 4,5,6")
-    p.add_argument("--matrix-layers", default="auto", help="pairwise matrices at: auto (first, middle, last), all, or 3,7")
+    p.add_argument("--middle-layers", type=text_of(layer_list), help="override detection, e.g. 4-9 or 4,5,6")
+    p.add_argument("--matrix-layers", type=text_of(layer_list, also=("auto", "all")), default="auto",
+                   help="pairwise matrices at: auto (first, middle, last), all, or 3,7")
     p.add_argument("--phase", choices=["prefill", "decode"])
     g = p.add_argument_group("steering experiment")
     g.add_argument("--steer", action="store_true", help="promote middle-layer task experts and measure perplexity")
     g.add_argument("--model", help="model for --steer (default: the run's model)")
     g.add_argument("--task-data", help="reference-language task text (else the run's set=task sequences)")
     g.add_argument("--general-data", help="reference-language general text (else set=general)")
-    g.add_argument("--set-column", default="set")
-    g.add_argument("--steer-tau", type=float, default=0.1, help="task expert if task - general frequency > this")
-    g.add_argument("--steer-top", type=int, help="instead: the N largest positive differences")
+    g.add_argument("--set-column", type=column, default="set", help="label naming task/general text (default: set)")
+    g.add_argument("--steer-tau", type=between(-1, 1), default=0.1, help="task expert if task - general frequency > this")
+    g.add_argument("--steer-top", type=at_least(1), help="instead: the N largest positive differences")
     g.add_argument("--mode", choices=["soft", "hard", "both"], default="both")
-    g.add_argument("--lam", type=float, default=0.5, help="soft promotion: lambda * std(logits) (default 0.5)")
-    g.add_argument("--seeds", type=int, default=3, help="random-expert control seeds")
+    g.add_argument("--lam", type=between(-100, 100), default=0.5, help="soft promotion: lambda * std(logits) (default 0.5)")
+    g.add_argument("--seeds", type=at_least(1), default=3, help="random-expert control seeds (default 3)")
     g.add_argument("--eval-data", help="evaluation texts with a lang field (else the run's documents)")
-    g.add_argument("--max-eval-docs", type=int, default=32)
+    g.add_argument("--max-eval-docs", type=at_least(1), default=32, help="documents per language to evaluate (default 32)")
 
 
 def _layer_list(spec: str | None):

@@ -408,12 +408,17 @@ def figures(result: AnalysisResult) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--labels", help="label columns to split by (comma list; default: all, plus phase)")
-    parser.add_argument("--top-n", type=int, default=10, help="top tokens per expert (default 10)")
-    parser.add_argument("--always-on", type=float, default=0.99, help="token share at which an expert is always-on")
-    parser.add_argument("--dead", type=float, default=0.0, help="token share at or below which an expert is dead")
-    parser.add_argument("--no-coactivation", action="store_true")
-    parser.add_argument("--no-transitions", action="store_true")
+    from ..options import at_least, between, columns, text_of
+
+    parser.add_argument("--labels", type=text_of(columns),
+                        help="label columns to split by (comma list; default: all, plus phase)")
+    parser.add_argument("--top-n", type=at_least(1), default=10, help="top tokens per expert (default 10)")
+    parser.add_argument("--always-on", type=between(0, 1, lo_open=True), default=0.99,
+                        help="token share at which an expert is always-on (default 0.99)")
+    parser.add_argument("--dead", type=between(0, 1, hi_open=True), default=0.0,
+                        help="token share at or below which an expert is dead (default 0)")
+    parser.add_argument("--no-coactivation", action="store_true", help="skip the co-activation tables")
+    parser.add_argument("--no-transitions", action="store_true", help="skip the layer-to-layer transition tables")
 
 
 def options_from_args(args) -> dict:

@@ -370,15 +370,20 @@ def figures(result: AnalysisResult) -> dict:
 def add_arguments(parser) -> None:
     parser.add_argument("--mode", choices=MODES, default="true",
                         help="true: max over all rows (default); first_row: the authors' reference hook")
-    parser.add_argument("--percentile", type=float, default=99.5)
-    parser.add_argument("--ratio", type=float, default=10.0, help="also require a > floor(max / RATIO)")
+    from ..options import at_least, between, seed, seq_len
+
+    parser.add_argument("--percentile", type=between(0, 100, lo_open=True), default=99.5,
+                        help="super expert if a > this percentile of all a (default 99.5)")
+    parser.add_argument("--ratio", type=between(0, 1e9, lo_open=True), default=10.0,
+                        help="also require a > floor(max / RATIO) (default 10)")
     parser.add_argument("--prune", action="store_true", help="evaluate perplexity and D_sink with the SEs zeroed")
     parser.add_argument("--prune-data", help="text set for --prune (bundled name or file; default calibration)")
     parser.add_argument("--model", help="model for --prune (default: the run's model)")
-    parser.add_argument("--n-random", type=int, default=3, help="random-expert control draws for --prune")
-    parser.add_argument("--prune-max-tokens", type=int, default=8192)
-    parser.add_argument("--prune-seq-len", type=int, help="pack --prune text into sequences of this length")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-random", type=at_least(0, note=" (0 skips the control)"), default=3,
+                        help="random-expert control draws for --prune (default 3)")
+    parser.add_argument("--prune-max-tokens", type=at_least(1), default=8192, help="tokens --prune evaluates (default 8192)")
+    parser.add_argument("--prune-seq-len", type=seq_len, help="pack --prune text into sequences of this length")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the random control (default 0)")
 
 
 def options_from_args(args) -> dict:
