@@ -1,6 +1,6 @@
 """Attribution on the bundled demo model: first-order estimate vs exact zeroing for all 512 experts (CPU).
 
-    .venv/bin/python benchmarks/attribution_demo.py [--tokens 512] [--out benchmarks/results/attribution_demo.json]
+    .venv/bin/python benchmarks/attribution_demo.py [--tokens 256] [--out benchmarks/results/attribution_demo.json]
 
 Objective: mean token NLL of calibration text (documents interleaved by domain, packed in 128-token
 sequences). The estimate is one forward + backward per batch; the exact effect is one forward per
@@ -22,7 +22,7 @@ import numpy as np
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/results/attribution_demo.json")
     a = ap.parse_args()

@@ -721,6 +721,7 @@ def compare_cli(args) -> None:
     from . import write_figures, write_table
     from ..store import open_run
 
+    args.other = args.run_b
     opts = options_from_args(args)
     other = opts.pop("other")
     res = analyze(open_run(args.run_a), other=open_run(other), progress=True, **opts)
