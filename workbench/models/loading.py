@@ -189,6 +189,29 @@ def _config_int(cfg, keys) -> int | None:
     return None
 
 
+def check_device(device) -> None:
+    """Refuse a device this machine does not have, in one sentence (torch asserts or raises deep inside)."""
+    if device is None or device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise WorkbenchError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise WorkbenchError(f"--device {device}: this machine has no usable CUDA GPU (or torch was built "
+                                 "without CUDA); use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise WorkbenchError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+        return
+    backend = getattr(torch.backends, dev.type, None) if dev.type != "meta" else None
+    if dev.type == "meta" or backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise WorkbenchError(f"--device {device}: not available on this machine; use cpu or cuda")
+
+
 def load_model(
     spec: str,
     device: str | None = None,
@@ -211,6 +234,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     path = resolve_model_path(spec)
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
