@@ -44,6 +44,16 @@ def build_sequences(ds: Dataset, tokenizer, seq_len: int | None = None, max_toke
     seqs: list[Sequence] = []
     budget = max_tokens if max_tokens is not None else float("inf")
     if seq_len is None:
+        long = [len(ids) for ids in enc if len(ids) > max_len]
+        if long:  # said out loud, with counts: a silent cut changes what the run measures
+            import warnings
+
+            from .errors import WorkbenchWarning
+
+            warnings.warn(f"{len(long)} of {len(enc)} documents of {ds.name} are longer than the model's context of "
+                          f"{max_len} tokens and were cut ({sum(long) - max_len * len(long):,} of "
+                          f"{sum(map(len, enc)):,} tokens dropped); pass --seq-len {max_len} to capture them whole, "
+                          f"packed into {max_len}-token sequences", WorkbenchWarning, stacklevel=3)
         for i, ids in enumerate(enc):
             ids = np.asarray(ids[:max_len], np.int32)
             if budget <= 0:
@@ -337,18 +347,23 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
     if max_tokens is not None and max_tokens < 1:
         raise WorkbenchError("--max-tokens must be at least 1")
     ds = load_dataset(data)
-    probe_list = make_probes(probes, logits=logits, model=mm, **probe_options)
+    layers = probe_options.pop("layers", None)
+    pm = only_layers(mm, layers)  # what the probes see: the selected MoE layers (all by default)
+    probe_list = make_probes(probes, logits=logits, model=pm, **probe_options)
     cap = max_len or int(getattr(mm.model.config, "max_position_embeddings", 2048) or 2048)
     seqs = build_sequences(ds, mm.tokenizer, seq_len=seq_len, max_tokens=max_tokens, max_len=min(cap, 8192))
     inter = _describe_interventions(mm, interventions)
     settings = {"probes": {p.table: p.settings() for p in probe_list}, "batch_size": batch_size,
                 "seq_len": seq_len, "max_tokens": max_tokens, "max_len": cap}
+    if layers is not None:  # only when asked, so runs captured before --layers existed still resume
+        settings["layers"] = pm.moe_layers
     identity = {"model": {k: mm.describe()[k] for k in ("spec", "model_type", "file_hashes")},
                 "data": ds.sha256, "settings": settings, "interventions": inter,
                 "dtype": str(next(mm.model.parameters()).dtype)}
     manifest = {
         "identity": identity,
-        "model": mm.describe(),
+        # model.moe_layers = the MoE layers this run holds; model_moe_layers = all of the model's
+        "model": mm.describe() if layers is None else {**pm.describe(), "model_moe_layers": mm.moe_layers},
         "dataset": ds.describe(),
         "label_columns": ds.label_columns + (["src_doc"] if seq_len else []),
         "probes": settings["probes"],
@@ -358,13 +373,18 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
         "device": str(mm.device),
         "versions": _versions(),
     }
-    w = RunWriter(out, manifest, resume=resume, overwrite=overwrite)
-    if w.already_complete:
-        return open_run(out)
     labels = _labels_table(ds)
     if seq_len:
         labels = labels.append_column("src_doc", pa.array(np.arange(len(ds.records)), pa.int64())) \
             if labels.num_columns else pa.table({"src_doc": pa.array(np.arange(len(ds.records)), pa.int64())})
+    from . import distributed
+
+    if distributed.wanted(out):  # under torchrun / accelerate launch: this rank's share of the batches
+        return distributed.capture_dp(mm, out, manifest, seqs, batch_size, probe_list, labels, resume, overwrite,
+                                      interventions, part_tokens, progress)
+    w = RunWriter(out, manifest, resume=resume, overwrite=overwrite)
+    if w.already_complete:
+        return open_run(out)
     batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
     start = w.next_batch
     total = sum(len(s.ids) for s in seqs)
@@ -373,7 +393,7 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
     pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
     bar = _progress(total, w.tokens_done, progress, f"capture {Path(out).name}")
     steer_cm = mm.steer(**interventions) if interventions else contextlib.nullcontext()
-    with _attached(mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
+    with _attached(pm, probe_list, writer, bar), steer_cm, torch.inference_mode():
         for bi in range(start, len(batches)):
             ctx, token_ids, src, lengths = _batch_context(batches[bi], pad, mm.device)
             pipe.begin(ctx)
@@ -436,7 +456,7 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
                mm.model.register_forward_hook(post, with_kwargs=True)]
     steer_cm = mm.steer(**interventions) if interventions else contextlib.nullcontext()
     generations = []
-    bar = _progress(len(ds.records), 0, progress, "generate")
+    bar = _progress(len(ds.records), 0, progress, "generate", unit="prompt")
     try:
         with _attached(mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
             for i, rec in enumerate(ds.records):
@@ -463,10 +483,36 @@ def _describe_interventions(mm, interventions) -> dict:
     return describe_interventions(mm, interventions)
 
 
-def _progress(total, initial, enabled, desc):
+def _progress(total, initial, enabled, desc, unit="tok"):
+    """`unit` names what `total` counts (tokens for captures, prompts for generation)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="tok", desc=desc, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True)
+
+
+def only_layers(mm: MoEModel, layers) -> MoEModel:
+    """A view of `mm` whose probes see only the MoE layers `layers` (decoder-layer indices, e.g. from
+    `--layers 1,3` or `0-2`); the forward and interventions still run the whole model."""
+    if layers is None:
+        return mm
+    if isinstance(layers, str):
+        from .options import layer_list
+
+        try:
+            layers = layer_list(layers)
+        except Exception as e:  # argparse.ArgumentTypeError: one sentence already
+            raise WorkbenchError(f"--layers: {e}") from None
+    sel = sorted({int(x) for x in layers})
+    if not sel:
+        raise WorkbenchError("--layers names no layer")
+    moe = mm.moe_layers
+    bad = [i for i in sel if i not in moe]
+    if bad:
+        raise WorkbenchError(f"--layers: layer {bad[0]} is not an MoE layer of this model (MoE layers: "
+                             f"{', '.join(map(str, moe))})")
+    import dataclasses
+
+    return dataclasses.replace(mm, layers=[layer for layer in mm.layers if layer.index in sel])
 
 
 def _versions() -> dict:
