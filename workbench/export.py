@@ -9,13 +9,15 @@ json is JSON Lines (one object per row, `.jsonl`); csv joins list cells with ';'
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 import polars as pl
 
 from .errors import WorkbenchError
-from .store import TABLES, Run, open_run
+from .store import TABLES, DamagedRun, Run, io_error, open_run
 
 FORMATS = {"parquet": ".parquet", "csv": ".csv", "json": ".jsonl"}
 
@@ -112,20 +114,58 @@ def export_run(run, out, fmt: str = "parquet", what: str = "all", options: dict 
     options: {analysis name: analyze() keyword arguments}. Analyses that do not apply to the run
     (missing tables or labels: they raise WorkbenchError) are listed under "skipped".
     """
-    from tqdm.auto import tqdm
-
-    from .analysis import module
-
     if fmt not in FORMATS:
         raise WorkbenchError(f"--format {fmt!r}: choose parquet, csv or json")
     if not isinstance(run, Run):
         run = open_run(run)
-    out = Path(out)
+    final = Path(out)
+    _check_target(final)
+    raw, analyses = _selection(what)
+    # Everything goes to a hidden sibling folder renamed into place at the end: a failed export
+    # (damaged run, disk full, Ctrl-C) leaves no output that looks valid.
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        schema = _export(run, tmp, fmt, raw, analyses, what, options, progress)
+        _replace(tmp, final)
+    except OSError as e:
+        e.filename = str(final)  # the user named this folder, not the hidden one beside it
+        raise io_error(e, final, "exporting to") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return schema
+
+
+def _check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "schema.json").exists():
+        raise WorkbenchError(f"--out {out} is a non-empty folder that is not an export; use another path")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an older export there is replaced as a whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export(run: Run, out: Path, fmt: str, raw: list[str], analyses: list[str], what: str, options, progress) -> dict:
+    from tqdm.auto import tqdm
+
+    from .analysis import module
+
     ext = FORMATS[fmt]
-    raw, analyses = _selection(what)
     files, skipped = [], {}
     explicit = (what or "all") not in ("all", "raw", "analyses")
     for name in tqdm(raw, desc="export tables", disable=not progress, dynamic_ncols=True):
@@ -145,6 +185,8 @@ def export_run(run, out, fmt: str = "parquet", what: str = "all", options: dict 
             continue
         try:
             result = mod.analyze(run, **(options or {}).get(name, {}))
+        except DamagedRun:
+            raise  # damage is not "does not apply": the export fails as a whole
         except WorkbenchError as e:
             skipped[name] = str(e)
             continue
@@ -156,7 +198,7 @@ def export_run(run, out, fmt: str = "parquet", what: str = "all", options: dict 
             desc = _describe(path, fmt, name, tname, df.schema, df.height, out)
             desc["main"] = tname == result.main
             files.append(desc)
-    schema = {"run": str(run.path), "model": run.model_info.get("spec"), "model_type": run.model_info.get("model_type"),
+    schema = {"run": str(run.path), "note": run.note, "model": run.model_info.get("spec"), "model_type": run.model_info.get("model_type"),
               "dataset": (run.manifest.get("dataset") or {}).get("name"), "format": fmt,
               "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files, "skipped": skipped}
     (out / "schema.json").write_text(json.dumps(schema, indent=1, default=str))
@@ -188,7 +230,9 @@ def _schema_md(schema: dict) -> str:
 
 
 def export_cli(args) -> None:
-    schema = export_run(args.run, args.out, fmt=args.format, what=args.what)
+    run = open_run(args.run)
+    run.read_note()
+    schema = export_run(run, args.out, fmt=args.format, what=args.what)
     n = len(schema["files"])
     print(f"exported {n} tables ({args.format}) to {args.out}; schema in {Path(args.out) / 'SCHEMA.md'}")
     for k, v in schema["skipped"].items():
