@@ -108,6 +108,7 @@ def run_cli(name: str, args) -> None:
 
     mod = module(name)
     run = open_run(args.run)
+    run.read_note()  # incomplete or repaired runs say so, on one line
     options = mod.options_from_args(args) if hasattr(mod, "options_from_args") else {}
     from .persist import cached
 

@@ -160,11 +160,14 @@ def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chu
     nl, k = len(layers), run.top_k
     lay_ref = np.asarray(layers, np.int64)
     step = chunk_tokens(chunk_tokens_) * nl
+    run.files("routing")  # verifies the part files (a damaged one is named in one sentence)
     parts = [p for p in run.manifest["parts"] if "routing" in p["files"]]
     if not parts:
         raise WorkbenchError(f"run {run.path} has no routing rows")
     doc_set = None if docs is None else np.asarray(sorted({int(d) for d in docs}), np.int64)
     need_tok = bool(token_columns) or phase is not None
+    if need_tok:
+        run.files("tokens")
     total = sum(int(p.get("tokens", 0)) for p in parts)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     for part in parts:
