@@ -12,6 +12,7 @@ from pathlib import Path
 from dash import Input, Output, State, dcc, html, no_update
 
 from ..analysis import MODULES, write_table
+from ..errors import WorkbenchError
 from .state import analysis_available
 from .ui import Page
 
@@ -34,7 +35,10 @@ def exportable(app_ctx) -> list[dict]:
 
 
 def layout(app_ctx):
-    opts = exportable(app_ctx)
+    try:
+        opts = exportable(app_ctx)
+    except WorkbenchError as e:  # a damaged run: the store names the part
+        return html.Div([html.H2("Export"), html.Div(str(e), className="error")])
     pending = [n for n in MODULES if analysis_available(n) and n not in app_ctx.data.computed_analyses()]
     return html.Div([
         html.H2("Export"),
@@ -81,7 +85,10 @@ def register(app, app_ctx):
     def download(_n, value, fmt):
         if fmt not in FORMATS:
             return no_update, "choose a format"
-        df, why = table_for(app_ctx, value)
+        try:
+            df, why = table_for(app_ctx, value)
+        except WorkbenchError as e:
+            return no_update, str(e)
         if df is None:
             return no_update, why
         name = value.replace("/", "_") + f".{fmt}"
