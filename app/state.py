@@ -204,11 +204,17 @@ class RunData:
 
             mod = module(name)
             opts = {**self.analysis_options.get(name, {}), **options}
+            from ..analysis.persist import cached
+
+            # stored in the run folder: a restarted dashboard reads it instead of recomputing
+            key = None
+            if "model" in opts:
+                key = {**{k: v for k, v in opts.items() if k != "model"}, "model": self.run.model_info.get("spec")}
             if lock is not None:
                 with lock:
-                    result = mod.analyze(self.run, **opts)
+                    result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=key)
             else:
-                result = mod.analyze(self.run, **opts)
+                result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=key)
             try:
                 figs = mod.figures(result) if hasattr(mod, "figures") else {}
             except WorkbenchError:

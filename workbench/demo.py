@@ -77,6 +77,7 @@ def _model(out: Path):
 
 def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050, quick: bool = False) -> Path:
     from . import analysis as an
+    from .analysis.persist import cached
     from .capture import capture
     from .data import load_dataset, subset
     from .report import Section, write_report
@@ -108,7 +109,11 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
         t = time.time()
         try:
             mod = an.module(ap.analysis)
-            result = mod.analyze(runs[ap.run], **ap.options, **({"model": mm} if ap.model else {}))
+            # computed once, stored in the run folder: a second demo (and the app) reuse it
+            opts = {**ap.options, **({"model": mm} if ap.model else {})}
+            key = {**ap.options, "model": runs[ap.run].model_info.get("spec")} if ap.model else None
+            result = cached(ap.analysis, runs[ap.run], lambda _m=mod, _r=runs[ap.run], **o: _m.analyze(_r, **o),
+                            opts, key=key)
             figs = mod.figures(result)
             an.write_table(result.table, tables_dir / f"{ap.analysis}-{ap.run}.parquet")
             sections.append(Section(ap.title or ap.analysis, summary=result.summary, figures=figs,

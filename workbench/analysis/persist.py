@@ -145,13 +145,16 @@ def _drop_stale(folder: Path, fingerprint: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def cached(name: str, run, compute, options: dict, reuse: bool = True) -> AnalysisResult:
-    """Return the stored result for (name, options, run) or compute it with `compute(**options)` and store it."""
+def cached(name: str, run, compute, options: dict, reuse: bool = True, key: dict | None = None) -> AnalysisResult:
+    """Return the stored result for (name, options, run) or compute it with `compute(**options)` and store it.
+
+    key: what identifies the result when `options` hold objects (e.g. {"model": "demo"} for a loaded model)."""
+    k = options if key is None else key
     if reuse:
-        hit = load(name, run, options)
+        hit = load(name, run, k)
         if hit is not None:
             hit.meta = dict(hit.meta, reused=True)
             return hit
     result = compute(**options)
-    store(result, run, options)
+    store(result, run, k)
     return result
