@@ -425,8 +425,9 @@ def close_loop(mm, experts, prompts: dict[str, list[str]], score=None, continuat
              f"random control over {seeds} seeds:"]
     for cls, action, top, rmean, rstd, beyond in summ.select("class", "action", "change_top", "change_random",
                                                              "change_random_std", "beyond_random").iter_rows():
-        lines.append(f"  {cls:>10s} {ACTION_TEXT[action]:42s} top {top:+.4f}  random {rmean:+.4f} +- "
-                     f"{(rstd if rstd is not None else float('nan')):.4f}  beyond random {beyond:+.4f}")
+        spread = f"+- {rstd:.4f}" if rstd is not None and rstd == rstd else "(one seed: no spread)"
+        lines.append(f"  {cls:>10s} {ACTION_TEXT[action]:42s} top {top:+.4f}  random {rmean:+.4f} {spread}  "
+                     f"beyond random {beyond:+.4f}")
     meta = {"intervene_experts": experts, "score": what,
             "continuations": conts if score == "continuations" else None}
     return AnalysisResult("behavior-loop", {"intervention": tab, "intervention_summary": summ},

@@ -307,8 +307,9 @@ def analyze(run, reference: str = "en", lang_column: str = "lang", key_column: s
              f"{len(p.layers)} MoE layers, {p.n_experts} experts",
              "aligned pairs: " + ", ".join(f"{a}={b}" for a, b in n_pairs.iter_rows()),
              "mean divergence per layer: " + " ".join(f"L{lay}={v:.3f}" for lay, v in curve.iter_rows()),
-             f"middle layers ({'given' if middle else 'detected'}): {_ranges(mid)}"
-             + ("" if middle or info["u_shape"] else " (no U shape: the curve does not rise at both ends)"),
+             (f"middle layers ({'given' if middle else 'detected'}): {_ranges(mid)}" if middle or info["u_shape"]
+              else f"middle layers: none (no U shape: divergence is lowest at the {_end(mid, p.layers)} layers, "
+                   f"{_ranges(mid)}, which stand in for them; --middle-layers chooses others)"),
              f"language-specific experts (delta > {tau}): "
              + ", ".join(f"{lang}={n}" for lang, n in freq.group_by("lang").agg(pl.col("specific").sum())
                          .sort("lang").iter_rows())]
@@ -334,6 +335,13 @@ def _matrix_layers(spec, layers, mid) -> list[int]:
     if bad:
         raise WorkbenchError(f"--matrix-layers: layer {bad[0]} is not a MoE layer of this run ({layers})")
     return out
+
+
+def _end(mid, layers) -> str:
+    """Which end of the network a non-interior run of layers sits at."""
+    if mid and layers and mid[0] == layers[0]:
+        return "first"
+    return "last" if mid and layers and mid[-1] == layers[-1] else "flat"
 
 
 def _ranges(xs) -> str:
