@@ -210,8 +210,10 @@ def _schema_md(schema: dict) -> str:
     fmt = schema["format"]
     lines = [f"# Export of {schema['run']}", "",
              f"Model `{schema['model']}` ({schema['model_type']}), dataset `{schema['dataset']}`, format {fmt}, "
-             f"exported {schema['exported']}. Raw tables are one row per the unit DESIGN.md gives "
-             "(token, token x MoE layer, ...); analysis tables are under `analysis/<name>/`. "
+             f"exported {schema['exported']}. Raw tables have one row per: `tokens` token; `routing` token x MoE "
+             "layer; `expert_stats` token x MoE layer x routed slot; `hidden` token x decoder layer; `attention` "
+             "document x layer x head (every column is described below). Analysis tables are under "
+             "`analysis/<name>/`. "
              "`layer` is always the decoder-layer index; it is null on model-level rows, `expert` -1 is a shared expert.",
              ""]
     load = {"parquet": "pl.read_parquet(path)  |  datasets.load_dataset('parquet', data_files=path)",
