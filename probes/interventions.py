@@ -38,6 +38,11 @@ KINDS = ("ban", "force", "boost", "zero", "scale")
 ROUTING_KINDS = ("ban", "force", "boost")  # need the family's routing rule
 VALUED_KINDS = ("boost", "scale")
 DEFAULT_BOOST = 0.5
+# Bounds on values (after nesting: boosts add, scales multiply). |lambda| = 100 already puts an expert
+# 100 standard deviations above the others, i.e. a certain pick; far larger values only overflow
+# (lambda * std(z) -> inf -> NaN logits). |s| = 100 multiplies an expert's contribution 100-fold.
+MAX_BOOST = 100.0
+MAX_SCALE = 100.0
 SHARED = -1
 RULES = (SOFTMAX_TOPK, SOFTMAX_TOPK_RENORM, TOPK_SOFTMAX, DEEPSEEK_V2, SIGMOID_BIAS_GROUP, SPARSEMIXER)
 
@@ -244,7 +249,28 @@ def make_plan(mm, ban=None, force=None, boost=None, zero=None, scale=None) -> Pl
     return plan
 
 
-def _check_combined(mm, plan: Plan) -> None:
+def model_dtype(mm) -> torch.dtype:
+    p = next(mm.model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _check_values(mm, plan: Plan, nested: bool = False) -> None:
+    """Every boost / scale finite in the model's dtype and within MAX_BOOST / MAX_SCALE."""
+    dt = model_dtype(mm)
+    fmax = torch.finfo(dt).max if dt.is_floating_point else torch.finfo(torch.float32).max
+    how = " (nested contexts add boosts and multiply scales)" if nested else ""
+    for kind, limit, what in (("boost", MAX_BOOST, "lambda"), ("scale", MAX_SCALE, "s")):
+        for e, v in getattr(plan, kind).items():
+            if not math.isfinite(v) or abs(v) > fmax:
+                raise WorkbenchError(f"--{kind} {format_spec([e])}={v:g} is not a finite {str(dt).replace('torch.', '')} "
+                                     f"number{how}; {what} must be between -{limit:g} and {limit:g}")
+            if abs(v) > limit:
+                raise WorkbenchError(f"--{kind} {format_spec([e])}={v:g} is out of range{how}: {what} must be between "
+                                     f"-{limit:g} and {limit:g}")
+
+
+def _check_combined(mm, plan: Plan, nested: bool = False) -> None:
+    _check_values(mm, plan, nested)
     both = sorted(set(plan.ban) & set(plan.force))
     if both:
         raise WorkbenchError(f"{format_spec(both[:1])} is both banned and forced")
@@ -269,7 +295,7 @@ def combine(mm, plans: list[Plan]) -> Plan:
             out.boost[e] = out.boost.get(e, 0.0) + v
         for e, v in p.scale.items():
             out.scale[e] = out.scale.get(e, 1.0) * v
-    _check_combined(mm, out)
+    _check_combined(mm, out, nested=len(plans) > 1)
     return out
 
 
@@ -398,7 +424,8 @@ def route(p: RouterParams, logits: torch.Tensor, ban: torch.Tensor | None = None
     z = logits
     if boost is not None:
         zf = z.float()
-        z = (zf + boost.to(zf) * zf.std(dim=-1, keepdim=True, correction=0)).to(logits.dtype)
+        lim = torch.finfo(logits.dtype).max  # saturate, never overflow to inf (-> NaN after softmax)
+        z = (zf + boost.to(zf) * zf.std(dim=-1, keepdim=True, correction=0)).clamp(-lim, lim).to(logits.dtype)
     k = p.top_k
     if p.rule in (SOFTMAX_TOPK, SOFTMAX_TOPK_RENORM):
         probs = torch.softmax(z, dim=-1, dtype=torch.float32)
@@ -525,37 +552,64 @@ class _Controller:
         self.plan = Plan()
 
     def push(self, plan: Plan) -> None:
-        combined = combine(self.mm, self.stack + [plan])
-        self.stack.append(plan)
+        combined = combine(self.mm, self.stack + [plan])  # validates first: a refusal changes nothing
         self._install(combined)
+        self.stack.append(plan)  # only once its hooks are in place: a failed push leaves no trace
 
     def pop(self, plan: Plan) -> None:
-        for i in range(len(self.stack) - 1, -1, -1):
-            if self.stack[i] is plan:
-                del self.stack[i]
+        stack = list(self.stack)
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is plan:
+                del stack[i]
                 break
-        self._remove()
-        if self.stack:
-            self._install(combine(self.mm, self.stack))
+        try:
+            if stack:
+                self._install(combine(self.mm, stack))
+            else:
+                self._remove()
+        except BaseException:
+            # cannot restore the outer contexts: leave the model plain rather than half-steered
+            self._remove()
+            self.stack.clear()
+            raise
+        self.stack = stack
 
     def _remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.plan = Plan()
 
-    def _install(self, plan: Plan) -> None:
-        self._remove()
-        self.plan = plan
+    def _prepare(self, plan: Plan) -> list:
+        """Everything that can fail on bad values (masks, router parameters, hooks) before any attach."""
+        steps = []
         for layer in self.mm.layers:
             lt = _LayerTensors(self.mm, layer.index, plan)
             if lt.routes:
-                p = router_params(self.mm, layer)
-                self.handles.append(layer.router.register_forward_hook(_router_hook(p, lt), prepend=True))
+                h = _router_hook(router_params(self.mm, layer), lt)
+                steps.append((layer.router.register_forward_hook, (h,), {"prepend": True}))
             if lt.mult is not None:
-                self.handles.append(layer.experts.register_forward_pre_hook(
-                    _experts_hook(lt), with_kwargs=True, prepend=True))
+                steps.append((layer.experts.register_forward_pre_hook, (_experts_hook(lt),),
+                              {"with_kwargs": True, "prepend": True}))
             if lt.shared_mult is not None:
-                self.handles.append(layer.shared.register_forward_hook(_shared_hook(lt.shared_mult), prepend=True))
+                steps.append((layer.shared.register_forward_hook, (_shared_hook(lt.shared_mult),), {"prepend": True}))
+        return steps
+
+    def _install(self, plan: Plan) -> None:
+        """All or nothing: attach every new hook, then drop the old ones; on any failure (even
+        Ctrl-C) remove what was attached, so the model keeps exactly the hooks it had."""
+        steps = self._prepare(plan)
+        new = []
+        try:
+            for register, args, kwargs in steps:
+                new.append(register(*args, **kwargs))
+        except BaseException:
+            for h in new:
+                h.remove()
+            raise
+        old, self.handles, self.plan = self.handles, new, plan
+        for h in old:
+            h.remove()
 
 
 def _router_hook(p: RouterParams, lt: _LayerTensors):

@@ -150,6 +150,12 @@ def compare(mm, prompt: str, interventions: dict, max_new_tokens: int = 24, samp
             with _steer_cm(mm, interventions):
                 ls = mm.model(input_ids=full).logits[0].float()
             rs = rec.take()
+    if not torch.isfinite(lb).all():
+        raise WorkbenchError("the model's own logits are not finite on this prompt (NaN or inf), so there is "
+                             "nothing to compare; try --dtype float32")
+    if not torch.isfinite(ls).all():
+        raise WorkbenchError("the steered model gives non-finite logits (NaN or inf) on this prompt; try smaller "
+                             "--boost/--scale values")
     p0 = len(prompt_ids)
     t = temperature if sample else 1.0
     # float64: the KL of nearby distributions is a difference of close numbers
@@ -196,7 +202,7 @@ def steer_cli(args, interventions: dict) -> None:
     res = compare(mm, args.prompt, interventions, max_new_tokens=args.max_new_tokens, sample=args.sample,
                   seed=args.seed, temperature=args.temperature)
     if args.json:
-        print(json.dumps(res.to_json(), ensure_ascii=False))
+        print(json.dumps(res.to_json(), ensure_ascii=False, allow_nan=False))  # strict JSON
         return
     print(render(res, model=f"{args.model} ({mm.family.model_type})"))
 
