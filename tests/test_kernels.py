@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -39,16 +39,65 @@ def test_reference_matches_brute_force_with_ties(x):
         assert l2[i].item() == pytest.approx(n, rel=1e-6)
 
 
-@settings(max_examples=40, deadline=None)
-@given(arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 30)),
-              elements=st.floats(-1e3, 1e3, width=32)))
-def test_reference_int8_round_trip(x):
-    t = torch.from_numpy(x)
+# Rows of every magnitude, tiny and subnormal ones included on every run (not by luck): each row is
+# integers times 2^e, so its values are exact float32 and e reaches down to the subnormal grid 2^-149.
+@st.composite
+def _rows_of_any_magnitude(draw):
+    n, h = draw(st.integers(1, 5)), draw(st.integers(1, 30))
+    rows = []
+    for _ in range(n):
+        e = draw(st.one_of(st.integers(-149, -100), st.integers(-30, 30), st.sampled_from([-149, -140, -126, -120])))
+        ints = draw(st.lists(st.integers(-(2 ** 20), 2 ** 20), min_size=h, max_size=h))
+        rows.append([math.ldexp(v, e) for v in ints])
+    return np.array(rows, dtype=np.float32)
+
+
+def _check_int8(t: torch.Tensor):
     mx, _, _, q, scale = row_stats_reference(t, copy="int8")
     assert q.dtype == torch.int8 and q.abs().max() <= 127
-    back = q.float() * scale[:, None]
-    assert torch.all((back - t).abs() <= scale[:, None] * 0.5 + 1e-6 * t.abs().max())
-    np.testing.assert_allclose(scale.numpy(), mx.numpy() / 127, rtol=1e-7)
+    assert torch.all((scale > 0) == (mx > 0)) and torch.all(scale[mx == 0] == 0)  # never underflows to 0
+    back = q.double() * scale.double()[:, None]
+    # float64 product: exact for the tiny rows (q * k * 2^-149), so the bound is the quantisation alone
+    assert torch.all((back - t.double()).abs() <= scale.double()[:, None] * 0.5 * (1 + 1e-6)), (t, q, scale)
+    normal = mx >= 2.0 ** -119
+    np.testing.assert_allclose(scale[normal].numpy(), mx[normal].numpy() / 127, rtol=1e-7)
+    tiny = ~normal & (mx > 0)
+    # tiny rows: scale = max/127 rounded up to the 2^-149 grid; the max maps to 127 unless that grid is coarse
+    k = scale[tiny].double() / 2.0 ** -149
+    assert torch.equal(k, torch.ceil(mx[tiny].double() / 2.0 ** -149 / 127))
+    return q, scale
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.one_of(arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 30)),
+                        elements=st.floats(-1e3, 1e3, width=32)),
+                 arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 30)),
+                        elements=st.floats(-2.0 ** -120, 2.0 ** -120, width=32, allow_subnormal=True)),
+                 _rows_of_any_magnitude()))
+@example(np.array([[1e-45]], np.float32))  # found by hypothesis once: the scale underflowed to 0
+@example(np.array([[1e-41, 3e-42]], np.float32))  # quantised to [127, 127]
+@example(np.array([[0.0, 0.0], [1e-45, -1e-45], [3.7e-37, 1e-38]], np.float32))
+@example(np.array([[-0.0, 0.0, 0.0]], np.float32))
+def test_reference_int8_round_trip(x):
+    _check_int8(torch.from_numpy(x))
+
+
+def test_int8_tiny_rows_hand_worked():
+    # 1e-41 is 7137 * 2^-149 and 3e-42 is 2141 * 2^-149 in float32; ceil(7137 / 127) = 57
+    q, scale = _check_int8(torch.tensor([[1e-41, 3e-42], [1e-45, 0.0], [0.0, -0.0], [1.0, -0.5]]))
+    assert q.tolist() == [[125, 38], [1, 0], [0, 0], [127, -64]]
+    assert scale[0].item() == math.ldexp(57, -149) and scale[1].item() == math.ldexp(1, -149)
+    assert scale[2].item() == 0 and scale[3].item() == np.float32(1 / 127)
+
+
+@pytest.mark.parametrize("e", [-149, -140, -130, -126, -125, -122, -120, -119, -118, -110, -100, 0, 100])
+def test_int8_every_magnitude(e):
+    """The same integer row at every power-of-two scale: the quantised values agree while the scale
+    is fine enough (2^e * 1000 / 127 >= 2^-149 * 2^23) and the error bound holds everywhere."""
+    ints = torch.tensor([[1000.0, -999.0, 500.0, 3.0, 0.0, -1000.0]])
+    q, scale = _check_int8(ints * 2.0 ** e)
+    if e >= -119:
+        assert q.tolist() == [[127, -127, 64, 0, 0, -127]]
 
 
 def test_reference_scatter_and_fp16_copy():
@@ -115,6 +164,35 @@ def test_triton_matches_reference(shape, dtype, copy):
         if copy == "int8":
             assert (got[3].cpu().int() - ref[3].int()).abs().max() <= 1
             torch.testing.assert_close(got[4].cpu(), ref[4], rtol=1e-6, atol=0)
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,config", [(6, None), (3000, None), (3000, (1, 1024, 4)), (20000, None)])
+def test_triton_int8_tiny_and_subnormal_rows(dtype, h, config):
+    """Tiny and subnormal rows (and an all-zero one) quantise as the reference does, on the single-tile
+    path, the two-pass path of wide rows, and a forced chunked config."""
+    from workbench.probes.kernels.triton_stats import row_stats_triton
+
+    if dtype == torch.bfloat16 and TRITON_DEV == "cpu":
+        pytest.skip("Triton's interpreter converts bf16 subnormals to float32 wrongly (_convert_float); CUDA only")
+    g = torch.Generator().manual_seed(h)
+    base = torch.randint(-(2 ** 7), 2 ** 7, (8, h), generator=g).float()
+    exps = torch.tensor([-149, -140, -133, -126, -121, -119, 0, 0])[:, None]
+    x = (base * torch.pow(2.0, exps.float())).to(dtype)
+    x[6] = 0
+    x[7, :2] = torch.tensor([1e-41, 3e-42], dtype=torch.float32).to(dtype)
+    x[7, 2:] = 0
+    got = row_stats_triton(x.to(TRITON_DEV), copy="int8", config=config)
+    ref = row_stats_reference(x, copy="int8")
+    assert torch.equal(got[0].cpu(), ref[0])
+    assert torch.equal(got[4].cpu()[:6], ref[4][:6])  # tiny rows: exact multiples of 2^-149
+    assert got[4][6].item() == 0 and torch.all(got[3][6] == 0)  # all-zero row: scale 0, values 0
+    assert (got[3].cpu().int() - ref[3].int()).abs().max() <= 1
+    assert torch.all(got[4].cpu()[:6] > 0)
+    if dtype == torch.float32:
+        assert got[3][7, :2].tolist() == [125, 38]
 
 
 @needs_triton

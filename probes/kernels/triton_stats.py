@@ -17,6 +17,20 @@ COPY_NONE, COPY_FP16, COPY_INT8 = 0, 1, 2
 
 
 @triton.jit
+def _int8_params(best):
+    """reference.int8_params, op for op: tiny rows (max < 2^-119) get a scale on the 2^-149 grid,
+    rounded up, with the row pre-scaled by 2^64 so nothing under- or overflows; all-zero rows 0."""
+    tiny = (best < 1.504632769052528e-36) & (best > 0)  # 2^-119
+    m = (tl.where(tiny, best * 18446744073709551616.0, 1.0) * 3.8685626227668134e25).to(tl.int32)  # 2^64, 2^85
+    k = ((m + 126) // 127).to(tl.float32)  # integer ceil-division, exact
+    step = k * 2.5849394142282115e-26  # 2^-85
+    pre = tl.where(tiny, 18446744073709551616.0, 1.0)
+    inv = tl.where(tiny, 1.0 / step, tl.where(best > 0, 127.0 / tl.where(best > 0, best, 1.0), 0.0))
+    scale = tl.where(tiny, step * 5.421010862427522e-20, best / 127.0)  # 2^-64
+    return pre, inv, scale
+
+
+@triton.jit
 def _row_stats_kernel(x_ptr, stride_x, n_rows, n_cols, idx_ptr, max_ptr, arg_ptr, l2_ptr, copy_ptr, stride_c,
                       scale_ptr, HAS_IDX: tl.constexpr, COPY: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_H: tl.constexpr, SINGLE: tl.constexpr, N_CHUNKS: tl.constexpr):
@@ -38,12 +52,12 @@ def _row_stats_kernel(x_ptr, stride_x, n_rows, n_cols, idx_ptr, max_ptr, arg_ptr
         if COPY == 1:
             tl.store(copy_ptr + rows64[:, None] * stride_c + cols[None, :], x.to(tl.float16), mask=m)
         if COPY == 2:
-            inv = tl.where(best > 0, 127.0 / tl.where(best > 0, best, 1.0), 0.0)
-            q = x * inv[:, None]
-            q = tl.where(q >= 0, tl.floor(q + 0.5), tl.ceil(q - 0.5))  # nearest; ties resolved below
+            pre, inv, scale = _int8_params(best)
+            q = (x * pre[:, None]) * inv[:, None]
+            q = tl.where(q >= 0, tl.floor(q + 0.5), tl.ceil(q - 0.5))  # nearest, half away from zero
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
             tl.store(copy_ptr + rows64[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=m)
-            tl.store(scale_ptr + rows64, best / 127.0, mask=rmask)
+            tl.store(scale_ptr + rows64, scale, mask=rmask)
     else:
         for c in range(N_CHUNKS):  # constexpr trip count: H is fixed per model
             h0 = c * BLOCK_H
@@ -59,17 +73,17 @@ def _row_stats_kernel(x_ptr, stride_x, n_rows, n_cols, idx_ptr, max_ptr, arg_ptr
             if COPY == 1:
                 tl.store(copy_ptr + rows64[:, None] * stride_c + cols[None, :], x.to(tl.float16), mask=m)
         if COPY == 2:  # the scale needs the whole row's max: a second read, only for dumps of wide rows
-            inv = tl.where(best > 0, 127.0 / tl.where(best > 0, best, 1.0), 0.0)
+            pre, inv, scale = _int8_params(best)
             for c in range(N_CHUNKS):
                 h0 = c * BLOCK_H
                 cols = h0 + offs_h
                 m = rmask[:, None] & (cols[None, :] < n_cols)
                 x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-                q = x * inv[:, None]
+                q = (x * pre[:, None]) * inv[:, None]
                 q = tl.where(q >= 0, tl.floor(q + 0.5), tl.ceil(q - 0.5))
                 q = tl.minimum(tl.maximum(q, -127.0), 127.0)
                 tl.store(copy_ptr + rows64[:, None] * stride_c + cols[None, :], q.to(tl.int8), mask=m)
-            tl.store(scale_ptr + rows64, best / 127.0, mask=rmask)
+            tl.store(scale_ptr + rows64, scale, mask=rmask)
     if HAS_IDX:
         dst = tl.load(idx_ptr + rows64, mask=rmask, other=0).to(tl.int64)
     else:
