@@ -236,8 +236,9 @@ def load_model(
 
     check_device(device)
     path = resolve_model_path(spec)
+    local_only = _hub_offline(spec, path)
     try:
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except OSError as e:
         raise WorkbenchError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
@@ -248,7 +249,7 @@ def load_model(
     torch_dtype = _parse_dtype(dtype)
     if torch_dtype is None and spec == "demo" and (device is None or str(device) == "cpu"):
         torch_dtype = torch.float32  # the demo ships bf16 weights; bf16 matmuls on CPU are slow and coarse
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if max_memory is not None and device_map is None:
@@ -266,7 +267,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise WorkbenchError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
     if device:
         model.to(device)
     return wrap_model(model, tok, spec=spec, path=path)
@@ -307,6 +308,32 @@ def _device_map_kwargs(device_map, max_memory, offload_folder) -> dict:
         offload_folder = tempfile.mkdtemp(prefix="wb_offload_")
     kw["offload_folder"] = str(offload_folder)
     return kw
+
+
+def _hub_offline(spec: str, path: str) -> bool:
+    """For a hub id: True when the hub is unreachable (or HF_HUB_OFFLINE is set) and the model is in
+    the local cache, so transformers reads the cache without five retries; a WorkbenchError at once
+    when it is unreachable and not cached. False (normal download) when the hub answers."""
+    if Path(path).is_dir():
+        return False
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    offline = bool(constants.HF_HUB_OFFLINE)
+    if not offline:
+        import socket
+        from urllib.parse import urlparse
+
+        url = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=3).close()
+        except OSError:
+            offline = True
+    if offline and not cached:
+        raise WorkbenchError(f"cannot load model {spec!r}: it is not in the local Hugging Face cache and "
+                             f"{constants.ENDPOINT} cannot be reached (offline?); give a local folder or 'demo'")
+    return offline
 
 
 def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> MoEModel:
