@@ -1,4 +1,4 @@
-"""`workbench` command line. The contract is DESIGN.md's; every command's work lives in its module.
+"""`workbench` command line (documented in the README); every command's work lives in its module.
 
 Errors a user can cause are WorkbenchError: printed as one line, exit code 2, no traceback.
 """
@@ -413,6 +413,8 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_steer(args) -> None:
+    if not _interventions(args):  # before torch loads: this needs no model
+        raise WorkbenchError("give at least one intervention: --ban, --force, --boost, --zero or --scale")
     from .steering import steer_cli
 
     steer_cli(args, _interventions(args))
