@@ -121,6 +121,8 @@ def export_run(run, out, fmt: str = "parquet", what: str = "all", options: dict 
     final = Path(out)
     _check_target(final)
     raw, analyses = _selection(what)
+    for name in TABLES:  # verify the parts (checksums) before anything is written or shown
+        run.files(name)
     # Everything goes to a hidden sibling folder renamed into place at the end: a failed export
     # (damaged run, disk full, Ctrl-C) leaves no output that looks valid.
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
@@ -177,14 +179,17 @@ def _export(run: Run, out: Path, fmt: str, raw: list[str], analyses: list[str], 
         lf = run.table(name)
         _write(lf, path, fmt)
         files.append(_describe(path, fmt, "raw", name, lf.collect_schema(), _rows(path, fmt), out))
-    for name in analyses:
+    for name in tqdm(analyses, desc="export analyses", disable=not progress, dynamic_ncols=True):
         try:
             mod = module(name)
         except ImportError as e:
             skipped[name] = f"not available ({e})"
             continue
         try:
-            result = mod.analyze(run, **(options or {}).get(name, {}))
+            from .analysis.persist import cached
+
+            # computed once and stored in the run folder (reused by a later export, the CLI and the app)
+            result = cached(name, run, lambda _m=mod, **o: _m.analyze(run, **o), dict((options or {}).get(name, {})))
         except DamagedRun:
             raise  # damage is not "does not apply": the export fails as a whole
         except WorkbenchError as e:
