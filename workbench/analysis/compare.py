@@ -410,7 +410,10 @@ def _spec_tables(run_a, run_b, layers, labels, mapping, load):
     for c in labels:
         sa = _specialisation(run_a, layers, c).rename({"count": "count_a", "p": "p_a"})
         sb = _specialisation(run_b, layers, c, mapping).rename({"count": "count_b", "p": "p_b"})
-        t = (sa.join(sb, on=["layer", "value", "expert"], how="full", coalesce=True)
+        values = pl.concat([sa.select("value"), sb.select("value")]).unique()
+        grid = pe.select("layer", "expert").join(values, how="cross")  # every expert, used or not
+        t = (grid.join(sa, on=["layer", "value", "expert"], how="left")
+             .join(sb, on=["layer", "value", "expert"], how="left")
              .join(pe, on=["layer", "expert"], how="left")
              .with_columns(pl.col("p_a", "p_b", "count_a", "count_b").fill_null(0))
              .with_columns((pl.col("p_a") / pl.col("pe_a")).alias("lift_a"),
