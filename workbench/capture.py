@@ -381,7 +381,7 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
 
     if distributed.wanted(out):  # under torchrun / accelerate launch: this rank's share of the batches
         return distributed.capture_dp(mm, out, manifest, seqs, batch_size, probe_list, labels, resume, overwrite,
-                                      interventions, part_tokens, progress)
+                                      interventions, part_tokens, progress, probe_model=pm)
     w = RunWriter(out, manifest, resume=resume, overwrite=overwrite)
     if w.already_complete:
         return open_run(out)
@@ -394,7 +394,11 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
     bar = _progress(total, w.tokens_done, progress, f"capture {Path(out).name}")
     steer_cm = mm.steer(**interventions) if interventions else contextlib.nullcontext()
     with _attached(pm, probe_list, writer, bar), steer_cm, torch.inference_mode():
-        for bi in range(start, len(batches)):
+        if mm.layerwise:  # one decoder layer at a time over chunks of batches (workbench/layerwise.py)
+            from .layerwise import forward_layerwise
+
+            forward_layerwise(mm, pipe, batches, range(start, len(batches)), pad, bar)
+        for bi in range(len(batches) if mm.layerwise else start, len(batches)):
             ctx, token_ids, src, lengths = _batch_context(batches[bi], pad, mm.device)
             pipe.begin(ctx)
             mm.model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, use_cache=False)

@@ -220,7 +220,7 @@ class _PartFileWriter:
 # ------------------------------------------------------------------------------------------ capture
 
 def capture_dp(mm, out, manifest: dict, seqs, batch_size: int, probe_list, labels, resume: bool, overwrite: bool,
-               interventions, part_tokens: int, progress: bool):
+               interventions, part_tokens: int, progress: bool, probe_model=None):
     """The data-parallel body of `capture.capture` (same arguments, already checked)."""
     from .capture import _attached, _batch_context, _Decoder, _Pipeline, _progress, _Writer
 
@@ -266,7 +266,7 @@ def capture_dp(mm, out, manifest: dict, seqs, batch_size: int, probe_list, label
     total = sum(len(s.ids) for b in mine for s in batches[b])
     bar = _progress(total, 0, progress and rank == 0, f"capture {path.name} (rank {rank}/{ws})")
     steer_cm = mm.steer(**interventions) if interventions else contextlib.nullcontext()
-    with _attached(mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
+    with _attached(probe_model or mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
         for li, bi in enumerate(mine):
             ctx, token_ids, src, lengths = _batch_context(batches[bi], pad, mm.device)
             pipe.begin(ctx)

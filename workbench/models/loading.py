@@ -11,8 +11,11 @@ from pathlib import Path
 
 import torch
 
+from .. import threads as _threads
 from ..errors import WorkbenchError
 from .families import FAMILIES, GENERIC_BLOCK_NAMES, GENERIC_ROUTER_NAMES, UNSUPPORTED, Family
+
+_threads.note_torch()  # torch's thread count before any load_model: a later change is the user's
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 
@@ -49,6 +52,7 @@ class MoEModel:
     n_experts: int
     top_k: int
     file_hashes: dict[str, str] = field(default_factory=dict)
+    layerwise: bool = False  # loaded by workbench.layerwise: capture runs one decoder layer at a time
 
     @property
     def moe_layers(self) -> list[int]:
@@ -221,6 +225,7 @@ def load_model(
     device_map: str | dict | None = None,
     max_memory: str | dict | None = None,
     offload_folder: str | None = None,
+    threads: int | str | None = "auto",
 ) -> MoEModel:
     """Load `spec` (hub id, local folder or `demo`) in eval mode and map its MoE layers.
 
@@ -231,10 +236,16 @@ def load_model(
     device_map ("auto", "balanced", "sequential" or a dict) and max_memory ("0=70GiB,cpu=200GiB" or
     a dict) split a model too big for one device through accelerate: layers on several GPUs, the CPU,
     or disk (weights read back layer by layer, into `offload_folder`). `device` is then ignored.
+
+    threads: torch's intra-op CPU threads. "auto" (decided once per process, see workbench.threads):
+    the cores free for this process, unless OMP_NUM_THREADS/MKL_NUM_THREADS or torch.set_num_threads()
+    already chose; an int or WORKBENCH_THREADS sets it; None leaves torch alone.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_device(device)
+    if threads is not None:
+        _threads.ensure(None if threads == "auto" else threads)
     path = resolve_model_path(spec)
     local_only = _hub_offline(spec, path)
     try:
