@@ -207,14 +207,15 @@ class RunData:
             from ..analysis.persist import cached
 
             # stored in the run folder: a restarted dashboard reads it instead of recomputing
-            key = None
+            # (a separate name: `key` is this result's cache slot in self._cache)
+            pkey = None
             if "model" in opts:
-                key = {**{k: v for k, v in opts.items() if k != "model"}, "model": self.run.model_info.get("spec")}
+                pkey = {**{k: v for k, v in opts.items() if k != "model"}, "model": self.run.model_info.get("spec")}
             if lock is not None:
                 with lock:
-                    result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=key)
+                    result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=pkey)
             else:
-                result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=key)
+                result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=pkey)
             try:
                 figs = mod.figures(result) if hasattr(mod, "figures") else {}
             except WorkbenchError:
