@@ -218,7 +218,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         ap_an.add_argument("--recompute", action="store_true",
                            help="ignore the result stored in RUN/analyses/ (computed once, reused while the run "
                                 "and options are unchanged) and compute it again")
-        ap_an.add_argument("--chunk-tokens", type=int, metavar="N",
+        ap_an.add_argument("--chunk-tokens", type=opt.at_least(1), metavar="N",
                            help="tokens read at a time (memory bound; default 262144 or $WORKBENCH_CHUNK_TOKENS)")
         if (argv is None or name == named) and _analysis_available(name):
             _analysis_module(name).add_arguments(ap_an)
@@ -293,7 +293,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                                               "(gives dense/MoE layers, experts, top-k)")
     p.add_argument("--tokens", metavar="JSONL", help="per-request input_ids/output_ids and labels when SOURCE lacks them")
     p.add_argument("--physical-to-logical", metavar="FILE", help="SGLang's expert-location JSON/.pt when it ran EPLB")
-    p.add_argument("--experts", type=int, help="routed experts per layer when no --model is given")
+    p.add_argument("--experts", type=opt.at_least(1), help="routed experts per layer when no --model is given")
     p.add_argument("--resume", action="store_true", help="finish a killed import of the same input")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
@@ -302,35 +302,42 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        "top-k overlap, routing JSD, load shift per expert, specialisation shift per label, and each "
                        "changed decision; runs of different data get load, balance and specialisation side by side. "
                        "--match weights|routing first matches B's experts to A's (checkpoints).")
-    p.add_argument("run_a", metavar="RUN_A")
-    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("run_a", metavar="RUN_A", help="the reference run")
+    p.add_argument("run_b", metavar="RUN_B", help="the run compared with RUN_A")
     p.add_argument("--out", metavar="DIR", help="write every table (Parquet) and figure (HTML) here")
     p.add_argument("--match", choices=["none", "weights", "routing"], default="none",
                    help="match B's experts to A's first: by weights (checkpoints) or routing (same tokens)")
     p.add_argument("--distribution", choices=["weights", "logits"], default="weights",
                    help="routing distribution for the JSD: renormalised top-k weights, or softmax of the logits")
-    p.add_argument("--labels", help="comma list of label columns (default: the shared ones with <= 50 values)")
-    p.add_argument("--weak", type=float, default=0.5, help="matches below this similarity are flagged weak")
-    p.add_argument("--max-changes", type=int, default=200_000, help="rows kept in the changes table")
+    p.add_argument("--labels", type=opt.text_of(opt.columns),
+                   help="comma list of label columns (default: the shared ones with <= 50 values)")
+    p.add_argument("--weak", type=opt.between(0, 1), default=0.5,
+                   help="matches below this similarity are flagged weak (default 0.5)")
+    p.add_argument("--max-changes", type=opt.at_least(1), default=200_000,
+                   help="rows kept in the changes table (default 200000)")
 
     p = sub.add_parser("attribute", help="which experts cause the loss on DATA: first-order estimate, exact zeroing",
                        description="Attribute the mean token NLL of DATA (or NLL(DATA) - NLL(control)) to every "
                        "(layer, expert): the first-order effect of zeroing it from one backward pass, and with "
                        "--exact the effect measured by zeroing experts one by one.")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="hub id, local folder, or 'demo'")
     p.add_argument("--data", required=True, help="bundled dataset name or a .txt/.jsonl/.parquet file")
-    p.add_argument("--where", action="append", metavar="COL=V[,V]", help="keep records whose label matches")
+    p.add_argument("--where", action="append", type=opt.text_of(opt.where), metavar="COL=V[,V]",
+                   help="keep records whose label matches")
     p.add_argument("--control", metavar="DATA", help="contrast: attribute NLL(data) - NLL(control)")
-    p.add_argument("--control-where", action="append", metavar="COL=V[,V]", help="--where for the control")
-    p.add_argument("--limit", type=int, help="keep the first N records (after --where)")
+    p.add_argument("--control-where", action="append", type=opt.text_of(opt.where), metavar="COL=V[,V]",
+                   help="--where for the control")
+    p.add_argument("--limit", type=opt.at_least(1), help="keep the first N records (after --where)")
     p.add_argument("--exact", metavar="N|all|SPEC", help="also zero experts one by one: the N largest estimates, "
                                                          "all, or a SPEC")
-    p.add_argument("--max-tokens", type=int, default=1024, help="tokens of DATA (and of the control) evaluated")
-    p.add_argument("--seq-len", type=int, default=128, help="pack into S-token sequences (0 = one per record)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=opt.at_least(1), default=1024,
+                   help="tokens of DATA (and of the control) evaluated")
+    p.add_argument("--seq-len", type=opt.seq_len_or_zero, default=128,
+                   help="pack into S-token sequences (0 = one per record)")
+    p.add_argument("--batch-size", type=opt.at_least(1), default=4, help="sequences a forward (default 4)")
     p.add_argument("--out", help="the table (.parquet, .csv or .json)")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, float16 or auto")
 
     _sub(sub, "datasets", "list the bundled datasets", "List the bundled datasets with their sizes and label columns.")
     return ap

@@ -12,7 +12,7 @@ import math
 import re
 
 __all__ = ["at_least", "between", "column", "columns", "dtype", "expert_spec", "int_list", "layer_list",
-           "port", "seed", "seq_len", "text_of", "where"]
+           "port", "seed", "seq_len", "seq_len_or_zero", "text_of", "where"]
 
 _MAX_INT = 2**62  # beyond any token count, and still an int64 for numpy and torch
 
@@ -72,6 +72,11 @@ def seq_len(text: str) -> int:
     if not 2 <= v <= _MAX_INT:
         raise argparse.ArgumentTypeError(f"must be a whole number of tokens, at least 2, got {text!r}")
     return v
+
+
+def seq_len_or_zero(text: str) -> int:
+    """As seq_len, or 0 where 0 means one sequence per record."""
+    return 0 if str(text).strip() == "0" else seq_len(text)
 
 
 def int_list(text: str) -> list[int]:

@@ -709,9 +709,12 @@ def add_arguments(p) -> None:
                    help="match B's experts to A's first: by weights (checkpoints) or routing (same tokens)")
     p.add_argument("--distribution", choices=["weights", "logits"], default="weights",
                    help="routing distribution for the JSD: renormalised top-k weights, or softmax of logits")
-    p.add_argument("--labels", help="comma list of label columns (default: the shared ones with <= 50 values)")
-    p.add_argument("--weak", type=float, default=0.5, help="matches below this similarity are flagged weak")
-    p.add_argument("--max-changes", type=int, default=200_000, help="rows kept in the changes table")
+    from ..options import at_least, between, columns, text_of
+
+    p.add_argument("--labels", type=text_of(columns),
+                   help="comma list of label columns (default: the shared ones with <= 50 values)")
+    p.add_argument("--weak", type=between(0, 1), default=0.5, help="matches below this similarity are flagged weak")
+    p.add_argument("--max-changes", type=at_least(1), default=200_000, help="rows kept in the changes table")
 
 
 def options_from_args(a) -> dict:

@@ -219,10 +219,13 @@ def figures(result: AnalysisResult) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--ep", type=int, default=8, help="expert-parallel degree: GPUs a layer's experts spread over")
-    parser.add_argument("--redundant", type=int, help="redundant expert slots per layer (default: --ep)")
-    parser.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
-    parser.add_argument("--fit-fraction", type=float, default=0.5, help="share of windows the placement is fitted on")
+    from ..options import at_least, between
+
+    parser.add_argument("--ep", type=at_least(1), default=8, help="expert-parallel degree: GPUs a layer's experts spread over")
+    parser.add_argument("--redundant", type=at_least(0), help="redundant expert slots per layer (default: --ep)")
+    parser.add_argument("--window", type=at_least(1), default=1024, help="tokens per window (default 1024)")
+    parser.add_argument("--fit-fraction", type=between(0, 1, lo_open=True), default=0.5,
+                        help="share of windows the placement is fitted on (default 0.5)")
     parser.add_argument("--export-json", metavar="FILE", help="write SGLang's --init-expert-location JSON")
 
 
