@@ -241,7 +241,7 @@ def add_arguments(p) -> None:
     p.add_argument("--n-neighbors", type=at_least(2), default=15, help="UMAP neighbours (default 15)")
     p.add_argument("--min-dist", type=between(0, 1), default=0.1, help="UMAP minimum distance, 0 to 1 (default 0.1)")
     p.add_argument("--seed", type=seed, default=0, help="UMAP seed (default 0)")
-    p.add_argument("--phase", choices=["prefill", "decode"])
+    p.add_argument("--phase", choices=["prefill", "decode"], help="only prompt (prefill) or generated (decode) tokens")
 
 
 def options_from_args(a) -> dict:

@@ -544,11 +544,13 @@ def add_arguments(p) -> None:
                    help="permutation test resamples (0 = skip)")
     p.add_argument("--fdr", type=between(0, 1, lo_open=True, hi_open=True), default=0.05,
                    help="Benjamini-Hochberg level (default 0.05)")
-    p.add_argument("--alternative", choices=["two-sided", "greater", "less"], default="two-sided")
+    p.add_argument("--alternative", choices=["two-sided", "greater", "less"], default="two-sided",
+                   help="permutation test direction: target class uses an expert more (greater), less, or either")
     p.add_argument("--bootstrap", type=at_least(0, note=" (0 skips it)"), default=100,
                    help="half-split resamples for top-N stability (0 = skip)")
     p.add_argument("--seed", type=seed, default=0, help="seed of permutations, bootstrap and controls (default 0)")
-    p.add_argument("--phase", choices=["prefill", "decode", "all"], default="prefill")
+    p.add_argument("--phase", choices=["prefill", "decode", "all"], default="prefill",
+                   help="tokens the maps count: prompt (prefill, default), generated (decode) or all")
     g = p.add_argument_group("closing the loop")
     g.add_argument("--intervene", type=at_least(0), default=0, metavar="N", help="switch the top-N off / on and measure")
     g.add_argument("--model", help="model for --intervene (default: the run's)")

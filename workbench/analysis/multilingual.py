@@ -652,7 +652,7 @@ def add_arguments(p) -> None:
     p.add_argument("--middle-layers", type=text_of(layer_list), help="override detection, e.g. 4-9 or 4,5,6")
     p.add_argument("--matrix-layers", type=text_of(layer_list, also=("auto", "all")), default="auto",
                    help="pairwise matrices at: auto (first, middle, last), all, or 3,7")
-    p.add_argument("--phase", choices=["prefill", "decode"])
+    p.add_argument("--phase", choices=["prefill", "decode"], help="only prompt (prefill) or generated (decode) tokens")
     g = p.add_argument_group("steering experiment")
     g.add_argument("--steer", action="store_true", help="promote middle-layer task experts and measure perplexity")
     g.add_argument("--model", help="model for --steer (default: the run's model)")
@@ -661,7 +661,8 @@ def add_arguments(p) -> None:
     g.add_argument("--set-column", type=column, default="set", help="label naming task/general text (default: set)")
     g.add_argument("--steer-tau", type=between(-1, 1), default=0.1, help="task expert if task - general frequency > this")
     g.add_argument("--steer-top", type=at_least(1), help="instead: the N largest positive differences")
-    g.add_argument("--mode", choices=["soft", "hard", "both"], default="both")
+    g.add_argument("--mode", choices=["soft", "hard", "both"], default="both",
+                   help="soft: boost by --lam; hard: force the experts; both (default)")
     g.add_argument("--lam", type=between(-100, 100), default=0.5, help="soft promotion: lambda * std(logits) (default 0.5)")
     g.add_argument("--seeds", type=at_least(1), default=3, help="random-expert control seeds (default 3)")
     g.add_argument("--eval-data", help="evaluation texts with a lang field (else the run's documents)")
