@@ -105,6 +105,17 @@ SPEC: L<layer>:E<expert>[,...] (E-1 = the shared expert); --boost and --scale ta
   workbench tiny qwen3_moe --out tiny-qwen
   workbench tiny mixtral --layers 2 --experts 4 --top-k 2 --out tiny-mixtral""",
     "datasets": "example:\n  workbench datasets",
+    "import": """examples:
+  workbench import vllm out.jsonl --out runs/v --model CONFIG
+  workbench import sglang-dump DUMP_DIR --out runs/d --model CONFIG""",
+    "compare": """examples:
+  workbench compare runs/base runs/banned --out cmp/
+  workbench compare runs/ckpt1 runs/ckpt2 --match weights""",
+    "attribute": """examples:
+  workbench attribute demo --data calibration --where domain=code --max-tokens 512
+  workbench attribute demo --data calibration --control calibration --control-where domain=prose --exact 5""",
+    "placement": "examples:\n  workbench analyze placement runs/cal --ep 8\n  workbench analyze placement runs/cal "
+                 "--ep 4 --redundant 4 --export-json placement.json",
 }
 
 _FMT = argparse.RawDescriptionHelpFormatter
@@ -298,7 +309,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
     p = sub.add_parser("compare", help="compare two runs: changed routing decisions, load, specialisation",
-                       description="Compare run B with run A: per layer the share of tokens whose experts changed, "
+                       epilog=_EXAMPLES["compare"], formatter_class=_FMT, description="Compare run B with run A: per layer the share of tokens whose experts changed, "
                        "top-k overlap, routing JSD, load shift per expert, specialisation shift per label, and each "
                        "changed decision; runs of different data get load, balance and specialisation side by side. "
                        "--match weights|routing first matches B's experts to A's (checkpoints).")
@@ -317,7 +328,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="rows kept in the changes table (default 200000)")
 
     p = sub.add_parser("attribute", help="which experts cause the loss on DATA: first-order estimate, exact zeroing",
-                       description="Attribute the mean token NLL of DATA (or NLL(DATA) - NLL(control)) to every "
+                       epilog=_EXAMPLES["attribute"], formatter_class=_FMT, description="Attribute the mean token NLL of DATA (or NLL(DATA) - NLL(control)) to every "
                        "(layer, expert): the first-order effect of zeroing it from one backward pass, and with "
                        "--exact the effect measured by zeroing experts one by one.")
     p.add_argument("model", metavar="MODEL", help="hub id, local folder, or 'demo'")
