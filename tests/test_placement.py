@@ -48,3 +48,28 @@ def test_placement_on_a_run_and_sglang_export(tiny_dir, tmp_path):
     assert all(sorted(set(r)) == list(range(8)) for r in m[1:])  # every logical expert placed
     b = res.tables["balance"].filter(res.tables["balance"]["placement"] == "eplb")
     assert b["held_out"].any() and (~b["held_out"]).any()
+
+
+def test_export_from_a_stored_result_is_the_fitted_map(tiny_dir, tmp_path):
+    """A reused (persisted) result still writes the JSON, and the same map: its meta went through JSON."""
+    import workbench as wb
+    from workbench.analysis import analyze
+    from workbench.analysis.placement import hot_experts, sglang_map
+
+    model = tiny_dir("deepseek_v2", layers=4, experts=8, top_k=2)
+    run = wb.capture(str(model), ["a b c d e f g h i j k l m n o p"] * 4, tmp_path / "run", progress=False)
+    first = analyze("placement", run, ep=4, redundant=4, window=16, export=str(tmp_path / "a.json"))
+    want = json.loads((tmp_path / "a.json").read_text())
+    again = analyze("placement", run, ep=4, redundant=4, window=16, export=str(tmp_path / "a.json"))
+    assert again.meta.get("reused")
+    (tmp_path / "a.json").unlink()
+    again = analyze("placement", run, ep=4, redundant=4, window=16, export=str(tmp_path / "a.json"))
+    assert json.loads((tmp_path / "a.json").read_text()) == want  # written again, not skipped
+    assert sglang_map(again) == sglang_map(first) == want["physical_to_logical_map"]
+    # every layer's map holds each logical expert as often as the experts table counts its replicas
+    hot = hot_experts(first)
+    ex = first.tables["experts"]
+    for layer in run.moe_layers:
+        reps = ex.filter(ex["layer"] == layer).sort("expert")["replicas"].to_list()
+        assert np.bincount(want["physical_to_logical_map"][layer], minlength=8).tolist() == reps
+    assert hot["replicas"].min() > 1 and hot.height == int((ex["replicas"] > 1).sum())

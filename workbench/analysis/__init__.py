@@ -60,7 +60,10 @@ def analyze(name: str, run, reuse: bool = True, **options) -> AnalysisResult:
     if not isinstance(run, Run):
         run = open_run(run)
     mod = module(name)
-    return cached(name, run, lambda **o: mod.analyze(run, **o), options, reuse=reuse)
+    result = cached(name, run, lambda **o: mod.analyze(run, **o), options, reuse=reuse)
+    if result.meta.get("reused") and hasattr(mod, "after"):
+        mod.after(result, options)  # e.g. placement's --export-json: a file the stored result does not hold
+    return result
 
 
 def write_table(df: pl.DataFrame, path: str | Path) -> None:
@@ -114,6 +117,8 @@ def run_cli(name: str, args) -> None:
 
     result = cached(name, run, lambda **o: mod.analyze(run, **o), options,
                     reuse=not getattr(args, "recompute", False))
+    if result.meta.get("reused") and hasattr(mod, "after"):
+        mod.after(result, options)
     if result.meta.get("reused"):
         print(f"(reused the stored result in {run.path}/analyses/{name}/; --recompute to redo it)")
     if args.out:

@@ -130,12 +130,10 @@ def analyze(run, ep: int = 8, redundant: int | None = None, window: int = 1024, 
     held = np.arange(W) >= n_fit if n_fit < W else np.ones(W, bool)  # all windows when nothing is left out
     base = contiguous(E, ep, redundant)  # SGLang's trivial map: physical p holds expert p % E
     rows, lay_rows, pl_rows, ex_rows = [], [], [], []
-    plans = {}
     for li, layer in enumerate(layers):
         c = counts[:, li, :].astype(np.float64)
         fit_load = c[:n_fit].sum(0)
         plan = eplb(fit_load, ep, redundant)
-        plans[layer] = plan
         reps = np.bincount(plan.reshape(-1), minlength=E)
         summary = {"layer": layer}
         for name, pmap in (("contiguous", base), ("eplb", plan)):
@@ -166,7 +164,7 @@ def analyze(run, ep: int = 8, redundant: int | None = None, window: int = 1024, 
                          main="balance", summary=summary,
                          meta={"ep": ep, "redundant": redundant, "n_layers": int(run.model_info.get("n_layers") or
                                                                              max(layers) + 1),
-                               "n_experts": E, "plans": plans})
+                               "n_experts": E})
     if export:
         export_sglang(res, export)
         res.summary += f"\nwrote SGLang placement JSON to {export}"
@@ -174,13 +172,16 @@ def analyze(run, ep: int = 8, redundant: int | None = None, window: int = 1024, 
 
 
 def sglang_map(result: AnalysisResult) -> list[list[int]]:
-    """physical_to_logical_map [decoder layer][physical expert]; dense layers get the trivial map."""
+    """physical_to_logical_map [decoder layer][physical expert]; dense layers get the trivial map.
+
+    Read from the `placement` table, not `meta`: a result reloaded from RUN/analyses/ has its meta
+    through JSON (layer keys become strings, arrays lists)."""
     m = result.meta
-    n_phys = m["n_experts"] + m["redundant"]
-    rows = []
-    for layer in range(m["n_layers"]):
-        plan = m["plans"].get(layer)
-        rows.append([int(x) for x in plan.reshape(-1)] if plan is not None else [p % m["n_experts"] for p in range(n_phys)])
+    n_phys = int(m["n_experts"]) + int(m["redundant"])
+    trivial = [p % int(m["n_experts"]) for p in range(n_phys)]
+    rows = [list(trivial) for _ in range(int(m["n_layers"]))]
+    for (layer,), g in result.tables["placement"].sort("layer", "physical").group_by("layer", maintain_order=True):
+        rows[int(layer)] = [int(x) for x in g["expert"].to_list()]
     return rows
 
 
@@ -191,6 +192,42 @@ def export_sglang(result: AnalysisResult, path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps({"physical_to_logical_map": sglang_map(result)}))
     return p
+
+
+def after(result: AnalysisResult, options: dict) -> None:
+    """Side effects of the options when a stored result is reused (`analyze` itself was not called)."""
+    if options.get("export"):
+        export_sglang(result, options["export"])
+
+
+def hot_experts(result: AnalysisResult) -> pl.DataFrame:
+    """The experts the suggestion replicates, hottest first: layer, expert, replicas, load share (fit)."""
+    ex = result.tables["experts"]
+    return (ex.with_columns((pl.col("load_fit") / pl.col("load_fit").sum().over("layer")).alias("share_fit"),
+                            (pl.col("load_fit") / pl.col("load_fit").mean().over("layer")).alias("load_over_mean"))
+            .filter(pl.col("replicas") > 1)
+            .sort(["load_over_mean", "layer", "expert"], descending=[True, False, False])
+            .select("layer", "expert", "replicas", "load_fit", "load_held_out", "share_fit", "load_over_mean"))
+
+
+def window_figure(result: AnalysisResult, layer: int):
+    """Balancedness of one layer over the windows, contiguous vs the suggestion; fitted windows shaded."""
+    import plotly.graph_objects as go
+
+    b = result.tables["balance"].filter(pl.col("layer") == int(layer)).sort("window")
+    f = go.Figure()
+    for name, label in (("contiguous", "contiguous (default)"), ("eplb", "eplb (suggested)")):
+        r = b.filter(pl.col("placement") == name)
+        f.add_trace(go.Scatter(x=r["window"].to_list(), y=r["balancedness"].to_list(), mode="lines+markers",
+                               name=label))
+    fit = b.filter((pl.col("placement") == "eplb") & ~pl.col("held_out"))["window"]
+    if len(fit) and (~b["held_out"]).any() and b["held_out"].any():
+        f.add_vrect(x0=float(fit.min()) - 0.5, x1=float(fit.max()) + 0.5, fillcolor="#adb5bd", opacity=0.2,
+                    line_width=0, annotation_text="fit windows", annotation_position="top left")
+    f.update_layout(title=f"Layer {int(layer)}: balancedness per window (EP={result.meta['ep']})",
+                    xaxis_title="window", yaxis_title="balancedness (mean/max GPU load)", yaxis_range=[0, 1.05],
+                    template="plotly_white")
+    return f
 
 
 def figures(result: AnalysisResult) -> dict:
@@ -205,6 +242,11 @@ def figures(result: AnalysisResult) -> dict:
                     xaxis_title="layer", yaxis_title="balancedness", yaxis_range=[0, 1.05], barmode="group",
                     template="plotly_white")
     figs["balancedness"] = f
+    m = go.Figure([go.Bar(name="contiguous", x=x, y=lay["max_over_mean_contiguous"].to_list()),
+                   go.Bar(name="eplb (suggested)", x=x, y=lay["max_over_mean_eplb"].to_list())])
+    m.update_layout(title="Predicted max / mean GPU load per layer, held-out windows (1 = even)",
+                    xaxis_title="layer", yaxis_title="max / mean GPU load", barmode="group", template="plotly_white")
+    figs["max_over_mean"] = m
     b = result.tables["balance"]
     for name in ("contiguous", "eplb"):
         piv = b.filter(pl.col("placement") == name).pivot(on="window", index="layer", values="balancedness",
