@@ -184,18 +184,22 @@ def token_atlas(run, labels=None, max_tokens: int = 5000, seed: int = 0, n_neigh
 
 
 def analyze(run, labels=None, what=("experts", "tokens"), top_tokens: int = 200, max_tokens: int = 5000,
-            seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1, phase: str | None = None) -> AnalysisResult:
-    """Expert atlas and token atlas (either or both, `what`)."""
+            seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1, phase: str | None = None,
+            progress: bool = True) -> AnalysisResult:
+    """Expert atlas and token atlas (either or both, `what`); a progress bar per map (UMAP takes minutes)."""
+    from tqdm.auto import tqdm
+
     what = [what] if isinstance(what, str) else list(what)
     bad = [w for w in what if w not in ("experts", "tokens")]
     if bad or not what:
         raise WorkbenchError(f"atlas --what takes experts and/or tokens, not {', '.join(bad) or 'nothing'}")
     labels = _label_columns(run, labels)
     tables = {}
-    if "experts" in what:
-        tables["experts"] = expert_atlas(run, labels, top_tokens, seed, n_neighbors, min_dist, phase)
-    if "tokens" in what:
-        tables["tokens"] = token_atlas(run, labels, max_tokens, seed, n_neighbors, min_dist, phase)
+    for w in tqdm(what, desc="atlas", unit="map", disable=not progress, dynamic_ncols=True):
+        if w == "experts":
+            tables["experts"] = expert_atlas(run, labels, top_tokens, seed, n_neighbors, min_dist, phase)
+        else:
+            tables["tokens"] = token_atlas(run, labels, max_tokens, seed, n_neighbors, min_dist, phase)
     lines = ["expert atlas" + (f" coloured by {', '.join(labels)}" if labels else "")]
     for name, t in tables.items():
         lines.append(f"  {name}: {t.height} points ({t['method'][0] if t.height else '-'}, seed {seed})")
