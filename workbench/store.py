@@ -418,7 +418,8 @@ class Run:
             dropped = sum(len(r.get("dropped_parts", [])) for r in repairs)
             state = ("and was captured again with --resume since" if m.get("status") == "complete" else
                      "and lacks those tokens until `workbench capture ... --resume` captures them again")
-            return (f"note: run {self.path} was repaired ({dropped} damaged part(s) dropped) {state}; "
+            what = f"{dropped} damaged part(s) dropped" if dropped else "its damaged manifest was reset"
+            return (f"note: run {self.path} was repaired ({what}) {state}; "
                     f"results cover {parts} parts, {tokens} tokens")
         if m.get("status") != "complete":
             return (f"note: run {self.path} is still running or was interrupted (status {m.get('status')!r}); "
