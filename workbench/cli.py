@@ -105,6 +105,9 @@ SPEC: L<layer>:E<expert>[,...] (E-1 = the shared expert); --boost and --scale ta
   workbench tiny qwen3_moe --out tiny-qwen
   workbench tiny mixtral --layers 2 --experts 4 --top-k 2 --out tiny-mixtral""",
     "datasets": "example:\n  workbench datasets",
+    "check": """examples:
+  workbench check runs/cal             verify every part the manifest lists
+  workbench check runs/cal --repair    drop damaged parts, then finish with capture --resume""",
     "import": """examples:
   workbench import vllm out.jsonl --out runs/v --model CONFIG
   workbench import sglang-dump DUMP_DIR --out runs/d --model CONFIG""",
