@@ -64,8 +64,17 @@ def layout(app_ctx):
         html.H2(f"Run {run.path.name}"),
         html.Div([model, data, probes, sizes], className="cards"), ver,
         html.H3("Load per layer and expert"),
-        async_section(app_ctx, "overview-load"),
+        _load_section(app_ctx),
     ])
+
+
+def _load_section(app_ctx):
+    run = app_ctx.run
+    if not run.has("routing") and run.has("expert_load"):  # an engine's aggregated dump: counts only
+        from .placement import counts_only_overview
+
+        return counts_only_overview(app_ctx)
+    return async_section(app_ctx, "overview-load")
 
 
 def _ranges(xs) -> str:

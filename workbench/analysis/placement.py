@@ -247,6 +247,15 @@ def figures(result: AnalysisResult) -> dict:
     m.update_layout(title="Predicted max / mean GPU load per layer, held-out windows (1 = even)",
                     xaxis_title="layer", yaxis_title="max / mean GPU load", barmode="group", template="plotly_white")
     figs["max_over_mean"] = m
+    ex = result.tables["experts"].with_columns((pl.col("load_fit") + pl.col("load_held_out")).alias("load"))
+    ex = ex.with_columns((pl.col("load") / pl.col("load").sum().over("layer")).fill_nan(0.0).alias("share"))
+    piv = ex.pivot(on="expert", index="layer", values="share", sort_columns=True).sort("layer")
+    cols = [c for c in piv.columns if c != "layer"]
+    h = go.Figure(go.Heatmap(z=piv.select(cols).to_numpy(), x=cols, y=[str(v) for v in piv["layer"]],
+                             colorscale="Viridis", colorbar=dict(title="share")))
+    h.update_layout(title="Share of each layer's load per expert (all windows)", xaxis_title="expert",
+                    yaxis_title="layer", xaxis_type="category", yaxis_type="category", template="plotly_white")
+    figs["expert_load"] = h
     b = result.tables["balance"]
     for name in ("contiguous", "eplb"):
         piv = b.filter(pl.col("placement") == name).pivot(on="window", index="layer", values="balancedness",
