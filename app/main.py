@@ -142,6 +142,22 @@ def _on_callback_error(err: Exception):
     return None  # every output of the failed callback: no_update
 
 
+def _preload() -> None:
+    """Import, on this thread, the libraries that other libraries look up in sys.modules without importing.
+
+    plotly (through narwhals) checks `sys.modules.get("pandas")`: while an analysis on the background
+    worker is importing pandas for the first time, a request thread drawing a figure would find it half
+    initialised ("partially initialized module 'pandas' has no attribute 'Series'"; seen under load).
+    """
+    import importlib
+
+    for name in ("pandas", "pyarrow", "pyarrow.parquet"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def make_app(run, model=None, analysis_options: dict | None = None, warm=("stats",), *,
              service: ModelService | None = None, siblings: dict[str, str] | None = None,
              allowed_hosts=LOOPBACK_NAMES, **dash_kwargs) -> Dash:
@@ -155,6 +171,7 @@ def make_app(run, model=None, analysis_options: dict | None = None, warm=("stats
     """
     if not isinstance(run, Run):
         run = open_run(run)
+    _preload()
     if service is None and model is not None:
         service = ModelService(_model(model))
     app = Dash(__name__, title="MoE Workbench", suppress_callback_exceptions=True, index_string=INDEX,
