@@ -9,8 +9,10 @@ the change of the objective when an expert's contribution is dropped (routing un
   (their output cannot change), which roughly halves the cost.
 - estimate: first order, all experts from one backward pass per batch. With w the routing weight of a
   slot (token t routed to expert e in layer l), the objective with e zeroed is
-  L(w=0) ~ L - sum over e's slots of dL/dw * w. The hook makes each experts module's routing
-  weights a leaf (after any steering hooks) so autograd gives dL/dw for every slot.
+  L(w=0) ~ L - sum over e's slots of dL/dw * w. The hook multiplies each experts module's routing
+  weights by a leaf s = 1 (after any steering hooks), so autograd gives dL/ds = dL/dw * w per slot.
+  The routing of later layers stays differentiable (their weights move with the hidden state); a
+  change of which experts are selected (top-k is a step) is what the estimate cannot see.
 
 objective = mean token NLL of `data` (next-token cross-entropy), or with `control` the contrast
 mean NLL(data) - mean NLL(control): positive effects are experts that `data` needs more than the
@@ -122,7 +124,7 @@ _WEIGHT_NAMES = ("top_k_weights", "routing_weights", "topk_weights")
 
 
 def _leaf_hook(store: list, layer: int):
-    """Experts pre-hook: the routing weights become a grad-requiring leaf (recorded with their indices)."""
+    """Experts pre-hook: the routing weights times a leaf of ones (recorded with the indices)."""
     def hook(module, args, kwargs):
         args, kwargs = list(args), dict(kwargs)
         if len(args) >= 3:
@@ -134,12 +136,14 @@ def _leaf_hook(store: list, layer: int):
                 raise WorkbenchError(f"cannot find the routing weights in the call of {type(module).__name__}; "
                                      "attribution needs experts(hidden, index, weights)")
             w, idx = kwargs[wname], (args[1] if len(args) == 2 else kwargs[iname])
-        leaf = w.detach().clone().requires_grad_(True)
-        store.append((layer, idx.detach(), leaf))
+        # w * s with s = 1 a leaf: dL/ds = dL/dw * w per slot, and w keeps its own graph (later layers'
+        # routing weights still depend on this layer's output, a path a detached copy would cut)
+        s = torch.ones_like(w, requires_grad=True)
+        store.append((layer, idx.detach(), s))
         if len(args) >= 3:
-            args[2] = leaf
+            args[2] = w * s
         else:
-            kwargs[wname] = leaf
+            kwargs[wname] = w * s
         return tuple(args), kwargs
     return hook
 
@@ -168,7 +172,7 @@ def estimate(mm, batches: list[Batch], progress: bool = False) -> tuple[np.ndarr
             real = b.mask.reshape(-1).bool()
             for (layer, idx, w), g in zip(store, grads):
                 idx = idx.reshape(-1, idx.shape[-1]).cpu().long()
-                contrib = torch.zeros_like(w) if g is None else (g * w).detach()
+                contrib = torch.zeros_like(w) if g is None else g.detach()  # = dL/dw * w (w the slot's weight)
                 contrib = contrib.reshape(idx.shape).double().cpu()
                 keep = real if idx.shape[0] == real.numel() else torch.ones(idx.shape[0], dtype=torch.bool)
                 row = pos[layer]
