@@ -306,3 +306,125 @@ def test_bundled_folder_does_not_shadow_hugging_face_datasets():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     assert Path(out.stdout.strip()).resolve().parent != DATASETS_DIR.resolve()
+
+
+# ------------------------------------------------------------------------ input rules (issue 12: 5, 6)
+
+def _load(tmp_path, name, body: bytes):
+    from workbench.data import load_dataset
+
+    p = tmp_path / name
+    p.write_bytes(body)
+    return load_dataset(str(p)), p
+
+
+def test_invalid_utf8_is_refused_alike_in_txt_and_jsonl(tmp_path):
+    """Latin-1 'café' (0xe9) on line 2: the same sentence for both formats, never a U+FFFD."""
+    from workbench.errors import WorkbenchError
+
+    for name, body in [("a.txt", b"fine\ncaf\xe9\n"), ("a.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n')]:
+        with pytest.raises(WorkbenchError) as e:
+            _load(tmp_path, name, body)
+        assert str(e.value).startswith(f"{tmp_path / name}:2: not valid UTF-8 (byte 0xe9 at column ")
+    ds, _ = _load(tmp_path, "ok.txt", "\ufeffcafé\r\nna\u2028ive\r\n\r\n".encode())  # BOM, CRLF, U+2028 kept
+    assert [r["text"] for r in ds.records] == ["café", "na\u2028ive"]
+
+
+def test_label_types_are_checked_before_any_run(tmp_path):
+    from workbench.data import load_dataset
+    from workbench.errors import WorkbenchError
+
+    cases = [(b'{"text": "a", "meta": {"x": 1}}\n', "label 'meta' holds a nested value (object)"),
+             (b'{"text": "a", "tags": ["x"]}\n', "label 'tags' holds a nested value (array)"),
+             (b'{"text": "a", "pos": 1}\n', "the label 'pos' clashes"),
+             (b'{"text": "a", "n": 18446744073709551616}\n', "does not fit a 64-bit integer"),
+             (b'{"text": ["a"]}\n', "got 'text' of type array"),
+             (b'{"body": "a"}\n', "got no 'text'"),
+             (b'"just a string"\n', "got string"),
+             (b"[" * 50_000 + b"\n", "nested too deeply")]
+    for body, needle in cases:
+        with pytest.raises(WorkbenchError, match=None) as e:
+            _load(tmp_path, "l.jsonl", body)
+        assert needle in str(e.value) and str(e.value).startswith(f"{tmp_path / 'l.jsonl'}:1:"), str(e.value)
+    with pytest.raises(WorkbenchError, match="record 1: label 'm' holds a nested value"):
+        load_dataset(["plain", {"text": "b", "m": {"k": 1}}])
+
+
+def test_mixed_label_types_become_one_type(tmp_path):
+    """Parquet needs one type per column: ints with floats -> floats (silently: JSON writes 1 for 1.0);
+    any other mix -> text, with one warning naming the label."""
+    from workbench.errors import WorkbenchWarning
+
+    body = b'{"text": "a", "x": 1, "y": 1, "z": true}\n{"text": "b", "x": 2.5, "y": "two", "z": null}\n'
+    with pytest.warns(WorkbenchWarning, match=r"label 'y' of l.jsonl mixes types \(int, str\); stored as text"):
+        ds, _ = _load(tmp_path, "l.jsonl", body)
+    assert [(r["x"], r["y"], r["z"]) for r in ds.records] == [(1.0, "1", True), (2.5, "two", None)]
+    assert isinstance(ds.records[0]["x"], float)
+
+
+def test_huge_document_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    import workbench.data as wdata
+    from workbench.errors import WorkbenchError
+
+    monkeypatch.setattr(wdata, "MAX_TEXT_CHARS", 100)
+    for name, body in [("h.txt", b"ok\n" + b"y" * 101 + b"\n"), ("h.jsonl", b'{"text": "ok"}\n{"text": "' + b"y" * 101 + b'"}\n')]:
+        with pytest.raises(WorkbenchError, match=rf"{name}:2: a document of 101 characters is over the limit of 100"):
+            _load(tmp_path, name, body)
+
+
+def test_parquet_inputs_follow_the_same_rules(tmp_path):
+    import polars as pl
+
+    from workbench.data import load_dataset
+    from workbench.errors import WorkbenchError
+
+    def write(df):
+        p = tmp_path / "p.parquet"
+        df.write_parquet(p)
+        return str(p)
+
+    with pytest.raises(WorkbenchError, match="label column 'l' is nested"):
+        load_dataset(write(pl.DataFrame({"text": ["a"], "l": [[1, 2]]})))
+    with pytest.raises(WorkbenchError, match="the 'text' column holds Int64"):
+        load_dataset(write(pl.DataFrame({"text": [1]})))
+    with pytest.raises(WorkbenchError, match="row 1 has no text"):
+        load_dataset(write(pl.DataFrame({"text": ["a", None]})))
+    with pytest.raises(WorkbenchError, match="the label 'token' clashes"):
+        load_dataset(write(pl.DataFrame({"text": ["a"], "token": ["x"]})))
+
+
+def test_selections_name_unknown_columns_and_empty_matches():
+    from workbench.data import load_dataset, subset
+    from workbench.errors import WorkbenchError
+
+    cal = load_dataset("calibration")
+    with pytest.raises(WorkbenchError, match=r"cannot select on 'colour': calibration has no such label "
+                                             r"\(labels: domain, lang\)"):
+        subset(cal, where={"colour": ["red"]})
+    langs = sorted({r["lang"] for r in cal.records})
+    with pytest.raises(WorkbenchError) as e:
+        subset(cal, where={"lang": ["xx"]})
+    assert str(e.value) == f"no records of calibration match lang=xx (lang values there: {', '.join(langs)})"
+    with pytest.raises(WorkbenchError, match="has no 'key' label"):
+        subset(cal, first_keys=3)
+    for bad in (0, -1, True):
+        with pytest.raises(WorkbenchError, match="limit must be a whole number of at least 1"):
+            subset(cal, limit=bad)
+
+
+def test_mixed_labels_capture_and_analyse(tiny_dir, tmp_path, capsys):
+    """Labels of mixed types no longer crash after the run folder exists: the capture completes with
+    the label stored as text, and `analyze stats` splits by it."""
+    from workbench.cli import main
+
+    import workbench as wb
+
+    data = tmp_path / "mixed.jsonl"
+    data.write_text('{"text": "one two", "g": 1}\n{"text": "three four", "g": "b"}\n{"text": "five", "g": null}\n')
+    out = tmp_path / "run"
+    assert main(["capture", str(tiny_dir("qwen3_moe")), "--data", str(data), "--out", str(out), "--no-progress"]) == 0
+    assert "label 'g' of mixed.jsonl mixes types (int, str); stored as text" in capsys.readouterr().err
+    tok = wb.open_run(out).tokens.collect()
+    assert tok.schema["g"] == __import__("polars").Utf8
+    assert sorted(tok["g"].drop_nulls().unique().to_list()) == ["1", "b"]
+    assert main(["analyze", "stats", str(out), "--labels", "g"]) == 0

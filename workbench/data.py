@@ -80,7 +80,12 @@ def _lines(path: Path, raw: bytes):
 
 
 def _read_txt(path: Path, raw: bytes) -> list[dict]:
-    return [{"text": t} for _, t in _lines(path, raw) if t.strip()]
+    records = []
+    for lineno, t in _lines(path, raw):
+        if t.strip():
+            records.append({"text": t})
+            _check_record(records[-1], f"{path}:{lineno}")
+    return records
 
 
 def _read_jsonl(path: Path, raw: bytes) -> list[dict]:
