@@ -165,6 +165,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ap = _Parser(prog="workbench", description="MoE Workbench: capture, analyse and steer the routing of "
                  "Mixture-of-Experts transformers models.", epilog=_EXAMPLES["workbench"], formatter_class=_FMT)
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    ap.add_argument("--threads", type=opt.at_least(1), metavar="N",
+                    help="torch CPU threads (default: the cores free for this process, from its CPU affinity, "
+                         "cgroup quota and the load average; or WORKBENCH_THREADS)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _sub(sub, "demo", "the main job: bundled model + datasets -> run, analyses, report, app",
@@ -520,6 +523,9 @@ def main(argv=None) -> int:
         print("workbench: interrupted", file=sys.stderr)
         return 130
     try:
+        from .threads import configure
+
+        configure(getattr(args, "threads", None))  # before torch starts its thread pools
         _quiet_libraries()
         COMMANDS[args.command](args)
     except WorkbenchError as e:

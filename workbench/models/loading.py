@@ -238,8 +238,8 @@ def load_model(
     or disk (weights read back layer by layer, into `offload_folder`). `device` is then ignored.
 
     threads: torch's intra-op CPU threads. "auto" (decided once per process, see workbench.threads):
-    the cores free for this process, unless OMP_NUM_THREADS/MKL_NUM_THREADS or torch.set_num_threads()
-    already chose; an int or WORKBENCH_THREADS sets it; None leaves torch alone.
+    the cores free for this process, never more than torch has now, unless OMP_NUM_THREADS /
+    MKL_NUM_THREADS chose; an int or WORKBENCH_THREADS sets it; None leaves torch alone.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
