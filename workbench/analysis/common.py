@@ -31,6 +31,16 @@ class RoutingArrays:
         return np.concatenate([[0], change, [len(self.doc)]])
 
 
+def weights_note(run) -> str | None:
+    """None when the run's routing carries weights; otherwise one sentence naming where it came from
+    (serving engines record expert ids only, so an imported run's `weights` are null)."""
+    probe = ((run.manifest.get("probes") or {}).get("routing") or {})
+    if probe.get("weights", True) is not False:
+        return None
+    src = run.manifest.get("source")
+    return f"run {run.path.name} has no routing weights" + (f" (imported from {src})" if src else "")
+
+
 def routing_arrays(run, phase: str | None = None, docs=None) -> RoutingArrays:
     """Load `routing/` into dense arrays sorted by (doc_id, pos); optional phase / doc filter."""
     lf = run.routing

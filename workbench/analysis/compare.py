@@ -335,6 +335,8 @@ def _token_layer(run_a, run_b, layer, keys, mapping, distribution, chunk=200_000
             jsd = _jsd_dense(_softmax(za), _softmax(zb))
         else:
             jsd = _jsd_weights(ea, wa, eb, wb)
+            # null weights (an engine import) read as NaN: no distribution, so no JSD (not a silent 0)
+            jsd[np.isnan(wa).any(1) | np.isnan(wb).any(1)] = np.nan
         parts.append(pl.DataFrame({
             "doc_id": c["doc_id"], "pos": c["pos"], "layer": pl.Series([layer] * c.height, dtype=pl.Int16),
             "changed": (inter < kmax) | (ka != kb), "overlap": inter / kmax, "jsd": jsd,
@@ -578,6 +580,12 @@ def analyze(run, other=None, match="none", matches: pl.DataFrame | None = None, 
     if matches is not None:
         tables["matches"] = matches
     summary = _summary(run_a, run_b, al, tables, matches, distribution, n_changes >= max_changes)
+    from .common import weights_note
+
+    notes = [n for n in (weights_note(run_a), weights_note(run_b)) if n]
+    if notes and keys is not None and distribution == "weights":
+        summary += (f"\n{'; '.join(notes)}: JSD needs routing weights and is NaN; changed share, overlap, "
+                    "load and specialisation use expert ids only")
     meta = {"alignment": {k: v for k, v in al.items() if k != "keys"}, "run_a": str(run_a.path),
             "run_b": str(run_b.path), "distribution": distribution, "labels": lab_cols,
             "match": "given" if matches is not None and match == "none" else match, "n_experts": run_a.n_experts,

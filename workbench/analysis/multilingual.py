@@ -313,9 +313,15 @@ def analyze(run, reference: str = "en", lang_column: str = "lang", key_column: s
              f"language-specific experts (delta > {tau}): "
              + ", ".join(f"{lang}={n}" for lang, n in freq.group_by("lang").agg(pl.col("specific").sum())
                          .sort("lang").iter_rows())]
+    from .common import weights_note
+
+    note = weights_note(run)
+    if note:  # importance falls back to uniform 1/K on the selected experts (see per_doc_counts)
+        lines.append(f"{note}: divergence, entropy and pairwise use selection frequency instead of "
+                     "routing-weight importance")
     meta = {"reference": reference, "tau": tau, "middle_layers": mid, "middle_detected": detected,
             "u_shape": info["u_shape"], "cut": info["cut"], "matrix_layers": mlayers, "layers": p.layers,
-            "n_experts": p.n_experts}
+            "n_experts": p.n_experts, "importance": "frequency" if note else "weights"}
     if steer:
         st = steering_experiment(run, full, middle=mid, reference=reference, lang_column=lang_column, **steer_options)
         tables.update(st.tables)
