@@ -99,3 +99,41 @@ def test_validation_against_the_model(tiny_model, layer, expert):
             assert "dense layer" in msg
         else:
             assert "out of range" in msg
+
+
+# The CLI checks SPEC syntax before torch loads (workbench.options.expert_spec); it must accept exactly
+# what the interventions parser accepts, so an early refusal never blocks a good SPEC (and vice versa).
+_spec_text = st.one_of(
+    st.text(alphabet="LlEe:,=-0123456789. \t", max_size=24),
+    st.lists(st.tuples(st.integers(0, 99), st.integers(-2, 99), st.sampled_from(["", "=0.5", "=-1", "=x", "=nan", "="])),
+             min_size=1, max_size=4).map(lambda xs: ",".join(f"L{a}:E{b}{v}" for a, b, v in xs)))
+
+
+def _cli_accepts(text, valued):
+    import argparse
+
+    from workbench.options import expert_spec
+
+    try:
+        expert_spec(valued)(text)
+        return True
+    except argparse.ArgumentTypeError as e:
+        assert "\n" not in str(e)
+        return False
+
+
+@settings(max_examples=300)
+@given(_spec_text)
+def test_cli_syntax_check_agrees_with_the_parser(text):
+    try:
+        parse_spec(text, what="--ban")
+        plain = bool(text.strip())  # the CLI refuses an empty SPEC outright
+    except WorkbenchError:
+        plain = False
+    assert _cli_accepts(text, valued=False) == plain, text
+    try:
+        parse_values(text, what="--boost")
+        valued = bool(text.strip())
+    except WorkbenchError:
+        valued = False
+    assert _cli_accepts(text, valued=True) == valued, text
