@@ -53,7 +53,11 @@ def expert_max(run, mode: str = "true") -> pl.DataFrame:
     df = agg.collect()
     if df.height == 0:
         raise WorkbenchError(f"run {run.path}: expert_stats has no rows")
-    return df.cast(_MAX_SCHEMA).sort("layer", "expert")
+    out = df.cast(_MAX_SCHEMA).sort("layer", "expert")
+    n = run.model_info.get("n_layers")
+    if n:  # lets find_super_experts refuse an n_layers that contradicts the run this table came from
+        out._wb_n_layers = int(n)
+    return out
 
 
 def find_super_experts(table: pl.DataFrame, n_layers: int, percentile: float = 99.5, ratio: float = 10.0,
@@ -64,6 +68,13 @@ def find_super_experts(table: pl.DataFrame, n_layers: int, percentile: float = 9
     decoder layers. Returns (table sorted by max_abs descending with `candidate`, `is_super_expert`,
     `se_rank`), thresholds dict.
     """
+    known = getattr(table, "_wb_n_layers", None)  # set by expert_max(run)
+    if known is not None and n_layers != known:
+        raise WorkbenchError(f"n_layers={n_layers} contradicts the run, whose model has {known} decoder layers")
+    top = table["layer"].max() if table.height else None
+    if not isinstance(n_layers, int) or n_layers < 1 or (top is not None and top >= n_layers):
+        raise WorkbenchError(f"n_layers={n_layers!r} is impossible for a table with layer {top}: give the model's "
+                             "number of decoder layers")
     n_cand_layers = round(layer_fraction * n_layers)
     cand = table["layer"].cast(pl.Int64) < n_cand_layers
     A = table.filter(cand)["max_abs"].to_numpy().astype(np.float64)
