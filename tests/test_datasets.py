@@ -407,9 +407,15 @@ def test_selections_name_unknown_columns_and_empty_matches():
     assert str(e.value) == f"no records of calibration match lang=xx (lang values there: {', '.join(langs)})"
     with pytest.raises(WorkbenchError, match="has no 'key' label"):
         subset(cal, first_keys=3)
+    import workbench as wb
+
     for bad in (0, -1, True):
         with pytest.raises(WorkbenchError, match="limit must be a whole number of at least 1"):
             subset(cal, limit=bad)
+        with pytest.raises(WorkbenchError, match="limit must be a whole number of at least 1"):
+            wb.dataset("calibration", limit=bad)  # limit=0 once meant "everything"
+        with pytest.raises(WorkbenchError, match="limit must be a whole number of at least 1"):
+            load_dataset("calibration", limit=bad)
 
 
 def test_mixed_labels_capture_and_analyse(tiny_dir, tmp_path, capsys):

@@ -59,7 +59,9 @@ def dataset(data, where: dict | None = None, first_keys: int | None = None, limi
     from .data import load_dataset, subset
 
     ds = load_dataset(data)
-    return subset(ds, where=where, first_keys=first_keys, limit=limit) if (where or first_keys or limit) else ds
+    if where is None and first_keys is None and limit is None:
+        return ds
+    return subset(ds, where=where, first_keys=first_keys, limit=limit)  # limit=0 is refused there, not "all"
 
 
 def tiny(model_type: str, out, **kwargs):

@@ -224,6 +224,8 @@ def load_dataset(data, limit: int | None = None) -> Dataset:
         name, source, digest = (spec if spec in bundled else path.name), str(path.resolve()), _hash(raw)
     records = [r for r in records if r["text"].strip()]
     _normalise_labels(records, name)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise WorkbenchError(f"limit must be a whole number of at least 1, got {limit!r}")
     if limit is not None:
         records = records[:limit]
     if not records:
