@@ -66,9 +66,13 @@ def _label_groups(run, labels, max_values: int, skipped: list):
     """[(label column, sorted value names)] from the routed tokens (a lazy scan, not the routing)."""
     first = min(run.moe_layers)
     keys = run.routing.filter(pl.col("layer") == first).select("doc_id", "pos")
-    have = run.tokens.collect_schema().names()
+    schema = run.tokens.collect_schema()
+    have = schema.names()
     out = [(None, [None])]
-    cand = [c for c in have if c not in _BASE_COLS[:4]]
+    # Nested label values (runs written before inputs were checked) cannot be grouped by: left out.
+    nested = [c for c in have if schema[c].is_nested()]
+    cand = [c for c in have if c not in _BASE_COLS[:4] and c not in nested]
+    skipped.extend((c, "nested values, not a label") for c in run.label_columns if c in nested and labels is None)
     tok = run.tokens.join(keys, on=["doc_id", "pos"], how="semi")
     if labels is None:
         chosen = []
@@ -87,6 +91,10 @@ def _label_groups(run, labels, max_values: int, skipped: list):
             chosen.append("phase")
     else:
         chosen = [labels] if isinstance(labels, str) else list(labels)
+        bad = [c for c in chosen if c in nested]
+        if bad:
+            raise WorkbenchError(f"label column {bad[0]!r} of run {run.path} holds nested values; split by a column "
+                                 f"of plain values ({', '.join(cand) or 'none'})")
         bad = [c for c in chosen if c not in cand]
         if bad:
             raise WorkbenchError(f"run {run.path} has no label column {bad[0]!r} (labels: {', '.join(cand) or 'none'})")
