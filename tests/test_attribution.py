@@ -128,3 +128,26 @@ def test_cli(tiny_dir, tmp_path, capsys):
     t = pl.read_parquet(out)
     assert t.height == 24 and t["exact"].drop_nulls().len() == 3
     assert main(["attribute", model, "--data", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_behaviour_loop_can_rank_by_attribution(tiny_model, tmp_path):
+    import workbench as wb
+    from workbench.analysis import behavior as bh
+    from workbench.analysis.common import doc_token_ids
+
+    mm = tiny_model("qwen3_moe", layers=3, experts=8, top_k=2)
+    recs = [{"text": t * 2, "class": c} for t, c in zip(TEXTS * 3, ["target", "control"] * 6)]
+    run = wb.capture(mm, recs, tmp_path / "b", progress=False)
+    res = bh.analyze(run, intervene=2, rank_by="attribution", model=mm, permutations=0, bootstrap=0, seeds=1,
+                     score="text", progress=False, heldout=0.34)
+    held = set(res.meta["heldout_docs"])
+    lab = run.tokens.group_by("doc_id").agg(pl.col("class").first()).sort("doc_id").collect()
+    fit = lab.filter(~pl.col("doc_id").is_in(list(held)))
+    ids = doc_token_ids(run)
+    tgt = [ids[d] for d in fit.filter(pl.col("class") == "target")["doc_id"].to_list()]
+    ctl = [ids[d] for d in fit.filter(pl.col("class") == "control")["doc_id"].to_list()]
+    want = A.rank_for_behaviour(mm, tgt, ctl, n=2, max_tokens=4096)
+    assert [tuple(x) for x in res.meta["intervene_experts"]] == want
+    assert res.meta["ranked_by"] == "attribution"
+    with pytest.raises(WorkbenchError, match="rank-by"):
+        bh.analyze(run, rank_by="vibes")

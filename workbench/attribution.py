@@ -367,6 +367,18 @@ def rank_for_behaviour(mm, target, control=None, n: int = 10, max_tokens: int | 
     return top_experts(res.table, n)
 
 
+def behaviour_top(run, mm, target_docs, control_docs, n: int, max_tokens: int | None = 4096) -> list[tuple[int, int]]:
+    """`rank_for_behaviour` on a run's documents (the behaviour map's fit prompts): target vs control."""
+    from .analysis.common import doc_token_ids
+
+    ids = doc_token_ids(run, [int(d) for d in target_docs] + [int(d) for d in control_docs])
+    tgt = [ids[int(d)] for d in target_docs if int(d) in ids]
+    ctl = [ids[int(d)] for d in control_docs if int(d) in ids]
+    if not tgt:
+        raise WorkbenchError("no target prompts to attribute on")
+    return rank_for_behaviour(mm, tgt, ctl or None, n, max_tokens)
+
+
 # ---------------------------------------------------------------------------------------------
 # Analysis interface (workbench.analysis MODULES "attribution": the run's own tokens)
 

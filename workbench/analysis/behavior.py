@@ -262,7 +262,7 @@ def analyze(run, label: str = "class", target: str | None = None, normalize: boo
             fdr: float = 0.05, top_n: int = 10, bootstrap: int = 100, seed: int = 0, phase: str | None = "prefill",
             alternative: str = "two-sided", intervene: int = 0, heldout: float = 0.3, model=None, score=None,
             continuations=None, seeds: int = 3, heldout_data=None, max_heldout: int = 32,
-            progress: bool = True) -> AnalysisResult:
+            progress: bool = True, rank_by: str = "frequency") -> AnalysisResult:
     """Behaviour maps of a run whose prompts carry a class label.
 
     target: the class to contrast against the others (default: a class named "target", or the
@@ -271,9 +271,13 @@ def analyze(run, label: str = "class", target: str | None = None, normalize: boo
     score measured on held-out prompts: `heldout` of each class is kept out of the maps unless
     `heldout_data` (records with text and the label) is given. Score: "continuations" (mean
     log-probability of `continuations`, default refusal openings), "text" (of the prompts themselves),
-    or `score(mm, prompts, interventions) -> float`.
+    or `score(mm, prompts, interventions) -> float`. rank_by: which experts the loop switches,
+    "frequency" (the map's top-N) or "attribution" (the N whose estimated removal raises the target
+    prompts' NLL most relative to the others', `workbench.attribution.behaviour_top`).
     """
     _check_score(score)
+    if rank_by not in ("frequency", "attribution"):
+        raise WorkbenchError(f"unknown --rank-by {rank_by!r}; choose frequency or attribution")
     maps = activation_maps(run, label, phase)
     if len(maps.classes) < 2:
         raise WorkbenchError(f"behaviour maps need at least two classes in {label!r}; found {maps.classes}")
@@ -310,14 +314,20 @@ def analyze(run, label: str = "class", target: str | None = None, normalize: boo
     meta = {"targets": targets, "top_n": top_n, "fdr": fdr, "normalize": normalize, "label": label,
             "heldout_docs": maps.doc_id[held].tolist()}
     if intervene:
-        experts = top_experts(diff, intervene)
         mm = _model(run, model)
+        if rank_by == "attribution":
+            from ..attribution import behaviour_top
+
+            experts = behaviour_top(run, mm, fit.doc_id[fit.label == targets[0]], fit.doc_id[fit.label != targets[0]],
+                                    intervene)
+        else:
+            experts = top_experts(diff, intervene)
         prompts = _heldout_prompts(run, mm, maps, held, label, heldout_data, max_heldout)
         loop = close_loop(mm, experts, prompts, score=score, continuations=continuations, seeds=seeds,
                           progress=progress)
         tables.update(loop.tables)
         lines.extend(loop.summary.splitlines())
-        meta.update(loop.meta)
+        meta.update(loop.meta, ranked_by=rank_by)
     return AnalysisResult("behavior", tables, "map", "\n".join(lines), meta)
 
 
@@ -564,6 +574,9 @@ def add_arguments(p) -> None:
                    help="what --intervene measures: log-prob of --continuations after each prompt (default), "
                         "or of the prompt text itself")
     g.add_argument("--seeds", type=at_least(1), default=3, help="random-expert control seeds (default 3)")
+    g.add_argument("--rank-by", choices=["frequency", "attribution"], default="frequency",
+                   help="experts --intervene switches: the map's top-N (default) or the N with the largest "
+                        "estimated causal effect on the target prompts' NLL vs the others' (workbench attribute)")
 
 
 def options_from_args(a) -> dict:
@@ -586,5 +599,5 @@ def options_from_args(a) -> dict:
                 top_n=a.top_n, bootstrap=a.bootstrap, seed=a.seed, phase=None if a.phase == "all" else a.phase,
                 alternative=a.alternative, intervene=a.intervene, heldout=a.heldout, model=a.model,
                 heldout_data=a.heldout_data, max_heldout=a.max_heldout, continuations=conts, seeds=a.seeds,
-                score=a.score)
+                score=a.score, rank_by=getattr(a, "rank_by", "frequency"))
 
