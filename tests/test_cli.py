@@ -148,3 +148,21 @@ def test_offline_hub_id_is_one_immediate_sentence(capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "not in the local Hugging Face cache" in err and "Retry" not in err
     assert took < 30  # no retry back-off (five retries took 30 s before)
+
+
+def test_stats_on_an_old_run_with_nested_labels(tiny_model, tmp_path, monkeypatch, capsys):
+    """Runs captured before labels were checked can hold nested label columns; stats leaves them out
+    (and names them when asked for one) instead of failing in polars."""
+    import workbench.data as wdata
+
+    monkeypatch.setattr(wdata, "_check_record", lambda rec, where: None)  # the old, unchecked input path
+    recs = [{"text": "hello there", "meta": {"a": 1}, "tags": ["x"]}, {"text": "more words", "meta": {"a": 2},
+                                                                       "tags": ["y", "z"]}]
+    out = tmp_path / "old"
+    wb.capture(tiny_model("qwen3_moe"), recs, out, progress=False)
+    capsys.readouterr()
+    assert main(["analyze", "stats", str(out)]) == 0
+    assert "not split by tags (nested values, not a label)" in capsys.readouterr().out
+    assert main(["analyze", "stats", str(out), "--labels", "meta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("workbench: error: label column 'meta'") and "Traceback" not in err
