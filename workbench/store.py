@@ -196,6 +196,8 @@ class RunWriter:
         if self.path.exists() and not self.path.is_dir():
             raise WorkbenchError(f"--out {self.path} exists and is not a folder")
         created = not self.path.exists()
+        if not created:
+            self._refuse_foreign()  # before the lock file: a folder that is not ours gets nothing added
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -233,15 +235,23 @@ class RunWriter:
             self.manifest = old
             self._drop_orphans()
             return
-        foreign = [f for f in self.path.iterdir() if f.name != LOCK]
-        if foreign and not existing.exists():
-            raise WorkbenchError(f"--out {self.path} is a non-empty folder that is not a run; use another path")
+        self._refuse_foreign()
         if existing.exists():  # overwrite: the old run stays whole until the new capture writes its first part
             self._old = read_manifest(self.path)
         self.manifest = dict(manifest, schema_version=SCHEMA_VERSION, status="running", parts=[],
                              created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if self._old is None:
             write_manifest(self.path, self.manifest)
+
+    def _refuse_foreign(self) -> None:
+        if (self.path / MANIFEST).exists():
+            return
+        try:
+            foreign = [f for f in self.path.iterdir() if f.name != LOCK]
+        except OSError as e:
+            raise io_error(e, self.path) from None
+        if foreign:
+            raise WorkbenchError(f"--out {self.path} is a non-empty folder that is not a run; use another path")
 
     def _table_dirs(self, manifest: dict) -> set[str]:
         names = set(TABLES) | {"dump_experts", "dump_hidden"}
