@@ -228,6 +228,8 @@ def analysis_page(path, title, intro, key, analysis, render=None, requires=(), r
         parts = [html.H2(title), html.P(intro), async_section(app_ctx, key)]
         if loop:
             parts += [html.H3(loop_title or "Closed loop"), async_section(app_ctx, f"{key}-loop")]
+        for extra_title, extra_key in extra or ():  # further sections (their own analyses) on the same page
+            parts += [html.H3(extra_title), async_section(app_ctx, extra_key)]
         return html.Div(parts)
 
     return Page(path, title, layout, register)
@@ -377,11 +379,18 @@ def _register_atlas(app, app_ctx):
             return atlas_figure(res.tables[which], which, color)
 
 
+# Which experts matter (not just fire): workbench.attribution on this run's documents, with the live model.
+section("experts-attribution", "attribution", _generic(), loop=Loop(
+    "estimate attribution", "The effect of zeroing each expert on the loss of this run's text, for all experts "
+    "from one backward pass per batch (first-order estimate; workbench attribute for exact zeroing).",
+    _with_model(max_tokens=2048)))
+
 PAGES = [
     analysis_page("/experts", "Experts",
                   "Per-expert load, co-activation within a layer, transitions between layers, and the tokens and "
                   "labels each expert specialises in (workbench analyze stats).", "experts", "stats",
-                  render=_render_experts, register=_register_experts),
+                  render=_render_experts, register=_register_experts,
+                  extra=[("Causal attribution", "experts-attribution")]),
     analysis_page("/super-experts", "Super experts",
                   "Experts whose down_proj output has rare extreme outliers (Su et al.): the max |output| heatmap, "
                   "the super-expert table, massive activations per layer and the sink token's router scores "

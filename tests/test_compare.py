@@ -184,3 +184,48 @@ def test_cli(setup, tmp_path, capsys):
     assert (out / "figures" / "load_shift.html").exists()
     assert main(["compare", str(s["a"].path), str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_dashboard_compare_page(setup):
+    import json
+
+    import plotly
+
+    from workbench.app import compare as page
+    from workbench.app.main import make_multi_app
+
+    s = setup
+    server = make_multi_app([s["a"].path, s["ban"].path, s["perm"].path], warm=())
+    ctx = server.workbench_apps["a"].workbench
+    text = json.dumps(page.PAGE.layout(ctx), cls=plotly.utils.PlotlyJSONEncoder)
+    assert "cmp-other" in text and '"ban"' in text and '"perm"' in text
+    runs = page.served_runs(ctx)
+    res, figs = page.result_for(ctx.run, runs["ban"], "none")
+    body = json.dumps(page.render(res, figs), cls=plotly.utils.PlotlyJSONEncoder)
+    assert "Changed routing decisions" in body and "Load shift per expert" in body
+    # the figures are the analysis' own, from its tables
+    assert set(figs) == set(C.figures(res))
+    res2, figs2 = page.result_for(ctx.run, runs["perm"], "weights")
+    body2 = json.dumps(page.render(res2, figs2), cls=plotly.utils.PlotlyJSONEncoder)
+    assert "Matched experts (0 weak)" in body2
+    assert page.result_for(ctx.run, runs["perm"], "weights")[0] is res2  # cached
+    # one run served: the page says how to serve two
+    single = make_multi_app([s["a"].path], warm=()).workbench_apps["a"].workbench
+    assert "nothing to compare" in json.dumps(page.PAGE.layout(single), cls=plotly.utils.PlotlyJSONEncoder)
+
+
+def test_experts_page_attribution_section(setup):
+    from workbench.app.analyses import SECTIONS, _body
+    from workbench.app.main import make_app
+    from workbench.app.state import Unavailable
+
+    s = setup
+    app = make_app(s["a"], model=s["mm"], warm=())
+    ctx = app.workbench
+    sec = SECTIONS["experts-attribution"]
+    body, done = _body(ctx, sec)
+    assert done and "estimate attribution" in str(body)
+    res = ctx.data.analysis(sec.analysis, variant=sec.variant, options=sec.loop.options(ctx),
+                            lock=ctx.service.lock, wait=120)
+    assert res is not None and not isinstance(res, Unavailable), res
+    assert res.table.height == 3 * 8 and "attribution" in ctx.data.figures(sec.variant)
