@@ -154,6 +154,14 @@ def _part_tokens(run, part: dict, columns, phase) -> pl.DataFrame | None:
     return df.unique(["doc_id", "pos"], keep="first", maintain_order=True)
 
 
+def _sorted_rows(doc, pos, lay) -> bool:
+    """Rows already in (doc_id, pos, layer) order (non-decreasing)."""
+    if len(doc) < 2:
+        return True
+    dd, dp, dl = np.diff(doc), np.diff(pos.astype(np.int64)), np.diff(lay)
+    return bool(((dd > 0) | ((dd == 0) & ((dp > 0) | ((dp == 0) & (dl >= 0))))).all())
+
+
 def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chunk_tokens_: int | None = None,
                  progress: bool = False, desc: str = "reading routing"):
     """Yield RoutingChunk of at most `chunk_tokens` tokens each, part by part, batch by batch.
@@ -195,8 +203,8 @@ def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chu
                 raise WorkbenchError(f"run {run.path}: routing rows must each hold top_k={k} experts")
             ex = np.asarray(ex_col.flatten().to_numpy(zero_copy_only=False), np.int16).reshape(-1, k)
             w = np.asarray(w_col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, k)
-            order = np.lexsort((lay, pos, doc))
-            if not np.array_equal(order, np.arange(len(order))):
+            if not _sorted_rows(doc, pos, lay):  # captures write sorted parts: check in one pass, sort if not
+                order = np.lexsort((lay, pos, doc))
                 doc, pos, lay, ex, w = doc[order], pos[order], lay[order], ex[order], w[order]
             if len(doc) % nl or not (lay.reshape(-1, nl) == lay_ref).all():
                 raise WorkbenchError(f"run {run.path}: routing rows are not whole tokens x MoE layers {layers}"

@@ -57,7 +57,7 @@ def _groups(run, tok: pl.DataFrame, labels, max_values: int = 64, skipped: list 
 
 def _frame(label, values, code_col, **cols) -> pl.DataFrame:
     df = pl.DataFrame(cols)
-    vals = pl.Series([values[i] for i in code_col], dtype=pl.Utf8) if len(code_col) else pl.Series([], dtype=pl.Utf8)
+    vals = pl.Series(values, dtype=pl.Utf8).gather(np.asarray(code_col, np.int64))
     return df.with_columns(pl.lit(label, pl.Utf8).alias("label"), vals.alias("value")).select(
         "label", "value", *cols.keys())
 
@@ -107,34 +107,177 @@ def _label_groups(run, labels, max_values: int, skipped: list):
 def _indicator(ex_l: np.ndarray, E: int, dtype) -> np.ndarray:
     """[T, E] multiplicity of each expert in each token's top-k (co-activation / transitions as GEMMs)."""
     T, K = ex_l.shape
-    x = np.bincount((np.arange(T)[:, None] * E + ex_l).reshape(-1), minlength=T * E).reshape(T, E)
-    return x.astype(dtype)
+    x = np.zeros((T, E), dtype)
+    np.put_along_axis(x, ex_l, 1, axis=1)
+    if x.sum(dtype=np.float64) != T * K:  # an expert twice in one token's top-k: count the multiplicity
+        x = np.bincount((np.arange(T)[:, None] * E + ex_l).reshape(-1), minlength=T * E).reshape(T, E).astype(dtype)
+    return x
 
 
-class _GroupAcc:
-    """Mergeable partial results of one label column: every count is a sum over chunks (exact)."""
+_UNIT_CELLS = 1 << 25  # co-activation cells (units x layers x E x E) above which labels get a pass each
 
-    def __init__(self, label, values, L, E, coactivation, transitions):
-        self.label, self.values = label, values
-        V = len(values)
-        self.n_tok = np.zeros(V, np.int64)
-        self.cnt = np.zeros((V, L, E), np.int64)
-        self.wsum = np.zeros((V, L, E), np.float64)
-        self.co = np.zeros((V, L, E, E), np.int64) if coactivation else None
-        self.tr = np.zeros((V, max(L - 1, 0), E, E), np.int64) if transitions else None
-        self.tt = None  # (v, le, token_id, count)
-        self.tf = None  # (v, token_id, token_count)
+
+def _sorted_sum(keys: np.ndarray, counts: np.ndarray):
+    """Sum the counts of equal keys; returns (unique keys ascending, sums). Stable sort: concatenated
+    sorted runs merge in linear time (timsort)."""
+    if len(keys) == 0:
+        return keys.astype(np.int64), counts.astype(np.int64)
+    o = np.argsort(keys, kind="stable")
+    k, c = keys[o], counts[o]
+    start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+    if len(start) == len(k):
+        return k, c
+    cs = np.cumsum(c)[np.append(start[1:], len(k)) - 1]  # cheaper than np.add.reduceat
+    return k[start], np.diff(cs, prepend=0)
+
+
+def _segment_rank(seg: np.ndarray, count: np.ndarray, tie: np.ndarray, tie_span: int):
+    """Order of the rows by (seg, count descending, tie ascending) and each row's rank in its segment.
+    One argsort on a packed int64 key when the three fit in 63 bits, else a lexsort."""
+    n = len(seg)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cmax = int(count.max())
+    tb, cb, sb = int(tie_span).bit_length(), cmax.bit_length(), int(seg.max()).bit_length()
+    if tb + cb + sb <= 63:
+        o = np.argsort((seg << (cb + tb)) | ((cmax - count) << tb) | tie)  # keys unique: any sort is exact
+    else:
+        o = np.lexsort((tie, -count, seg))
+    s = seg[o]
+    first = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
+    rank = np.arange(n) - np.repeat(first, np.diff(np.append(first, n)))
+    return o, rank
+
+
+class _KeyCounts:
+    """Exact sparse counter of int64 keys (segment * span + token): sorted arrays merged per chunk.
+    Above `cap` distinct keys it keeps each segment's `keep` largest (a heavy-hitter sketch)."""
+
+    def __init__(self, cap=None, keep=None, span=1):
+        self.k = np.zeros(0, np.int64)
+        self.c = np.zeros(0, np.int64)
+        self.cap, self.keep, self.span = cap, keep, span
         self.pruned = False
 
+    def add(self, keys, counts):
+        self.k, self.c = _sorted_sum(np.concatenate([self.k, keys]), np.concatenate([self.c, counts]))
+        if self.cap is not None and len(self.k) > self.cap:
+            o, rank = _segment_rank(self.k // self.span, self.c, self.k % self.span, self.span)
+            kept = np.sort(o[rank < self.keep])
+            self.k, self.c = self.k[kept], self.c[kept]
+            self.pruned = True
 
-def _merge_counts(acc, new, keys, col, cap=None, keep=None):
-    df = new if acc is None else pl.concat([acc, new]).group_by(keys).agg(pl.col(col).sum())
-    if cap is not None and df.height > cap:
-        # bounded memory: keep each group's `keep` largest candidates (a heavy-hitter sketch; counts of
-        # kept tokens are lower bounds from then on)
-        df = df.sort(col, descending=True).group_by(keys[:-1], maintain_order=True).head(keep)
-        return df, True
-    return df, False
+
+class _Pass:
+    """Per-unit partial sums for one set of label columns; a unit is one combination of their values
+    (null included), so every label's per-value table is a sum over units, computed at the end."""
+
+    def __init__(self, members, radix, L, E, NT, coactivation, transitions, cap, keep):
+        self.members, self.radix = members, radix
+        self.stride = np.cumprod([1] + radix[:-1]).astype(np.int64) if radix else np.zeros(0, np.int64)
+        U = int(np.prod(radix)) if radix else 1
+        self.U, self.L, self.E, self.NT = U, L, E, NT
+        LE = L * E
+        self.n_tok = np.zeros(U, np.int64)
+        self.cnt = np.zeros((U, L, E), np.int64)
+        self.wsum = np.zeros((U, L, E), np.float64)
+        self.co = np.zeros((U, L, E, E), np.int64) if coactivation else None
+        self.tr = np.zeros((U, max(L - 1, 0), E, E), np.int64) if transitions else None
+        # top tokens: key ((layer * E + expert) * U + u) * NT + token_id + 1; a chunk's keys come out of
+        # the per-layer bincounts already sorted
+        self.tt = _KeyCounts(cap, keep, NT)
+        self.tf = _KeyCounts()  # key u * NT + token_id + 1: tokens per (unit, token id)
+
+    def add(self, codes, tok1, ex, w):
+        T, L, K = ex.shape
+        E, LE, NT = self.E, self.L * self.E, self.NT
+        u = np.zeros(T, np.int64)
+        for m, s in zip(self.members, self.stride):
+            u += codes[m] * s
+        U = self.U
+        self.n_tok += np.bincount(u, minlength=U)
+        base = (u * E)[:, None]
+        for li in range(L):
+            self.wsum[:, li, :] += np.bincount((base + ex[:, li, :]).reshape(-1), weights=w[:, li, :].reshape(-1),
+                                               minlength=U * E).reshape(U, E)
+        gk, inv, gcnt = np.unique(u * NT + tok1, return_inverse=True, return_counts=True)
+        self.tf.add(gk, gcnt.astype(np.int64))
+        G = len(gk)
+        keys, cts = [], []
+        for li in range(L):  # expert x (unit, token) counts per layer: bincount, then the nonzero cells
+            b = np.bincount((ex[:, li, :] * G + inv[:, None]).reshape(-1), minlength=E * G)
+            nz = np.flatnonzero(b)
+            keys.append((li * E + nz // G) * (U * NT) + gk[nz % G])
+            cts.append(b[nz].astype(np.int64))
+        keys, cts = np.concatenate(keys), np.concatenate(cts)
+        self.cnt += np.bincount(keys // NT, weights=cts, minlength=LE * U).reshape(L, E, U).transpose(2, 0, 1) \
+            .round().astype(np.int64)
+        self.tt.add(keys, cts)
+        if self.co is None and self.tr is None:
+            return
+        # co-activation and transitions: indicator GEMMs over the tokens of each unit (rows sorted by unit)
+        order = np.argsort(u, kind="stable")
+        us = u[order]
+        bounds = np.searchsorted(us, np.arange(self.U + 1))
+        segs = [(j, bounds[j], bounds[j + 1]) for j in range(self.U) if bounds[j + 1] > bounds[j]]
+        exs = ex[order]
+        dtype = np.float32 if T < (1 << 24) else np.float64  # integer sums stay exact in the GEMM
+        prev = None
+        for li in range(L):
+            x = _indicator(exs[:, li, :], E, dtype)
+            for j, a, b in segs:
+                if self.co is not None:
+                    xs = x[a:b]
+                    g = (xs.T @ xs).astype(np.int64)
+                    g[np.diag_indices(E)] -= xs.sum(0).astype(np.int64)
+                    self.co[j, li] += g
+                if self.tr is not None and prev is not None:
+                    self.tr[j, li - 1] += (prev[a:b].T @ x[a:b]).astype(np.int64)
+            prev = x
+
+    def value_map(self, member):
+        """Value index of each unit for label `member` (-1: null); None label: every unit is value 0."""
+        units = np.arange(self.U)
+        if member is None:
+            return np.zeros(self.U, np.int64)
+        i = self.members.index(member)
+        v = (units // self.stride[i]) % self.radix[i]
+        return np.where(v == self.radix[i] - 1, -1, v)
+
+    def collapse(self, member, V, top_n):
+        """Per-value tables of one label (or all tokens): counts summed over units, top tokens ranked."""
+        vm = self.value_map(member)
+        ok = vm >= 0
+        out = {}
+        for name in ("n_tok", "cnt", "wsum", "co", "tr"):
+            a = getattr(self, name)
+            if a is None:
+                out[name] = None
+                continue
+            r = np.zeros((V,) + a.shape[1:], a.dtype)
+            np.add.at(r, vm[ok], a[ok])
+            out[name] = r
+        LE, NT, U = self.L * self.E, self.NT, self.U
+        k, c = self.tt.k, self.tt.c
+        seg, tok1 = k // NT, k % NT
+        v = vm[seg % U]
+        keep = v >= 0
+        k2, c2 = _sorted_sum(((seg[keep] // U) * V + v[keep]) * NT + tok1[keep], c[keep])
+        seg, tok1 = k2 // NT, k2 % NT
+        o, rank = _segment_rank(seg, c2, tok1, NT)
+        o, rank = o[rank < top_n], rank[rank < top_n]
+        le, v = seg[o] // V, seg[o] % V
+        f = np.lexsort((rank, v * LE + le))  # rows by (value, layer, expert, rank)
+        o, rank, le, v = o[f], rank[f], le[f], v[f]
+        tok1 = tok1[o]
+        fk, fc = self.tf.k, self.tf.c
+        fv = vm[fk // NT]
+        fkeep = fv >= 0
+        fk2, fc2 = _sorted_sum(fv[fkeep] * NT + fk[fkeep] % NT, fc[fkeep])
+        tc = fc2[np.searchsorted(fk2, v * NT + tok1)]
+        out["top"] = dict(v=v, le=le, token_id=tok1 - 1, count=c2[o], rank=rank + 1, token_count=tc)
+        out["pruned"] = self.tt.pruned
+        return out
 
 
 def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: float = 0.0,
@@ -156,12 +299,22 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     groups = _label_groups(run, labels, max_label_values, skipped)
     layers = sorted(run.moe_layers)
     L, K, E = len(layers), run.top_k, run.n_experts
-    accs = [_GroupAcc(lab, vals, L, E, coactivation and K > 1, transitions) for lab, vals in groups]
-    need = ["token_id", "token", "phase"] + [g[0] for g in groups if g[0] not in (None, "phase")]
-    token_str = None
-    T = 0
-    lid = np.arange(L)[None, :, None]
+    V_all = [len(vals) for _, vals in groups[1:]]
+    radix = [v + 1 for v in V_all]  # + a null slot
+    NT = _token_id_span(run)
+    with_co = coactivation and K > 1
+    n_units = int(np.prod(radix)) if radix else 1
+    if n_units * L * E * E <= _UNIT_CELLS or len(radix) <= 1:
+        passes = [list(range(len(radix)))]  # one pass: every label's tables are sums over value combinations
+    else:
+        passes = [[i] for i in range(len(radix))]  # too many combinations: a pass per label
     keep = max(1000, 100 * top_n)
+    accs = [_Pass(m, [radix[i] for i in m], L, E, NT, with_co, transitions, max_token_pairs, keep) for m in passes]
+    if max(a.U for a in accs) * NT * L * E >= 1 << 61:
+        raise WorkbenchError(f"run {run.path}: too many label values x token ids x experts to count top tokens")
+    need = ["token_id", "token", "phase"] + [g[0] for g in groups if g[0] not in (None, "phase")]
+    tok_ids, tok_strs = [np.zeros(0, np.int64)], []
+    T = 0
     for ch in _iter(run, need, chunk_tokens, progress):
         ra, tok = ch.ra, ch.tokens
         if ra.experts.min() < 0 or ra.experts.max() >= E:
@@ -169,64 +322,37 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
         Tc = len(ra.doc)
         T += Tc
         tok = tok.with_columns(pl.col("phase").fill_null("prefill"), pl.col("token_id").fill_null(-1))
-        ts = tok.select("token_id", "token").unique("token_id", keep="first")
-        token_str = ts if token_str is None else pl.concat([token_str, ts]).unique("token_id", keep="first")
-        ex = ra.experts.astype(np.int64)
-        w = ra.weights.astype(np.float64)
         token_id = tok["token_id"].to_numpy().astype(np.int64)
-        flat_le = (lid * E + ex).reshape(Tc, -1)
-        dtype = np.float32 if Tc < (1 << 24) else np.float64  # integer sums stay exact in the GEMM
-        xs = [_indicator(ex[:, li, :], E, dtype) for li in range(L)] if (coactivation or transitions) else None
+        # token strings: the first seen for each id not seen before
+        seen = np.concatenate(tok_ids)
+        ids, first = np.unique(token_id, return_index=True)
+        new = ~np.isin(ids, seen)
+        if new.any():
+            tok_ids.append(ids[new])
+            tok_strs.append(tok["token"].gather(first[new]))
+        codes = []
+        for (lab, vals), V in zip(groups[1:], V_all):
+            c = tok[lab].cast(pl.Utf8).replace_strict({v: i for i, v in enumerate(vals)}, default=V,
+                                                      return_dtype=pl.Int64).to_numpy()
+            codes.append(c)
+        ex = ra.experts.astype(np.int64)
         for acc in accs:
-            V = len(acc.values)
-            if acc.label is None:
-                code = np.zeros(Tc, np.int64)
-            else:
-                idx_map = {v: i for i, v in enumerate(acc.values)}
-                code = tok[acc.label].cast(pl.Utf8).replace_strict(idx_map, default=-1,
-                                                                   return_dtype=pl.Int64).to_numpy()
-            ok = code >= 0
-            c_tok = code[ok]
-            acc.n_tok += np.bincount(c_tok, minlength=V).astype(np.int64)
-            idx = (c_tok[:, None] * (L * E) + flat_le[ok]).reshape(-1)
-            acc.cnt += np.bincount(idx, minlength=V * L * E).reshape(V, L, E)
-            acc.wsum += np.bincount(idx, weights=w[ok].reshape(-1), minlength=V * L * E).reshape(V, L, E)
-            tt = (pl.DataFrame({"v": np.repeat(c_tok, L * K), "le": flat_le[ok].reshape(-1),
-                                "token_id": np.repeat(token_id[ok], L * K)})
-                  .group_by("v", "le", "token_id").len("count").with_columns(pl.col("count").cast(pl.Int64)))
-            acc.tt, pruned = _merge_counts(acc.tt, tt, ["v", "le", "token_id"], "count", max_token_pairs, keep)
-            acc.pruned |= pruned
-            tf = (pl.DataFrame({"v": c_tok, "token_id": token_id[ok]}).group_by("v", "token_id").len("token_count")
-                  .with_columns(pl.col("token_count").cast(pl.Int64)))
-            acc.tf, _ = _merge_counts(acc.tf, tf, ["v", "token_id"], "token_count")
-            if xs is None:
-                continue
-            rows = [np.flatnonzero(code == v) for v in range(V)] if acc.label is not None else [None]
-            for li in range(L):
-                for v, r in enumerate(rows):
-                    x = xs[li] if r is None else xs[li][r]
-                    if acc.co is not None:
-                        g = (x.T @ x).astype(np.int64)
-                        g[np.diag_indices(E)] -= acc_diag(x)
-                        acc.co[v, li] += g
-                    if acc.tr is not None and li + 1 < L:
-                        y = xs[li + 1] if r is None else xs[li + 1][r]
-                        acc.tr[v, li] += (x.T @ y).astype(np.int64)
+            acc.add(codes, token_id + 1, ex, ra.weights)
     if T == 0:
         raise WorkbenchError(f"run {run.path} has no routing rows")
+    token_str = pl.DataFrame({"token_id": np.concatenate(tok_ids),
+                              "token": pl.concat(tok_strs) if tok_strs else pl.Series([], dtype=pl.Utf8)})
     exp_rows, lay_rows, co_rows, tr_rows, top_rows, lab_rows = [], [], [], [], [], []
-    for acc in accs:
-        label, values = acc.label, acc.values
+    pruned = any(a.tt.pruned for a in accs)
+    for gi, (label, values) in enumerate(groups):
         V = len(values)
-        n_tok, cnt, wsum = acc.n_tok, acc.cnt, acc.wsum
-        top = (acc.tt.sort(["v", "le", "count", "token_id"], descending=[False, False, True, False])
-               .group_by("v", "le", maintain_order=True).head(top_n)
-               .with_columns(pl.col("count").cum_count().over("v", "le").alias("rank"))
-               .join(acc.tf, on=["v", "token_id"], how="left"))
-        top_share = top.group_by("v", "le").agg(pl.col("count").sum().alias("c"))
-        ts = np.zeros(V * L * E)
-        ts[(top_share["v"].to_numpy() * L * E + top_share["le"].to_numpy())] = top_share["c"].to_numpy()
-        ts = ts.reshape(V, L, E)
+        acc = accs[0] if label is None else next(a for a in accs if gi - 1 in a.members)
+        r = acc.collapse(None if label is None else gi - 1, V, top_n)
+        n_tok, cnt, wsum, co_all, tr_all = r["n_tok"], r["cnt"], r["wsum"], r["co"], r["tr"]
+        t = r["top"]
+        top = pl.DataFrame({"v": t["v"], "le": t["le"], "token_id": t["token_id"], "count": t["count"],
+                            "rank": t["rank"], "token_count": t["token_count"]})
+        ts = np.bincount(t["v"] * L * E + t["le"], weights=t["count"], minlength=V * L * E).reshape(V, L, E)
         with np.errstate(divide="ignore", invalid="ignore"):
             share = cnt / cnt.sum(2, keepdims=True)
             tshare = cnt / n_tok[:, None, None]
@@ -276,8 +402,8 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
             lab_rows.append(d.with_columns(pl.col("lift").cum_count().over("layer", "expert").cast(pl.Int32).alias("rank")))
         # co-activation within a layer, transitions to the next MoE layer
         for li in range(L):
-            if acc.co is not None:
-                co = acc.co[:, li]
+            if co_all is not None:
+                co = co_all[:, li]
                 nz = np.nonzero(co)
                 c_e = cnt[nz[0], li, nz[1]]
                 c_o = cnt[nz[0], li, nz[2]]
@@ -285,8 +411,8 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
                 co_rows.append(_frame(label, values, nz[0], layer=np.full(len(cval), layers[li], np.int16),
                                       expert=nz[1].astype(np.int16), other=nz[2].astype(np.int16), count=cval,
                                       p_other_given_expert=cval / c_e, lift=cval * n_tok[nz[0]] / (c_e * c_o)))
-            if acc.tr is not None and li + 1 < L:
-                tr = acc.tr[:, li]
+            if tr_all is not None and li + 1 < L:
+                tr = tr_all[:, li]
                 nz = np.nonzero(tr)
                 tval = tr[nz]
                 tr_rows.append(_frame(label, values, nz[0], layer=np.full(len(tval), layers[li], np.int16),
@@ -306,12 +432,13 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
         tables["top_labels"] = pl.concat(lab_rows)
     meta = {"tokens": T, "layers": layers, "n_experts": E, "top_k": K,
             "labels": [g[0] for g in groups if g[0] is not None], "skipped_labels": skipped,
-            "top_tokens_exact": not any(a.pruned for a in accs)}
+            "top_tokens_exact": not pruned}
     return AnalysisResult("stats", tables, "experts", _summary(tables, meta), meta)
 
-def acc_diag(x: np.ndarray) -> np.ndarray:
-    """diag(x.T @ x) holds sum n^2; co-activation counts ordered pairs of distinct slots: n^2 - n."""
-    return x.sum(0).astype(np.int64)
+def _token_id_span(run) -> int:
+    """Radix for token ids in the top-token keys: max id + 2 (id + 1 is stored; -1, a missing id, is 0)."""
+    m = run.tokens.select(pl.col("token_id").max()).collect().item()
+    return int(m if m is not None and m >= 0 else 0) + 2
 
 
 def _iter(run, need, chunk, progress):
