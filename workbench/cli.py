@@ -556,7 +556,7 @@ def _quiet_libraries() -> None:
     from .errors import WorkbenchWarning
 
     warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("always", category=WorkbenchWarning)
+    warnings.filterwarnings("default", category=WorkbenchWarning)  # each distinct warning once
     plain = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
