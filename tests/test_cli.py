@@ -166,3 +166,28 @@ def test_stats_on_an_old_run_with_nested_labels(tiny_model, tmp_path, monkeypatc
     assert main(["analyze", "stats", str(out), "--labels", "meta"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("workbench: error: label column 'meta'") and "Traceback" not in err
+
+
+def test_no_middle_layers_without_a_u_shape(tmp_path, capsys):
+    """Languages routed alike in layers 0-1 and apart in 2-3: the curve is lowest at the start, so
+    there is no U shape and the summary must not call L0-L1 'middle layers (detected)'."""
+    import random
+
+    from test_multilingual import LANG_EXPERTS, write_run
+
+    docs = []
+    for lang in LANG_EXPERTS:
+        for key in range(12):
+            toks = []
+            for pos in range(8):
+                routes = {}
+                for layer in range(4):
+                    shared = random.Random(hash((key, pos, layer)) & 0xFFFF).sample(range(8), 2)
+                    routes[layer] = (list(LANG_EXPERTS[lang]) if layer >= 2 else shared, (0.6, 0.4))
+                toks.append(routes)
+            docs.append(({"lang": lang, "key": key}, toks))
+    run = write_run(tmp_path / "run", docs, range(4), 8, 2)
+    assert main(["analyze", "multilingual", str(run.path)]) == 0
+    out = capsys.readouterr().out
+    assert "middle layers (detected)" not in out
+    assert "middle layers: none (no U shape: divergence is lowest at the first layers, L0-L1" in out
