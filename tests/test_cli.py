@@ -29,17 +29,20 @@ def _walk(parser, prefix=()):
 
 
 def test_help_and_argument_errors_import_nothing_heavy():
-    """`--help`, `--version` and a wrong value are answered before torch & co. load (the slow part)."""
+    """`--help`, `--version`, a wrong value, and a SPEC or layer list the demo's config.json already
+    rules out are answered before torch & co. load (the slow part)."""
     code = ("import sys, io, contextlib\nfrom workbench.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
             "    codes = [main(['--help']), main(['--version']), main(['capture', 'demo', '--data', 'x', '--out', 'o',"
-            " '--limit', '0']), main(['analyze', '--help']), main(['steer', 'demo', '--prompt', 'x'])]\n"
+            " '--limit', '0']), main(['analyze', '--help']), main(['steer', 'demo', '--prompt', 'x']),"
+            " main(['steer', 'demo', '--prompt', 'x', '--ban', 'L99:E1']),"
+            " main(['capture', 'demo', '--data', 'calibration', '--out', 'o', '--layers', '7-8'])]\n"
             f"print(codes, sorted(m for m in {HEAVY!r} if m in sys.modules))")
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     took = time.perf_counter() - t
-    assert r.stdout.strip() == "[0, 0, 2, 0, 2] []", r.stdout + r.stderr
-    print(f"five CLI answers without heavy imports: {took:.2f} s")
+    assert r.stdout.strip() == "[0, 0, 2, 0, 2, 2, 2] []", r.stdout + r.stderr
+    print(f"seven CLI answers without heavy imports: {took:.2f} s")
 
 
 def test_version_matches_the_installed_distribution(capsys):

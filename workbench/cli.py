@@ -386,6 +386,7 @@ def cmd_capture(args) -> None:
         opts["dump_hidden"] = args.dump_hidden
     if args.layers is not None:
         opts["layers"] = args.layers
+    _precheck_layers(args.model, args)
     from .capture import capture
     from .models.loading import load_model
 
@@ -436,9 +437,50 @@ def cmd_analyze(args) -> None:
     run_cli(args.analysis, args)
 
 
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _precheck_layers(model: str, args) -> None:
+    """Layer and expert numbers in SPECs and layer lists against the model's config.json, before torch
+    loads (seconds instead of a minute on a busy machine). Only what the config alone decides: a hub
+    id, or whether a layer is dense, is checked after loading, as before."""
+    import json
+    import re
+    from pathlib import Path
+
+    folder = Path(os.environ.get("WORKBENCH_DEMO_MODEL") or Path(__file__).resolve().parent / "assets" / "demo_model") \
+        if model == "demo" else Path(model).expanduser()
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    cfg = cfg.get("text_config") or cfg if isinstance(cfg, dict) else {}
+    n_layers = cfg.get("num_hidden_layers")
+    n_exp = next((cfg[k] for k in _EXPERT_KEYS if isinstance(cfg.get(k), int)), None)
+    if not isinstance(n_layers, int):
+        return
+    for flag in ("ban", "force", "boost", "zero", "scale", "dump_experts"):
+        spec = getattr(args, flag, None)
+        what = "--" + flag.replace("_", "-")
+        for layer, expert in re.findall(r"L\s*(\d+)\s*:\s*E\s*(-1|\d+)", spec or "", re.IGNORECASE):
+            layer, expert = int(layer), int(expert)
+            if layer >= n_layers:
+                raise WorkbenchError(f"layer {layer} in {what} does not exist: the model has {n_layers} decoder "
+                                     f"layers (0-{n_layers - 1})")
+            if n_exp is not None and expert >= n_exp:
+                raise WorkbenchError(f"expert {expert} in {what} is out of range: layer {layer} has experts "
+                                     f"0-{n_exp - 1}")
+    for flag in ("layers", "dump_hidden"):
+        bad = [x for x in (getattr(args, flag, None) or []) if x >= n_layers]
+        if bad:
+            raise WorkbenchError(f"--{flag.replace('_', '-')}: layer {bad[0]} does not exist (the model has "
+                                 f"{n_layers} layers)")
+
+
 def cmd_steer(args) -> None:
     if not _interventions(args):  # before torch loads: this needs no model
         raise WorkbenchError("give at least one intervention: --ban, --force, --boost, --zero or --scale")
+    _precheck_layers(args.model, args)
     from .steering import steer_cli
 
     steer_cli(args, _interventions(args))
@@ -536,9 +578,10 @@ def main(argv=None) -> int:
         print(f"workbench: interrupted{hint}", file=sys.stderr)
         return 130
     except OSError as e:  # a target the user named is read-only, forbidden or full
-        if e.errno not in _USER_OS_ERRORS:
+        from .store import io_error, os_errno
+
+        if os_errno(e) not in _USER_OS_ERRORS:
             raise
-        from .store import io_error
 
         print(f"workbench: error: {io_error(e, e.filename or '')}", file=sys.stderr)
         return 2
