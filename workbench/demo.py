@@ -89,11 +89,12 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
     print(f"[demo] model: {mm.spec} ({mm.model.config.model_type}, {mm.n_layers} layers, {mm.n_experts} experts, "
           f"top-{mm.top_k})")
     run_plans, analysis_plans = plans(quick)
-    runs = {}
+    runs, data = {}, {}
     for rp in run_plans:
-        ds = load_dataset(rp.dataset)
+        ds = data[rp.name] = load_dataset(rp.dataset)
         if rp.where or rp.first_keys or rp.limit or rp.interleave:
-            ds = subset(ds, where=rp.where, first_keys=rp.first_keys, limit=rp.limit, interleave=rp.interleave)
+            ds = data[rp.name] = subset(ds, where=rp.where, first_keys=rp.first_keys, limit=rp.limit,
+                                        interleave=rp.interleave)
         print(f"[demo] capture {rp.name}: {ds.name}, {len(ds.records)} records, probes {','.join(rp.probes)}")
         path = out / "runs" / (rp.name + ("-quick" if quick else ""))
         kw = dict(probes=rp.probes, logits=rp.logits, seq_len=rp.seq_len, max_tokens=rp.max_tokens, batch_size=8)
@@ -126,6 +127,19 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
             sections.append(Section(ap.title or ap.analysis, note=f"failed: {type(e).__name__}: {e}"))
             print(f"[demo]   FAILED: {type(e).__name__}: {e}")
             traceback.print_exc(limit=3)
+    if "code" in runs:  # compare: the same code/prose prompts with the top-8 code experts banned
+        print("[demo] compare code prompts: as is vs top-8 code experts banned")
+        try:
+            from .analysis import compare as cmp
+
+            path = out / "runs" / ("code-banned" + ("-quick" if quick else ""))
+            runs["code-banned"], result, banned = cmp.demo_comparison(mm, runs["code"], data["code"], path)
+            an.write_table(result.table, tables_dir / "compare-code-banned.parquet")
+            sections.append(Section("Comparison: code prompts with the top-8 code experts banned",
+                                    summary=result.summary, figures=cmp.figures(result),
+                                    tables=dict(list(result.tables.items())[:4])))
+        except WorkbenchError as e:
+            sections.append(Section("Comparison", note=f"skipped: {e}"))
     report = write_report(out / "report.html", "MoE Workbench demo",
                           f"{mm.spec}: {mm.model.config.model_type}, {mm.n_layers} layers, {mm.n_experts} experts, "
                           f"top-{mm.top_k}", sections)

@@ -617,6 +617,15 @@ def _summary(run_a, run_b, al, tables, matches, distribution, truncated) -> str:
         lines.append("per layer (each run on its own tokens): load total variation and balance (entropy / log E):")
         for r in lay.iter_rows(named=True):
             lines.append(f"  L{r['layer']}: load TV {r['load_tv']:.3f}, balance {r['entropy_a']:.3f} vs {r['entropy_b']:.3f}")
+    if "labels" in tables:
+        agg = (tables["labels"].group_by("label", "value")
+               .agg((pl.col("changed_share") * pl.col("tokens")).sum() / pl.col("tokens").sum(),
+                    (pl.col("mean_jsd") * pl.col("tokens")).sum() / pl.col("tokens").sum(),
+                    (pl.col("tokens").sum() / pl.col("layer").n_unique()).alias("n"))
+               .sort("label", "value"))
+        lines.append("per label value (all layers): " + "; ".join(
+            f"{r['label']}={r['value']} {100 * r['changed_share']:.1f}% changed, JSD {r['mean_jsd']:.4f}"
+            for r in agg.head(12).iter_rows(named=True)))
     load = tables["load"]
     moved = load.filter(pl.col("shift").abs() > 1e-9)
     if moved.height == 0:
@@ -705,6 +714,33 @@ def figures(result: AnalysisResult) -> dict:
                           yaxis_title="layers changed", template="plotly_white")
         figs["token_changes"] = fig
     return figs
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's comparison
+
+
+def demo_comparison(mm, run, data, out: str | Path, n: int = 8, label: str = "class", target: str = "target"):
+    """Capture `data` again with the top-`n` experts of `run`'s behaviour map (target vs the rest) banned,
+    and compare: the demo's "what does banning the code experts change" step.
+
+    Returns (banned run, comparison result, the banned experts). A completed capture is reused.
+    """
+    from ..capture import capture
+    from ..probes.interventions import format_spec
+    from . import behavior
+
+    maps = behavior.activation_maps(run, label)
+    if target not in maps.classes:
+        raise WorkbenchError(f"run {run.path} has no {label}={target} prompts to find the experts to ban")
+    diff = behavior.contrast(maps, target, permutations=0, bootstrap=0, top_n=n)
+    experts = behavior.top_experts(diff, n)
+    spec = format_spec(experts)
+    settings = run.manifest.get("settings", {})
+    banned = capture(mm, data, out, resume=True, interventions={"ban": spec}, progress=False,
+                     batch_size=settings.get("batch_size", 8), seq_len=settings.get("seq_len"),
+                     max_tokens=settings.get("max_tokens"))
+    return banned, analyze(run, other=banned, labels=[label]), experts
 
 
 # ---------------------------------------------------------------------------------------------
