@@ -13,7 +13,10 @@ over a run. So every repetition measures, back to back and in a rotating order o
   B  the real capture pipeline (hooks, async pinned copies, writer threads, Parquet, manifest) for n1
      and for n2 batches; per-batch cost = (t(n2) - t(n1)) / (n2 - n1), which removes fixed setup
      (tokenising, folders) and includes the writer keeping up (its queue is bounded, so a slow writer
-     stalls the forward loop and shows up in the slope);
+     stalls the forward loop and shows up in the slope). n1 and n2 are whole multiples of the part
+     size (--part-batches): both runs then end with the same tail (encoding the last part after the
+     last forward), which cancels. With n1 = 2, n2 = 10 and 4-batch parts the tails differed
+     (a 2-batch vs a 4-batch part still encoding) and the slope overstated the cost;
   A' plain again.
 overhead_r = B / mean(A, A') - 1, reported as median with min/max over >= 5 repetitions; the noise
 floor is |A'/A - 1|, the difference between two identical plain measurements, as median and max.
@@ -157,14 +160,15 @@ def impl_only_time(mm, ctxs) -> float:
         _set_impl(cfg, prev)
 
 
-def capture_time(mm, data, n_batches, probe_names, logits, seq_len, batch_size, root) -> float:
+def capture_time(mm, data, n_batches, probe_names, logits, seq_len, batch_size, root, part_tokens=65536) -> float:
     import workbench as wb
 
     out = Path(root) / f"run_{'_'.join(probe_names)}_{int(logits)}_{n_batches}"
     _sync()
     t = time.perf_counter()
     wb.capture(mm, data, out, probes=probe_names, logits=logits, seq_len=seq_len, batch_size=batch_size,
-               max_tokens=n_batches * seq_len * batch_size, overwrite=True, progress=False)
+               max_tokens=n_batches * seq_len * batch_size, overwrite=True, progress=False,
+               part_tokens=part_tokens)
     _sync()
     dt = time.perf_counter() - t
     wait = json.loads((out / "manifest.json").read_text()).get("writer_wait_s")
@@ -183,7 +187,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe")
     ap.add_argument("--n1", type=int, default=4)
-    ap.add_argument("--n2", type=int, default=16)
+    ap.add_argument("--n2", type=int, default=12)
+    ap.add_argument("--part-batches", type=int, default=4, help="batches per Parquet part (default 4 = 65536 tokens)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (>= 5 for a median worth quoting)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -192,6 +197,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, to dry-run the script on CPU")
     args = ap.parse_args()
+    if args.n1 % args.part_batches or args.n2 % args.part_batches or args.n1 < args.part_batches:
+        ap.error("--n1 and --n2 must be multiples of --part-batches (and n1 >= one part): equal tails cancel")
+    part_tokens = args.part_batches * args.seq_len * args.batch_size
     global DEVICE
     DEVICE = args.device
     import transformers
@@ -213,13 +221,63 @@ def main() -> None:
         gpu_only[sp] = gpu_only_time(mm, ctxs, names, logits)
         capture_time(mm, data, 2, names, logits, args.seq_len, args.batch_size, root)  # warm (pinned pool, kernels)
     per = {sp: {"overhead": [], "capture_ms": [], "plain_ms": [], "noise": [], "writer_wait_s": []} for sp in specs}
+    def summarise():
+        targets = {"routing": 0.02, "routing+logits": 0.05, "routing,experts": 0.05}
+        all_noise = [abs(x) for d in per.values() for x in d["noise"]]
+        noise_floor = {"median_abs": round(statistics.median(all_noise), 4), "max_abs": round(max(all_noise), 4)}
+        plain_all = [x for d in per.values() for x in d["plain_ms"]]
+        results = []
+        for sp in specs:
+            names, logits = parsed[sp]
+            d = per[sp]
+            ov = _summary(d["overhead"])
+            row = {"config": sp, "probes": names, "logits": logits, "overhead": ov,
+                   "overhead_reps": [round(x, 4) for x in d["overhead"]],
+                   "capture_ms_per_batch": d["capture_ms"], "plain_ms_per_batch": d["plain_ms"],
+                   "plain_noise_reps": [round(x, 4) for x in d["noise"]],
+                   "gpu_only_overhead": round(gpu_only[sp] / statistics.median(plain_all) * 1e3 - 1, 4),
+                   "forward_loop_waiting_on_writer_s": d["writer_wait_s"]}
+            if sp in targets:
+                t = targets[sp]
+                row["target"] = t
+                row["target_met"] = ov["median"] <= t
+                row["missed_by"] = round(max(0.0, ov["median"] - t), 4)
+                row["within_noise"] = abs(ov["median"]) <= noise_floor["max_abs"]
+            if "experts" in names:
+                row["vs_probe_impl_without_stats"] = round(
+                    statistics.median(d["capture_ms"]) / (impl_only * 1e3) - 1, 4)
+            results.append(row)
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        res = {
+            "benchmark": "capture_overhead", "method": "interleaved A B A' per repetition, rotating configs",
+            "shape": args.shape, "config": SHAPES[args.shape],
+            "tokens_per_batch": args.seq_len * args.batch_size, "dtype": "bfloat16", "reps": args.reps,
+            "n1": args.n1, "n2": args.n2, "part_batches": args.part_batches, "reps_done": len(per[specs[0]]["overhead"]), "experts_implementation_plain": impl,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor(), "cpus": os.cpu_count(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
+                         "python": platform.python_version()},
+            "plain_ms_per_batch_median": round(statistics.median(plain_all), 2),
+            "probe_impl_without_stats_ms_per_batch": round(impl_only * 1e3, 2),
+            "noise_floor": noise_floor, "results": results, "targets": targets,
+        }
+        if args.out:  # after every repetition: a run cut short still leaves its numbers
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
+        return res, results, noise_floor
+
     for r in range(args.reps):
         order = specs[r % len(specs):] + specs[:r % len(specs)]  # rotate: no configuration always runs first
         for sp in order:
             names, logits = parsed[sp]
             a1 = plain_time(mm, ctxs, reps=1)[0]
-            t1, _ = capture_time(mm, data, args.n1, names, logits, args.seq_len, args.batch_size, root)
-            t2, wait = capture_time(mm, data, args.n2, names, logits, args.seq_len, args.batch_size, root)
+            t1, _ = capture_time(mm, data, args.n1, names, logits, args.seq_len, args.batch_size, root, part_tokens)
+            t2, wait = capture_time(mm, data, args.n2, names, logits, args.seq_len, args.batch_size, root, part_tokens)
             a2 = plain_time(mm, ctxs, reps=1)[0]
             slope = (t2 - t1) / (args.n2 - args.n1)
             base = (a1 + a2) / 2
@@ -231,54 +289,9 @@ def main() -> None:
             d["writer_wait_s"].append(wait)
             print(f"rep {r} {sp:22s} plain {a1 * 1e3:7.1f}/{a2 * 1e3:7.1f} ms  capture {slope * 1e3:7.1f} ms  "
                   f"{slope / base - 1:+.2%}", flush=True)
+        summarise()
     shutil.rmtree(root, ignore_errors=True)
-    targets = {"routing": 0.02, "routing+logits": 0.05, "routing,experts": 0.05}
-    all_noise = [abs(x) for d in per.values() for x in d["noise"]]
-    noise_floor = {"median_abs": round(statistics.median(all_noise), 4), "max_abs": round(max(all_noise), 4)}
-    plain_all = [x for d in per.values() for x in d["plain_ms"]]
-    results = []
-    for sp in specs:
-        names, logits = parsed[sp]
-        d = per[sp]
-        ov = _summary(d["overhead"])
-        row = {"config": sp, "probes": names, "logits": logits, "overhead": ov,
-               "overhead_reps": [round(x, 4) for x in d["overhead"]],
-               "capture_ms_per_batch": d["capture_ms"], "plain_ms_per_batch": d["plain_ms"],
-               "plain_noise_reps": [round(x, 4) for x in d["noise"]],
-               "gpu_only_overhead": round(gpu_only[sp] / statistics.median(plain_all) * 1e3 - 1, 4),
-               "forward_loop_waiting_on_writer_s": d["writer_wait_s"]}
-        if sp in targets:
-            t = targets[sp]
-            row["target"] = t
-            row["target_met"] = ov["median"] <= t
-            row["missed_by"] = round(max(0.0, ov["median"] - t), 4)
-            row["within_noise"] = abs(ov["median"]) <= noise_floor["max_abs"]
-        if "experts" in names:
-            row["vs_probe_impl_without_stats"] = round(
-                statistics.median(d["capture_ms"]) / (impl_only * 1e3) - 1, 4)
-        results.append(row)
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    res = {
-        "benchmark": "capture_overhead", "method": "interleaved A B A' per repetition, rotating configs",
-        "shape": args.shape, "config": SHAPES[args.shape],
-        "tokens_per_batch": args.seq_len * args.batch_size, "dtype": "bfloat16", "reps": args.reps,
-        "n1": args.n1, "n2": args.n2, "experts_implementation_plain": impl,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor(), "cpus": os.cpu_count(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
-                     "python": platform.python_version()},
-        "plain_ms_per_batch_median": round(statistics.median(plain_all), 2),
-        "probe_impl_without_stats_ms_per_batch": round(impl_only * 1e3, 2),
-        "noise_floor": noise_floor, "results": results, "targets": targets,
-    }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
+    res, results, noise_floor = summarise()
     print(f"noise floor |A'/A-1|: median {noise_floor['median_abs']:.2%}, max {noise_floor['max_abs']:.2%}")
     print(f"{'config':22s} {'gpu-only':>9s} {'median':>8s} {'min':>8s} {'max':>8s} target")
     for r in results:

@@ -178,7 +178,7 @@ def bench_split(args, res, root, data, mm):
     capture_run(sm, data, 1, ["routing", "experts"], args.seq_len, args.bs, Path(root) / "w")
     peak_reset()
     out["routing_experts_tok_s"] = round(capture_tps(sm, data, 1, 1 + args.split_n, ["routing", "experts"],
-                                                     args.seq_len, args.bs, root))
+                                                     args.seq_len, args.bs, root, part_tokens=args.seq_len * args.bs))
     out["routing_experts_peak_gib"] = peak_gib()
     out["capture_overhead_vs_split_plain"] = round(out["plain_tok_s"] / out["routing_experts_tok_s"] - 1, 4)
     if "full" in res:
@@ -210,7 +210,8 @@ def bench_layerwise(args, res, root, data):
     n = args.layerwise_batches
     peak_reset()
     out["gpu_resident_routing_experts_tok_s"] = round(
-        capture_tps(mm, data, 1, 1 + n, ["routing", "experts"], args.seq_len, args.bs, root))
+        capture_tps(mm, data, 1, 1 + n, ["routing", "experts"], args.seq_len, args.bs, root,
+                    part_tokens=args.seq_len * args.bs))
     out["gpu_resident_peak_gib"] = peak_gib()
     del mm
     gc.collect()
@@ -237,8 +238,8 @@ def main():
     ap.add_argument("--what", default="full,split,layerwise")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--bs", type=int, default=8)
-    ap.add_argument("--n1", type=int, default=2)
-    ap.add_argument("--n2", type=int, default=8)
+    ap.add_argument("--n1", type=int, default=4, help="a multiple of the 4-batch part (equal tails cancel)")
+    ap.add_argument("--n2", type=int, default=12)
     ap.add_argument("--cpu-layers", type=int, default=8)
     ap.add_argument("--split-n", type=int, default=3)
     ap.add_argument("--layerwise-layers", type=int, default=6)
