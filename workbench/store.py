@@ -69,13 +69,25 @@ def _dictionary_columns(table: pa.Table) -> list[str]:
     return [f.name for f in table.schema if pa.types.is_integer(f.type) or pa.types.is_string(f.type)]
 
 
+def os_errno(e: OSError) -> int | None:
+    """The errno of an OSError, also when polars/Rust only put it in the text ("... (os error 30): path")."""
+    if e.errno is not None:
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
 def io_error(e: OSError, path, what: str = "writing") -> WorkbenchError:
     """An OS error a user can cause (disk full, read-only or forbidden target) as one sentence."""
     where = e.filename or path
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    code = os_errno(e)
+    if code in (errno.ENOSPC, errno.EDQUOT):
         return WorkbenchError(f"disk full while {what} {where}; nothing incomplete was kept: free some space "
                               "and run the same command again (a capture continues with --resume)")
-    return WorkbenchError(f"cannot write {where}: {e.strerror or e}")
+    if not where and e.errno is None:
+        where = str(e).rsplit(": ", 1)[-1]
+    reason = e.strerror or (os.strerror(code) if code else str(e).split(" (os error")[0])
+    return WorkbenchError(f"cannot write {where}: {reason}")
 
 
 def file_checksum(path: Path) -> str:
