@@ -132,3 +132,27 @@ def test_manifest_not_json_and_part_outside_run(pristine, tmp_path, capsys):
     (run / "manifest.json").write_text("{not json")
     assert main(["analyze", "stats", str(run)]) == 2
     assert "not valid JSON" in _err(capsys)
+
+
+def test_dashboard_pages_on_a_damaged_run_show_the_sentence(pristine, tmp_path):
+    """Every page answers 200 (no HTTP 500); those that read the damaged table show the store's sentence."""
+    from workbench.app import make_app
+    from workbench.app.main import _pages
+
+    src, _ = pristine
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    _damage(run, "bitflip")
+    app = make_app(str(run), warm=())
+    client = app.server.test_client()
+    shown = []
+    for page in _pages():
+        body = {"output": "..wb-page.children...wb-nav.children..",
+                "outputs": [{"id": "wb-page", "property": "children"}, {"id": "wb-nav", "property": "children"}],
+                "inputs": [{"id": "url", "property": "pathname", "value": page.path}],
+                "changedPropIds": ["url.pathname"], "state": []}
+        r = client.post("/_dash-update-component", json=body)
+        assert r.status_code == 200, (page.path, r.data[:300])
+        if PART in json.dumps(r.get_json()).replace("\\/", "/"):
+            shown.append(page.path)
+    assert "/export" in shown and "/" in shown, shown
