@@ -68,3 +68,33 @@ def test_absent_device_is_one_sentence(tiny_dir, tmp_path, capsys, device):
     line = _err(capsys)
     assert f"--device {device}" in line or f"--device {device!r}" in line, line
     assert not out.exists()
+
+
+def test_ctrl_c_during_start_up(tiny_dir, tmp_path):
+    """SIGINT while torch/transformers import and the model loads: exit code 130, one line, nothing written."""
+    import signal
+    import time
+
+    from ._faults import ENV, WB
+
+    (tmp_path / "d.txt").write_text("some text\n")
+    out = tmp_path / "out"
+    for delay in (0.8, 2.0):
+        p = subprocess.Popen(WB + ["capture", str(tiny_dir("mixtral")), "--data", str(tmp_path / "d.txt"), "--out",
+                                   str(out), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=ENV)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        rc, err = p.wait(timeout=120), p.stderr.read()
+        if rc == 0:
+            continue  # finished first on a fast machine
+        assert rc == 130 and "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("workbench: interrupted"), err
+        if (out / "manifest.json").exists():  # interrupted after the run began: consistent, nothing unlisted
+            import workbench as wb
+
+            from ._faults import unlisted
+
+            wb.open_run(out)
+            assert not unlisted(out)
