@@ -139,3 +139,80 @@ def test_duckdb_load_straight_from_routing(syn):
     assert got["layer"].cast(pl.Int64).to_list() == ref["layer"].cast(pl.Int64).to_list()
     assert got["expert"].cast(pl.Int64).to_list() == ref["expert"].cast(pl.Int64).to_list()
     assert got["selections"].cast(pl.Int64).to_list() == ref["count"].to_list()
+
+
+refs = _load(Path(__file__).with_name("_dense_refs.py"), "_dense_refs")
+
+
+def test_stats_pass_per_label_equals_the_dense_implementation(syn, monkeypatch):
+    # too many label-value combinations for one pass: each label gets its own pass, same tables
+    monkeypatch.setattr(stats, "_UNIT_CELLS", 0)
+    new = stats.analyze(syn, progress=False, chunk_tokens=333)
+    old = dense.analyze(syn, progress=False)
+    for name in old.tables:
+        _same(new.tables[name], old.tables[name])
+
+
+def test_stats_duplicate_experts_and_missing_tokens(tmp_path):
+    # an expert twice in a token's top-k (multiplicity in co-activation) and a routed token with no
+    # tokens/ row (null token id and labels): the streamed tables still equal the dense ones
+    from test_stats import write_run
+
+    ex = np.array([[[0, 0], [1, 2]], [[1, 2], [2, 2]], [[0, 1], [0, 1]], [[2, 1], [0, 2]]])
+    run = write_run(tmp_path / "r", ex, [0, 0, 1, 1], 3, token_ids=[4, 5, 4, 6], labels={"lang": ["en", "de", None, "en"]})
+    new = stats.analyze(run, progress=False, chunk_tokens=3)
+    old = dense.analyze(run, progress=False)
+    for name in old.tables:
+        _same(new.tables[name], old.tables[name])
+
+
+@pytest.mark.parametrize("chunk", [7, 10**9])
+def test_streamed_atlas_equals_the_dense_profiles_and_sample(syn, chunk):
+    from workbench.analysis import atlas, common
+
+    common.set_chunk_tokens(chunk)
+    try:
+        index, blocks = atlas.expert_profiles(syn, labels=["lang", "domain"], top_tokens=12)
+        _, _, sub, tok = atlas._scan(syn, ["lang"], sample=atlas._sample_keys(syn, 300, 5, None), profiles=False)
+    finally:
+        common.set_chunk_tokens(None)
+    r_index, r_blocks = refs.expert_profiles(syn, labels=["lang", "domain"], top_tokens=12)
+    assert index.equals(r_index)
+    assert blocks.keys() == r_blocks.keys()
+    for k in blocks:
+        assert blocks[k][0] == r_blocks[k][0]
+        np.testing.assert_array_equal(blocks[k][1], r_blocks[k][1])
+    r_sub, r_tok = refs.token_sample(syn, ["lang"], 300, 5)
+    assert tok.select(r_tok.columns).equals(r_tok)
+    np.testing.assert_array_equal(atlas.token_vectors(sub), atlas.token_vectors(r_sub))
+
+
+def test_streamed_super_experts_equal_the_dense_query(syn):
+    from workbench.analysis import super_experts as se
+
+    for mode in ("true", "first_row"):
+        got = se.expert_max(syn, mode, chunk_rows=97)
+        ref = refs.expert_max(syn, mode)
+        assert got.equals(ref), mode
+
+
+def test_super_expert_ties_and_shared_rows(tmp_path):
+    from test_super_experts import _row, write_run
+    from workbench.analysis import super_experts as se
+
+    # (layer 0, expert 1): equal maxima; the first in file order is doc 1, the earliest document doc 0.
+    # A NaN row is ignored; the shared expert (-1) keeps its true max in first_row mode.
+    rows = [_row(1, 0, 0, 1, 5.0, ch=1), _row(0, 0, 0, 1, 5.0, ch=2), _row(0, 1, 0, 1, 2.0, ch=3),
+            _row(0, 2, 0, 1, float("nan"), ch=4), _row(0, 0, 0, -1, 1.0, ch=5), _row(0, 3, 0, -1, 3.0, ch=6),
+            _row(1, 5, 1, 0, 7.0, ch=7), _row(1, 2, 1, 0, 8.0, ch=8)]
+    run = write_run(tmp_path / "r", 2, [0, 1], 4, stats_rows=rows)
+    for mode in ("true", "first_row"):
+        for chunk in (1, 3, 100):
+            got = se.expert_max(run, mode, chunk_rows=chunk)
+            assert got.equals(refs.expert_max(run, mode)), (mode, chunk)
+    t = se.expert_max(run, "true").filter((pl.col("layer") == 0) & (pl.col("expert") == 1)).row(0, named=True)
+    f = se.expert_max(run, "first_row").filter((pl.col("layer") == 0) & (pl.col("expert") == 1)).row(0, named=True)
+    assert (t["channel"], t["doc_id"], t["selections"]) == (1, 1, 3)
+    assert (f["channel"], f["doc_id"]) == (2, 0)
+    # layer 1 expert 0 in first_row mode: doc 1's first row is pos 2 (8.0), not the later 7.0
+    assert se.expert_max(run, "first_row").filter(pl.col("layer") == 1)["max_abs"].to_list() == [8.0]

@@ -21,7 +21,6 @@ import polars as pl
 
 from ..errors import WorkbenchError
 from . import AnalysisResult
-from .common import routing_arrays
 
 MAX_LABEL_VALUES = 50  # label columns with more distinct values (ids, keys) are not colours
 SKIP_LABELS = ("key", "src_doc")
@@ -66,51 +65,123 @@ def _label_columns(run, labels) -> list[str]:
     return labels
 
 
-def _token_frame(run, ra, labels, phase) -> pl.DataFrame:
-    """tokens/ rows aligned with the RoutingArrays rows (sorted by doc_id, pos)."""
-    lf = run.tokens
-    if phase is not None:
-        lf = lf.filter(pl.col("phase") == phase)
-    tok = lf.select("doc_id", "pos", "token_id", "token", *labels).unique(["doc_id", "pos"]).collect()
-    keys = pl.DataFrame({"doc_id": ra.doc, "pos": ra.pos})
-    return keys.join(tok, on=["doc_id", "pos"], how="left", maintain_order="left")
+def _sample_keys(run, max_tokens: int, seed: int, phase) -> pl.DataFrame:
+    """(doc_id, pos) of the token atlas sample: a seeded draw of `max_tokens` rows of the sorted routed
+    tokens (every token when fewer), the same rows a dense reader of the whole run would draw."""
+    from .common import routing_keys
+
+    keys = routing_keys(run, phase)
+    n = keys.height
+    if n > max_tokens:
+        keys = keys[np.sort(np.random.default_rng(seed).choice(n, max_tokens, replace=False))]
+    return keys
 
 
-def expert_profiles(run, labels=None, top_tokens: int = 200, phase: str | None = None):
+def _scan(run, labels, top_tokens: int = 200, phase=None, sample: pl.DataFrame | None = None,
+          profiles: bool = True, progress: bool = False):
+    """One streaming pass over the routing (common.iter_routing chunks): the expert profiles (exact
+    counts added per chunk; per-(layer, expert, token) counts kept sparse, so memory follows the
+    vocabulary, not the run) and the rows of the token sample `sample` (doc_id, pos).
+
+    Returns (index, blocks, sample RoutingArrays or None, sample token frame or None)."""
+    from .common import RoutingArrays, iter_routing
+    from .stats import _KeyCounts, _token_id_span
+
+    layers = sorted(run.moe_layers)
+    nl, E = len(layers), run.n_experts
+    LE = nl * E
+    NT = _token_id_span(run)
+    n_sel = np.zeros(LE, np.int64)
+    lab_vals = {c: {} for c in labels}  # value -> column, in order of first sight
+    lab_cnt = {c: np.zeros((LE, 0), np.int64) for c in labels}
+    pair, freq = _KeyCounts(), _KeyCounts()  # (layer-expert, token id + 1) selections; token id + 1 counts
+    names: dict = {}
+    picked = []
+    for ch in iter_routing(run, phase=phase, token_columns=["token_id", "token", *labels], progress=progress,
+                           desc="atlas"):
+        ra, tok = ch.ra, ch.tokens
+        if sample is not None:
+            idx = (pl.DataFrame({"doc_id": ra.doc, "pos": ra.pos}).with_row_index("i")
+                   .join(sample, on=["doc_id", "pos"], how="semi")["i"].to_numpy())
+            if len(idx):
+                picked.append((ra.doc[idx], ra.pos[idx], ra.experts[idx], ra.weights[idx], tok[idx]))
+        if not profiles:
+            continue
+        ex = ra.experts.astype(np.int64)
+        ok = (ex >= 0) & (ex < E)
+        le = np.arange(nl)[None, :, None] * E + ex
+        n_sel += np.bincount(le[ok], minlength=LE)
+        for col in labels:
+            sv = tok[col].cast(pl.Utf8).fill_null("<none>")
+            lut = lab_vals[col]
+            for v in sv.unique(maintain_order=True).to_list():
+                lut.setdefault(v, len(lut))
+            nv = len(lut)
+            if lab_cnt[col].shape[1] < nv:
+                lab_cnt[col] = np.pad(lab_cnt[col], ((0, 0), (0, nv - lab_cnt[col].shape[1])))
+            code = sv.replace_strict(lut, return_dtype=pl.Int64).to_numpy()
+            lab_cnt[col] += np.bincount((le * nv + code[:, None, None])[ok], minlength=LE * nv).reshape(LE, nv)
+        ids = tok["token_id"].fill_null(-1).to_numpy().astype(np.int64)
+        gk, inv, gc = np.unique(ids + 1, return_inverse=True, return_counts=True)
+        freq.add(gk, gc.astype(np.int64))
+        G = len(gk)
+        keys, cts = [], []
+        for li in range(nl):  # per layer: E x G cells at most, keys come out ascending
+            m = ok[:, li, :]
+            b = np.bincount((ex[:, li, :] * G + inv[:, None])[m], minlength=E * G)
+            nz = np.flatnonzero(b)
+            keys.append((li * E + nz // G) * NT + gk[nz % G])
+            cts.append(b[nz].astype(np.int64))
+        pair.add(np.concatenate(keys), np.concatenate(cts))
+        tid = tok["token_id"].to_numpy()
+        present = tok["token_id"].is_not_null().to_numpy()
+        if present.any():  # the last string seen for each id, as dict(zip(ids, tokens)) over the run
+            ridx = np.flatnonzero(present)[::-1]
+            u, first = np.unique(tid[ridx], return_index=True)
+            strs = tok["token"].gather(ridx[first]).to_list()
+            names.update(zip(u.tolist(), strs))
+    blocks = {}
+    if profiles:
+        for col in labels:
+            values = sorted(lab_vals[col])
+            cols = [lab_vals[col][v] for v in values]
+            blocks[col] = (values, lab_cnt[col][:, cols] if cols else np.zeros((LE, 0), np.int64))
+        order = np.argsort(-freq.c, kind="stable")[:top_tokens]  # freq.k ascending: ties to the smaller id
+        keep1 = freq.k[order]
+        values = [names.get(int(u) - 1, str(int(u) - 1)) for u in keep1] + ["<other>"]
+        counts = np.zeros((LE, len(keep1) + 1), np.int64)
+        srt = np.argsort(keep1)
+        j = np.searchsorted(keep1[srt], pair.k % NT)
+        j = np.minimum(j, max(len(keep1) - 1, 0))
+        hit = (keep1[srt][j] == pair.k % NT) if len(keep1) else np.zeros(len(pair.k), bool)
+        np.add.at(counts, (pair.k[hit] // NT, srt[j[hit]]), pair.c[hit])
+        counts[:, -1] = n_sel - counts[:, :-1].sum(1)
+        blocks["token"] = (values, counts)
+    index = pl.DataFrame({"layer": np.repeat(np.asarray(layers), E).astype(np.int16),
+                          "expert": np.tile(np.arange(E), nl).astype(np.int16), "n_selections": n_sel})
+    sra = stok = None
+    if sample is not None:
+        if picked:
+            doc = np.concatenate([p[0] for p in picked])
+            o = np.lexsort((np.concatenate([p[1] for p in picked]), doc))
+            sra = RoutingArrays(doc[o], np.concatenate([p[1] for p in picked])[o], layers,
+                                np.concatenate([p[2] for p in picked])[o], np.concatenate([p[3] for p in picked])[o], E)
+            stok = pl.concat([p[4] for p in picked])[o]
+        else:
+            sra = RoutingArrays(np.zeros(0, np.int64), np.zeros(0, np.int32), layers, np.zeros((0, nl, run.top_k), np.int16),
+                                np.zeros((0, nl, run.top_k), np.float32), E)
+            stok = pl.DataFrame(schema={"doc_id": pl.Int64, "pos": pl.Int32, "token_id": pl.Int32, "token": pl.Utf8})
+    return index, blocks, sra, stok
+
+
+def expert_profiles(run, labels=None, top_tokens: int = 200, phase: str | None = None, progress: bool = False):
     """Per (layer, expert): selection counts per label value and per frequent token.
 
     Returns (index frame [layer, expert, n_selections], {block name: (values, counts [L*E, n_values])}).
-    Block "token" holds the `top_tokens` most frequent tokens plus "<other>".
+    Block "token" holds the `top_tokens` most frequent tokens plus "<other>". Streams the run (_scan).
     """
     labels = _label_columns(run, labels)
-    ra = routing_arrays(run, phase=phase)
-    tok = _token_frame(run, ra, labels, phase)
-    t, nl, k = ra.experts.shape
-    E = ra.n_experts
-    ex = ra.experts.astype(np.int64)
-    ok = (ex >= 0) & (ex < E)
-    le = np.arange(nl)[None, :, None] * E + ex  # [T, L, K] flat (layer, expert) index
-    n_sel = np.bincount(le[ok], minlength=nl * E)
-    blocks = {}
-    for col in labels + ["token"]:
-        if col == "token":
-            ids = tok["token_id"].fill_null(-1).to_numpy()
-            uniq, cnt = np.unique(ids, return_counts=True)
-            keep = uniq[np.argsort(-cnt, kind="stable")[:top_tokens]]
-            names = dict(zip(tok["token_id"].to_list(), tok["token"].to_list()))
-            values = [names.get(int(u), str(u)) for u in keep] + ["<other>"]
-            lut = {int(u): i for i, u in enumerate(keep)}
-            codes = np.array([lut.get(int(i), len(keep)) for i in ids], np.int64)
-        else:
-            s = tok[col].cast(pl.Utf8).fill_null("<none>")
-            values = sorted(s.unique().to_list())
-            lut = {v: i for i, v in enumerate(values)}
-            codes = np.array([lut[v] for v in s.to_list()], np.int64)
-        nv = len(values)
-        flat = (le * nv + codes[:, None, None])[ok]
-        blocks[col] = (values, np.bincount(flat, minlength=nl * E * nv).reshape(nl * E, nv))
-    index = pl.DataFrame({"layer": np.repeat(np.asarray(ra.layers), E).astype(np.int16),
-                          "expert": np.tile(np.arange(E), nl).astype(np.int16), "n_selections": n_sel})
+    index, blocks, _, _ = _scan(run, labels, top_tokens, phase, progress=progress)
     return index, blocks
 
 
@@ -119,6 +190,10 @@ def expert_atlas(run, labels=None, top_tokens: int = 200, seed: int = 0, n_neigh
     """One row per (layer, expert): 2-D position, selections, dominant value of each label (share of
     the expert's selections and lift over the run's base rate) and its most over-represented tokens."""
     index, blocks = expert_profiles(run, labels, top_tokens, phase)
+    return _expert_atlas(index, blocks, seed, n_neighbors, min_dist, include_unused)
+
+
+def _expert_atlas(index, blocks, seed, n_neighbors, min_dist, include_unused=False) -> pl.DataFrame:
     feats = []
     for values, counts in blocks.values():
         tot = counts.sum(1, keepdims=True)
@@ -167,19 +242,16 @@ def token_vectors(ra) -> np.ndarray:
 
 def token_atlas(run, labels=None, max_tokens: int = 5000, seed: int = 0, n_neighbors: int = 15,
                 min_dist: float = 0.1, phase: str | None = None) -> pl.DataFrame:
-    """2-D map of tokens by routing vector (a seeded sample of at most `max_tokens`), with labels."""
+    """2-D map of tokens by routing vector (a seeded sample of at most `max_tokens`), with labels.
+    The sample's rows are picked while streaming the run; only they are held."""
     labels = _label_columns(run, labels)
-    ra = routing_arrays(run, phase=phase)
-    tok = _token_frame(run, ra, labels, phase)
-    n = len(ra.doc)
-    rows = np.arange(n)
-    if n > max_tokens:
-        rows = np.sort(np.random.default_rng(seed).choice(n, max_tokens, replace=False))
-    from .common import RoutingArrays
+    _, _, sub, tok = _scan(run, labels, phase=phase, sample=_sample_keys(run, max_tokens, seed, phase), profiles=False)
+    return _token_atlas(sub, tok, labels, seed, n_neighbors, min_dist)
 
-    sub = RoutingArrays(ra.doc[rows], ra.pos[rows], ra.layers, ra.experts[rows], ra.weights[rows], ra.n_experts)
+
+def _token_atlas(sub, tok, labels, seed, n_neighbors, min_dist) -> pl.DataFrame:
     coords, method = embed(token_vectors(sub), seed, n_neighbors, min_dist)
-    return tok[rows].select("doc_id", "pos", "token", *labels).with_columns(
+    return tok.select("doc_id", "pos", "token", *labels).with_columns(
         pl.Series("x", coords[:, 0]), pl.Series("y", coords[:, 1]), pl.lit(method).alias("method"))
 
 
@@ -195,11 +267,15 @@ def analyze(run, labels=None, what=("experts", "tokens"), top_tokens: int = 200,
         raise WorkbenchError(f"atlas --what takes experts and/or tokens, not {', '.join(bad) or 'nothing'}")
     labels = _label_columns(run, labels)
     tables = {}
+    # one pass over the run for both maps: the profiles and the token sample
+    sample = _sample_keys(run, max_tokens, seed, phase) if "tokens" in what else None
+    index, blocks, sub, tok = _scan(run, labels, top_tokens, phase, sample=sample, profiles="experts" in what,
+                                    progress=progress)
     for w in tqdm(what, desc="atlas", unit="map", disable=not progress, dynamic_ncols=True):
         if w == "experts":
-            tables["experts"] = expert_atlas(run, labels, top_tokens, seed, n_neighbors, min_dist, phase)
+            tables["experts"] = _expert_atlas(index, blocks, seed, n_neighbors, min_dist)
         else:
-            tables["tokens"] = token_atlas(run, labels, max_tokens, seed, n_neighbors, min_dist, phase)
+            tables["tokens"] = _token_atlas(sub, tok, labels, seed, n_neighbors, min_dist)
     lines = ["expert atlas" + (f" coloured by {', '.join(labels)}" if labels else "")]
     for name, t in tables.items():
         lines.append(f"  {name}: {t.height} points ({t['method'][0] if t.height else '-'}, seed {seed})")

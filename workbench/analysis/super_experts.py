@@ -24,40 +24,125 @@ _MAX_SCHEMA = {"layer": pl.Int16, "expert": pl.Int16, "max_abs": pl.Float64, "ch
                "doc_id": pl.Int64, "pos": pl.Int32, "selections": pl.Int64}
 
 
-def expert_max(run, mode: str = "true") -> pl.DataFrame:
+def expert_max(run, mode: str = "true", chunk_rows: int | None = None, progress: bool = False) -> pl.DataFrame:
     """a[l, e] per (layer, expert): max |down_proj output|, its channel and (doc_id, pos); `selections` rows seen.
 
     mode "true": the max over every routed row. mode "first_row" reproduces the authors' hook: for
     routed experts only the first row each forward call (= each calibration sequence) routed to the
     expert counts; shared experts (-1) keep the true max.
+
+    Streams `expert_stats/` part by part in batches of `chunk_rows` rows (default: the chunk size in
+    tokens x 64) and merges per-chunk maxima exactly (ties: the first row in file order; in first_row
+    mode the earliest (doc_id, pos)). first_row keeps one candidate row per (document, layer, expert)
+    until the end: memory follows documents x layers x experts, not rows.
     """
     mode = _MODE_ALIASES.get(mode, mode)
     if mode not in MODES:
         raise WorkbenchError(f"unknown mode {mode!r}; choose true or first_row")
     if not run.has("expert_stats"):
         raise WorkbenchError(f"run {run.path} has no expert_stats table; capture with --probes routing,experts")
-    lf = run.expert_stats.select("doc_id", "pos", "layer", "expert", "out_maxabs", "out_argmax") \
-        .filter(pl.col("out_maxabs").is_not_nan() & pl.col("out_maxabs").is_not_null())
-    counts = lf.group_by("layer", "expert").agg(pl.len().alias("selections"))
-    if mode == "first_row":
-        first = (lf.filter(pl.col("expert") >= 0)
-                 .sort("doc_id", "pos")
-                 .group_by("doc_id", "layer", "expert", maintain_order=True).first())
-        lf = pl.concat([first.select(lf.collect_schema().names()), lf.filter(pl.col("expert") < 0)])
-    agg = (lf.group_by("layer", "expert")
-           .agg(pl.col("out_maxabs").max().cast(pl.Float64).alias("max_abs"),
-                pl.col("out_argmax").get(pl.col("out_maxabs").arg_max()).alias("channel"),
-                pl.col("doc_id").get(pl.col("out_maxabs").arg_max()).alias("doc_id"),
-                pl.col("pos").get(pl.col("out_maxabs").arg_max()).alias("pos"))
-           .join(counts, on=["layer", "expert"], how="left"))
-    df = agg.collect()
-    if df.height == 0:
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from .common import chunk_tokens
+
+    step = int(chunk_rows) if chunk_rows else chunk_tokens() * 64
+    files = run.files("expert_stats")
+    cols = ["doc_id", "pos", "layer", "expert", "out_maxabs", "out_argmax"]
+    acc = None  # per (layer, expert) running max row: a frame, merged per chunk
+    cand = []  # first_row: candidate rows per (doc, layer, expert)
+    counts = None
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    bar = tqdm(total=total, desc="super experts", unit="row", unit_scale=True, disable=not progress,
+               dynamic_ncols=True)
+    seq = 0
+    for f in files:
+        for b in pq.ParquetFile(f).iter_batches(batch_size=step, columns=cols):
+            bar.update(b.num_rows)
+            d = {c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}
+            v = d["out_maxabs"].astype(np.float64)
+            ok = ~np.isnan(v)  # nulls arrive as NaN
+            d = {c: x[ok] for c, x in d.items()}
+            d["out_maxabs"] = v[ok]
+            d["seq"] = np.arange(len(v), dtype=np.int64)[ok] + seq  # file order, for ties
+            seq += len(v)
+            key = d["layer"].astype(np.int64) * 65536 + d["expert"].astype(np.int64) + 1
+            uk, inv = _dense_inverse(key) if len(key) else (key, key)
+            c = pl.DataFrame({"k": uk, "selections": np.bincount(inv, minlength=len(uk)).astype(np.int64)})
+            counts = c if counts is None else pl.concat([counts, c]).group_by("k").agg(pl.col("selections").sum())
+            if mode == "first_row":
+                routed = d["expert"] >= 0
+                r = {c_: x[routed] for c_, x in d.items()}
+                rk = key[routed]
+                o = np.lexsort((r["seq"], r["pos"], rk, r["doc_id"]))  # earliest row per (doc, layer, expert)
+                dk, kk = r["doc_id"][o], rk[o]
+                first = np.flatnonzero(np.concatenate([[True], (dk[1:] != dk[:-1]) | (kk[1:] != kk[:-1])])) \
+                    if len(o) else np.zeros(0, np.int64)
+                cand.append({c_: x[o][first] for c_, x in r.items()} | {"k": kk[first]})
+                d = {c_: x[~routed] for c_, x in d.items()}
+                key = key[~routed]
+            best = _chunk_max_fast(d, key)
+            acc = best if acc is None else _chunk_max(_concat([acc, best]), _concat([acc, best])["k"], by_doc=False)
+    bar.close()
+    if mode == "first_row" and cand:
+        r = _concat(cand)
+        o = np.lexsort((r["seq"], r["pos"], r["k"], r["doc_id"]))
+        dk, kk = r["doc_id"][o], r["k"][o]
+        first = np.flatnonzero(np.concatenate([[True], (dk[1:] != dk[:-1]) | (kk[1:] != kk[:-1])]))
+        r = {c_: x[o][first] for c_, x in r.items()}
+        best = _chunk_max(r, r["k"], by_doc=True)
+        parts = [best] + ([acc] if acc is not None else [])
+        acc = _chunk_max(_concat(parts), _concat(parts)["k"], by_doc=True)
+    if acc is None or len(acc["k"]) == 0:
         raise WorkbenchError(f"run {run.path}: expert_stats has no rows")
+    df = pl.DataFrame({"layer": acc["k"] // 65536, "expert": acc["k"] % 65536 - 1, "max_abs": acc["out_maxabs"],
+                       "channel": acc["out_argmax"], "doc_id": acc["doc_id"], "pos": acc["pos"], "k": acc["k"]})
+    df = df.join(counts, on="k", how="left").drop("k")
     out = df.cast(_MAX_SCHEMA).sort("layer", "expert")
     n = run.model_info.get("n_layers")
     if n:  # lets find_super_experts refuse an n_layers that contradicts the run this table came from
         out._wb_n_layers = int(n)
     return out
+
+
+def _concat(parts: list[dict]) -> dict:
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+def _chunk_max_fast(d: dict, key: np.ndarray) -> dict:
+    """_chunk_max in file order, linear time: maximum.at per key, then each key's first row at its max."""
+    if len(key) == 0:
+        return dict(d, k=key)
+    uk, inv = np.unique(key, return_inverse=True) if len(key) < 4096 else _dense_inverse(key)
+    best = np.full(len(uk), -np.inf)
+    np.maximum.at(best, inv, d["out_maxabs"])
+    hit = np.flatnonzero(d["out_maxabs"] == best[inv])
+    _, first = np.unique(inv[hit], return_index=True)
+    rows = hit[first]
+    return {c: x[rows] for c, x in d.items()} | {"k": key[rows]}
+
+
+def _dense_inverse(key: np.ndarray):
+    """np.unique(key, return_inverse=True) for keys in a small range, without sorting."""
+    lo = int(key.min())
+    present = np.bincount(key - lo) > 0
+    uk = np.flatnonzero(present) + lo
+    lut = np.cumsum(present) - 1
+    return uk, lut[key - lo]
+
+
+def _chunk_max(d: dict, key: np.ndarray, by_doc: bool) -> dict:
+    """One row per key: the largest out_maxabs; ties go to the smallest (doc_id, pos, seq) when by_doc,
+    else the smallest seq (file order), as polars' arg_max on the dense table."""
+    d = dict(d, k=key)
+    if len(key) == 0:
+        return d
+    v = d["out_maxabs"]
+    ties = (d["seq"], d["pos"], d["doc_id"]) if by_doc else (d["seq"],)
+    o = np.lexsort(ties + (-v, key))
+    kk = key[o]
+    first = np.flatnonzero(np.concatenate([[True], kk[1:] != kk[:-1]]))
+    return {c: x[o][first] for c, x in d.items()}
 
 
 def find_super_experts(table: pl.DataFrame, n_layers: int, percentile: float = 99.5, ratio: float = 10.0,
