@@ -35,7 +35,6 @@ from . import AnalysisResult
 
 LN2 = math.log(2.0)
 MATCH_METHODS = ("none", "weights", "routing")
-_BASE_COLS = ("doc_id", "pos", "token_id", "token", "phase")
 
 
 def _open(run):
