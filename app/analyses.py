@@ -98,11 +98,23 @@ def _body(app_ctx, sec: Section):
         res = data.analysis(sec.analysis)
         figs = data.figures(sec.analysis)
     if res is None:
-        return computing(sec.analysis + (" closed-loop" if sec.loop else ""), data.started(sec.variant or
-                                                                                          sec.analysis)), False
+        key = sec.variant or sec.analysis
+        busy = computing(sec.analysis + (" closed-loop" if sec.loop else ""), data.started(key))
+        return html.Div([busy, progress_bar(data.progress(key))]), False
     if isinstance(res, Unavailable):
         return notice(res), True
     return sec.render(app_ctx, sec.key, res, figs), True
+
+
+def progress_bar(p: dict | None):
+    """The running pass over the run: a bar and 'stats: 41% read (12 chunks)'; nothing before the first chunk."""
+    if not p or not p.get("total"):
+        return html.Span()
+    frac = min(1.0, p["done"] / p["total"])
+    return html.Div([html.Progress(value=f"{frac:.3f}", max="1", style={"width": "240px", "marginRight": "8px"}),
+                     html.Span(f"{p['desc']}: {100 * frac:.0f}% read ({p['chunks']} chunk"
+                               f"{'s' if p['chunks'] != 1 else ''})")],
+                    className="progress", style={"fontSize": "13px"})
 
 
 def async_section(app_ctx, key: str) -> html.Div:

@@ -56,6 +56,7 @@ class Unavailable:
 class Job:
     future: Future
     started: float = field(default_factory=time.time)
+    progress: dict | None = None  # the latest streaming pass: desc, done, total, chunks (common.report_progress)
 
 
 def analysis_available(name: str) -> bool:
@@ -197,6 +198,11 @@ class RunData:
         job = self._jobs.get(key)
         return job.started if job else None
 
+    def progress(self, key: str) -> dict | None:
+        """How far a running computation's current pass over the run is: desc, done, total, chunks, fraction."""
+        job = self._jobs.get(key)
+        return job.progress if job and not job.future.done() else None
+
     def _compute(self, name: str, key: str, options: dict, lock):
         t0 = time.perf_counter()
         try:
@@ -204,18 +210,27 @@ class RunData:
 
             mod = module(name)
             opts = {**self.analysis_options.get(name, {}), **options}
+            from ..analysis.common import report_progress
             from ..analysis.persist import cached
+
+            job = self._jobs.get(key)
+
+            def on_progress(desc, done, total, chunks):
+                if job is not None:
+                    job.progress = {"desc": desc, "done": done, "total": total, "chunks": chunks,
+                                    "fraction": done / total if total else None}
 
             # stored in the run folder: a restarted dashboard reads it instead of recomputing
             # (a separate name: `key` is this result's cache slot in self._cache)
             pkey = None
             if "model" in opts:
                 pkey = {**{k: v for k, v in opts.items() if k != "model"}, "model": self.run.model_info.get("spec")}
-            if lock is not None:
-                with lock:
+            with report_progress(on_progress):
+                if lock is not None:
+                    with lock:
+                        result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=pkey)
+                else:
                     result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=pkey)
-            else:
-                result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=pkey)
             try:
                 figs = mod.figures(result) if hasattr(mod, "figures") else {}
             except WorkbenchError:

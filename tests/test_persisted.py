@@ -79,3 +79,44 @@ def test_cli_reuses_and_recomputes(tmp_path, capsys):
     assert "reused the stored result" in capsys.readouterr().out
     assert main(["analyze", "stats", str(run.path), "--recompute", "--chunk-tokens", "17"]) == 0
     assert "reused" not in capsys.readouterr().out
+
+
+def test_progress_reported_per_chunk_and_shown_while_computing(tmp_path, monkeypatch):
+    """A first computation reports how much of the run it has read; the dashboard page shows it."""
+    import threading
+
+    from test_app import _text
+    from workbench.analysis import common, stats
+    from workbench.app import make_app
+    from workbench.app.analyses import SECTIONS, _body
+
+    run = synth.write_synthetic_run(tmp_path / "r", n_tokens=1000, n_layers=2, n_experts=6, top_k=2, seq_len=50,
+                                    part_tokens=500, vocab=20)
+    seen = []
+    with common.report_progress(lambda desc, done, total, chunks: seen.append((desc, done, total, chunks))):
+        stats.analyze(run, progress=False, chunk_tokens=100)
+    assert seen[0] == ("stats", 0, 1000, 0) and seen[-1] == ("stats", 1000, 1000, 10)
+    assert [s[1] for s in seen] == [100 * i for i in range(11)]
+
+    # the page while the computation is held after its third chunk of 10
+    hold, reached = threading.Event(), threading.Event()
+    real = stats._iter
+
+    def slow(run_, need, chunk, progress):
+        for i, ch in enumerate(real(run_, need, 100, progress)):
+            if i == 3:
+                reached.set()
+                hold.wait(30)
+            yield ch
+
+    monkeypatch.setattr(stats, "_iter", slow)
+    ctx = make_app(run, warm=()).workbench
+    sec = next(s for s in SECTIONS.values() if s.analysis == "stats" and not s.loop)
+    body, done = _body(ctx, sec)
+    assert reached.wait(30)
+    body, done = _body(ctx, sec)
+    assert not done and "stats: 40% read (4 chunks)" in _text(body)
+    hold.set()
+    ctx.data.analysis("stats", wait=30)
+    body, done = _body(ctx, sec)
+    assert done and "% read" not in _text(body)

@@ -133,6 +133,41 @@ def chunk_tokens(n: int | None = None) -> int:
     return int(n)
 
 
+_progress_sink = __import__("threading").local()
+
+
+class report_progress:
+    """While active in this thread, streaming readers call `callback(desc, done, total, chunks)` after each
+    chunk (done/total in the reader's unit: tokens or rows; chunks read so far). The dashboard shows it
+    while a first computation runs.
+
+        with report_progress(lambda desc, done, total, chunks: print(desc, done / total)):
+            stats.analyze(run)
+    """
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __enter__(self):
+        self._prev = getattr(_progress_sink, "cb", None)
+        _progress_sink.cb = self.callback
+        return self
+
+    def __exit__(self, *exc):
+        _progress_sink.cb = self._prev
+        return False
+
+
+def progress_update(desc: str, done: int, total: int, chunks: int) -> None:
+    """Tell the active report_progress callback (if any) how far a streaming pass is."""
+    cb = getattr(_progress_sink, "cb", None)
+    if cb is not None:
+        try:
+            cb(desc, int(done), int(total), int(chunks))
+        except Exception:  # a display callback must never break an analysis
+            pass
+
+
 @dataclass
 class RoutingChunk:
     """One chunk of routing (rows sorted by doc_id, pos) and the tokens/ columns asked for, row-aligned."""
@@ -188,6 +223,8 @@ def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chu
         run.files("tokens")
     total = sum(int(p.get("tokens", 0)) for p in parts)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    done = n_chunks = 0
+    progress_update(desc, 0, total, 0)
     for part in parts:
         pf = pq.ParquetFile(run.path / part["files"]["routing"])
         tok = _part_tokens(run, part, token_columns, phase) if need_tok else None
@@ -226,6 +263,9 @@ def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chu
                 if tframe is not None:
                     tframe = tframe.filter(pl.Series(keep))
             bar.update(len(doc) // nl)
+            done += len(doc) // nl
+            n_chunks += 1
+            progress_update(desc, min(done, total), total, n_chunks)
             if len(d1) == 0:
                 continue
             yield RoutingChunk(RoutingArrays(doc=d1, pos=p1, layers=layers, experts=ex, weights=w,

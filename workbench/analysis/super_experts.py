@@ -44,7 +44,7 @@ def expert_max(run, mode: str = "true", chunk_rows: int | None = None, progress:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from .common import chunk_tokens
+    from .common import chunk_tokens, progress_update
 
     step = int(chunk_rows) if chunk_rows else chunk_tokens() * 64
     files = run.files("expert_stats")
@@ -55,10 +55,13 @@ def expert_max(run, mode: str = "true", chunk_rows: int | None = None, progress:
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     bar = tqdm(total=total, desc="super experts", unit="row", unit_scale=True, disable=not progress,
                dynamic_ncols=True)
-    seq = 0
+    seq = n_chunks = 0
+    progress_update("super experts", 0, total, 0)
     for f in files:
         for b in pq.ParquetFile(f).iter_batches(batch_size=step, columns=cols):
             bar.update(b.num_rows)
+            n_chunks += 1
+            progress_update("super experts", seq + b.num_rows, total, n_chunks)
             d = {c: b.column(c).to_numpy(zero_copy_only=False) for c in cols}
             v = d["out_maxabs"].astype(np.float64)
             ok = ~np.isnan(v)  # nulls arrive as NaN
