@@ -266,6 +266,8 @@ def analyze(run, labels=None, what=("experts", "tokens"), top_tokens: int = 200,
     if bad or not what:
         raise WorkbenchError(f"atlas --what takes experts and/or tokens, not {', '.join(bad) or 'nothing'}")
     labels = _label_columns(run, labels)
+    if phase is not None and run.tokens.filter(pl.col("phase") == phase).head(1).collect().height == 0:
+        raise WorkbenchError(f"run {run.path} has no {phase} tokens, so --phase {phase} leaves nothing to map")
     tables = {}
     # one pass over the run for both maps: the profiles and the token sample
     sample = _sample_keys(run, max_tokens, seed, phase) if "tokens" in what else None
