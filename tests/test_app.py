@@ -53,6 +53,7 @@ def _text(component) -> str:
 def fake_analysis(monkeypatch):
     """Install workbench.analysis.<name> as a fake module; returns a call counter dict."""
     import workbench.analysis as wa
+    from workbench.analysis import persist
 
     calls = {}
 
@@ -67,6 +68,10 @@ def fake_analysis(monkeypatch):
 
         mod.analyze = counted
         mod.figures = lambda res: {}
+        # results persisted in the (shared) run folder would stand in for the fake, and the fake's must
+        # not stand in for later tests' real ones
+        monkeypatch.setattr(persist, "load", lambda *a, **k: None)
+        monkeypatch.setattr(persist, "store", lambda *a, **k: None)
         monkeypatch.setitem(sys.modules, f"workbench.analysis.{modname}", mod)
         monkeypatch.setitem(wa.MODULES, name, modname)
         return calls

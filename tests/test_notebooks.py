@@ -67,7 +67,7 @@ def test_readme_nbconvert_command_draws_offline(tmp_path):
         nbformat.v4.new_code_cell("from workbench.notebook import setup\nprint(setup())"),
         nbformat.v4.new_code_cell("import workbench as wb\nfrom workbench import analysis\n"
                                   f"run = wb.open_run({str(run.path)!r})\n"
-                                  "stats = analysis.analyze('stats', run)\nprint('rows', stats.tables['experts'].height)"),
+                                  "stats = analysis.analyze('stats', run, reuse=False)\nprint('rows', stats.tables['experts'].height)"),
         nbformat.v4.new_code_cell("import plotly.graph_objects as go\ngo.Figure(go.Bar(x=[1, 2], y=[3, 4]))"),
     ]
     path = tmp_path / "check.ipynb"
