@@ -109,6 +109,9 @@ def test_capture_selected_layers_only(tiny_dir, tmp_path, capsys):
     assert main(["analyze", "stats", str(part)]) == 0  # analyses read the layers the run holds
     out = capsys.readouterr().out
     assert "L0:" not in out and "L2:" not in out  # no layer the run does not hold is reported
+    # a filter that keeps nothing says so (it used to map "0 points")
+    assert main(["analyze", "atlas", str(part), "--phase", "decode", "--what", "experts", "--recompute"]) == 2
+    assert "has no decode tokens" in capsys.readouterr().err
     # a layer that is not there: one sentence, no run folder
     bad = tmp_path / "bad"
     assert main(["capture", model, "--data", str(data), "--out", str(bad), "--layers", "2-5", "--no-progress"]) == 2
