@@ -90,6 +90,27 @@ def test_torchrun_kill_one_rank_then_resume_equals_single_process(tiny_dir, tmp_
     assert 2 not in run.routing.filter(wb_layer(1)).explode("experts").collect()["experts"].to_list()
 
 
+def test_accelerate_launch_two_processes(tiny_dir, tmp_path):
+    """`accelerate launch --multi_gpu` sets the same environment torchrun does (gloo on a CPU machine)."""
+    pytest.importorskip("accelerate")
+    model = str(tiny_dir("olmoe"))
+    data = tmp_path / "data.jsonl"
+    _corpus(data, n=24)
+    ref = wb.capture(model, str(data), tmp_path / "ref", batch_size=4, part_tokens=60, progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "acc"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "workbench", "capture",
+           model, "--data", str(data), "--out", str(out), "--batch-size", "4", "--part-tokens", "60", "--no-progress"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = wb.open_run(out)
+    assert run.complete and run.manifest["distributed"]["world_size"] == 2
+    assert {p["rank"] for p in run.manifest["parts"]} == {0, 1}
+    a, b = ref.routing.collect().sort(KEYS["routing"]), run.routing.collect().sort(KEYS["routing"])
+    assert a.equals(b)
+
+
 def wb_layer(i):
     import polars as pl
 
