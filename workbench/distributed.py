@@ -224,6 +224,9 @@ def capture_dp(mm, out, manifest: dict, seqs, batch_size: int, probe_list, label
     """The data-parallel body of `capture.capture` (same arguments, already checked)."""
     from .capture import _attached, _batch_context, _Decoder, _Pipeline, _progress, _Writer
 
+    if mm.layerwise:
+        raise WorkbenchError("--layerwise runs in one process; under torchrun / accelerate launch use "
+                             "--device-map, or one --layerwise capture per machine")
     rank, ws = _init()
     path = Path(out)
     batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
