@@ -555,7 +555,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:  # arguments first: no heavy import before they are known to be good
-        args = build_parser(argv).parse_args(argv)
+        args, extra = build_parser(argv).parse_known_args(argv)
+        if extra:  # named by the (sub)command they were given to, not by the top-level parser
+            prog = " ".join(["workbench", args.command] + ([args.analysis] if args.command == "analyze" else []))
+            print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
+            return 2
     except SystemExit as e:  # --help, --version, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else 2
     except WorkbenchError as e:  # an analysis module refusing its options while the parser is built
