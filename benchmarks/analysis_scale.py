@@ -1,10 +1,16 @@
-"""Wall time and peak RSS of each analysis on synthetic runs of 1e7, 1e8 (, 1e9) routed slots.
+"""Wall time, CPU time and peak RSS of each analysis on synthetic runs of 1e7, 1e8 (, 1e9) routed slots,
+and the server-side load time of each dashboard analysis page once the analyses are persisted.
 
-    python benchmarks/analysis_scale.py --slots 1e7,1e8 --work /tmp/scale [--out benchmarks/results/analysis_scale.json]
+    python benchmarks/analysis_scale.py --slots 1e7,1e8 --work /tmp/analysis_scale \\
+        [--out benchmarks/results/analysis_scale_cpu.json] [--only stats,lrc] [--pages]
 
 64 experts, top-8, 16 MoE layers; expert_stats at 1e8 (and below). Each analysis runs in a fresh
-process (`/usr/bin/time`-style peak RSS from resource.getrusage of the child); then the persisted
-result is loaded again (the dashboard's warm path). The load average is recorded: the machine is shared.
+process (peak RSS and CPU seconds from the child's resource.getrusage); then the persisted result is
+loaded again in another fresh process (the warm path of the CLI and of a restarted dashboard). Pages:
+a fresh process builds the app (no warm-up), renders every section of the analysis until it is done
+(first load: reads the stored result, builds figures) and renders it again (warm load). The machine
+is shared: the load average (1 min) is recorded before and after every measurement, and CPU seconds
+next to wall seconds (CPU time is what a quiet machine's wall time would be, roughly).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import platform
 import subprocess
 import sys
 import time
@@ -29,45 +35,78 @@ from workbench.store import open_run
 from workbench.analysis import analyze
 run = open_run(sys.argv[1]); opts = json.loads(sys.argv[3])
 t = time.perf_counter(); r = analyze(sys.argv[2], run, reuse=sys.argv[4] == "1", **opts)
-print(json.dumps({"s": time.perf_counter() - t, "reused": bool(r.meta.get("reused")),
-                  "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"s": time.perf_counter() - t, "cpu_s": ru.ru_utime + ru.ru_stime, "reused": bool(r.meta.get("reused")),
+                  "rss_gb": ru.ru_maxrss / 1e6}))
+"""
+
+PAGE_CHILD = """
+import json, sys, time, resource
+from workbench.app import make_app
+from workbench.app.analyses import SECTIONS, _body
+name = sys.argv[2]
+ctx = make_app(sys.argv[1], analysis_options=json.loads(sys.argv[3]), warm=()).workbench
+secs = [s for s in SECTIONS.values() if s.analysis == name and not s.loop]
+t = time.perf_counter()
+for s in secs:
+    while not _body(ctx, s)[1]:
+        time.sleep(0.02)
+first = time.perf_counter() - t
+t = time.perf_counter()
+for s in secs:
+    assert _body(ctx, s)[1]
+warm = time.perf_counter() - t
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"first_s": first, "warm_s": warm, "sections": [s.key for s in secs], "rss_gb": ru.ru_maxrss / 1e6}))
 """
 
 
-def _child(run, name, opts, reuse) -> dict:
+def _child(script, *args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", CHILD, str(run), name, json.dumps(opts), "1" if reuse else "0"],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
-    if p.returncode:
-        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    load0 = os.getloadavg()[0]
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+    out = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"} if p.returncode \
+        else json.loads(p.stdout.strip().splitlines()[-1])
+    out.update(process_s=round(time.perf_counter() - t, 2), load_before=load0, load_after=os.getloadavg()[0])
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slots", default="1e7,1e8")
     ap.add_argument("--work", default="/tmp/analysis_scale")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "analysis_scale.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "analysis_scale_cpu.json"))
     ap.add_argument("--only", default=",".join(ANALYSES))
+    ap.add_argument("--pages", action="store_true", help="also time the dashboard pages of the persisted analyses")
+    ap.add_argument("--no-analyses", action="store_true", help="pages only (analyses already persisted)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from synthetic_run import write_synthetic_run
 
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                      "note": "shared with ~8 engineers' jobs; see load_before/load_after per row"}
     for s in [float(x) for x in a.slots.split(",")]:
         path = Path(a.work) / f"run_{s:.0e}"
         rec = res["runs"].setdefault(f"{s:.0e}", {})
         if not (path / "manifest.json").exists():
+            load0 = os.getloadavg()[0]
             t = time.perf_counter()
             write_synthetic_run(path, slots=s, expert_stats=s <= 1e8, progress=False)
-            rec["generate_s"] = round(time.perf_counter() - t, 1)
+            rec["generate"] = {"s": round(time.perf_counter() - t, 1), "load_before": load0,
+                               "load_after": os.getloadavg()[0], "expert_stats": s <= 1e8}
         for name in a.only.split(","):
-            first = _child(path, name, ANALYSES[name], reuse=False)
-            warm = _child(path, name, ANALYSES[name], reuse=True)
-            rec[name] = {"first": first, "warm": warm, "load_avg": os.getloadavg()}
-            print(s, name, rec[name], flush=True)
-            res["machine"] = {"cpus": os.cpu_count(), "note": "shared with ~8 engineers; see load_avg per row"}
+            if name == "super-experts" and s > 1e8:
+                continue  # no expert_stats above 1e8
+            r = rec.setdefault(name, {})
+            if not a.no_analyses:
+                r["first"] = _child(CHILD, path, name, json.dumps(ANALYSES[name]), "0")
+                r["warm"] = _child(CHILD, path, name, json.dumps(ANALYSES[name]), "1")
+            if a.pages:
+                r["page"] = _child(PAGE_CHILD, path, name, json.dumps({name: ANALYSES[name]}))
+            print(s, name, r, flush=True)
             out.write_text(json.dumps(res, indent=1))
     return 0
 

@@ -104,10 +104,15 @@ def _label_groups(run, labels, max_values: int, skipped: list):
     return out
 
 
-def _indicator(ex_l: np.ndarray, E: int, dtype) -> np.ndarray:
-    """[T, E] multiplicity of each expert in each token's top-k (co-activation / transitions as GEMMs)."""
+def _indicator(ex_l: np.ndarray, E: int, dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """[T, E] multiplicity of each expert in each token's top-k (co-activation / transitions as GEMMs).
+    `out`: a buffer to reuse (fresh 0.1 GB arrays per layer cost page faults)."""
     T, K = ex_l.shape
-    x = np.zeros((T, E), dtype)
+    if out is not None and out.shape == (T, E) and out.dtype == dtype:
+        x = out
+        x.fill(0)
+    else:
+        x = np.zeros((T, E), dtype)
     np.put_along_axis(x, ex_l, 1, axis=1)
     if x.sum(dtype=np.float64) != T * K:  # an expert twice in one token's top-k: count the multiplicity
         x = np.bincount((np.arange(T)[:, None] * E + ex_l).reshape(-1), minlength=T * E).reshape(T, E).astype(dtype)
@@ -154,17 +159,38 @@ class _KeyCounts:
     Above `cap` distinct keys it keeps each segment's `keep` largest (a heavy-hitter sketch)."""
 
     def __init__(self, cap=None, keep=None, span=1):
-        self.k = np.zeros(0, np.int64)
-        self.c = np.zeros(0, np.int64)
+        self._k = np.zeros(0, np.int64)
+        self._c = np.zeros(0, np.int64)
+        self._pend: list = []  # sorted chunks not merged yet: merged once they outweigh the total
         self.cap, self.keep, self.span = cap, keep, span
         self.pruned = False
 
+    @property
+    def k(self):
+        self._merge()
+        return self._k
+
+    @property
+    def c(self):
+        self._merge()
+        return self._c
+
     def add(self, keys, counts):
-        self.k, self.c = _sorted_sum(np.concatenate([self.k, keys]), np.concatenate([self.c, counts]))
-        if self.cap is not None and len(self.k) > self.cap:
-            o, rank = _segment_rank(self.k // self.span, self.c, self.k % self.span, self.span)
+        self._pend.append((keys, counts))
+        n = sum(len(p[0]) for p in self._pend)
+        if n >= len(self._k) or (self.cap is not None and n + len(self._k) > 2 * self.cap):
+            self._merge()
+
+    def _merge(self):
+        if not self._pend:
+            return
+        parts = [(self._k, self._c)] + self._pend
+        self._pend = []
+        self._k, self._c = _sorted_sum(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        if self.cap is not None and len(self._k) > self.cap:
+            o, rank = _segment_rank(self._k // self.span, self._c, self._k % self.span, self.span)
             kept = np.sort(o[rank < self.keep])
-            self.k, self.c = self.k[kept], self.c[kept]
+            self._k, self._c = self._k[kept], self._c[kept]
             self.pruned = True
 
 
@@ -222,9 +248,9 @@ class _Pass:
         segs = [(j, bounds[j], bounds[j + 1]) for j in range(self.U) if bounds[j + 1] > bounds[j]]
         exs = ex[order]
         dtype = np.float32 if T < (1 << 24) else np.float64  # integer sums stay exact in the GEMM
-        prev = None
+        prev = spare = None
         for li in range(L):
-            x = _indicator(exs[:, li, :], E, dtype)
+            x = _indicator(exs[:, li, :], E, dtype, spare)
             for j, a, b in segs:
                 if self.co is not None:
                     xs = x[a:b]
@@ -233,7 +259,7 @@ class _Pass:
                     self.co[j, li] += g
                 if self.tr is not None and prev is not None:
                     self.tr[j, li - 1] += (prev[a:b].T @ x[a:b]).astype(np.int64)
-            prev = x
+            spare, prev = prev, x
 
     def value_map(self, member):
         """Value index of each unit for label `member` (-1: null); None label: every unit is value 0."""
@@ -343,7 +369,6 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     token_str = pl.DataFrame({"token_id": np.concatenate(tok_ids),
                               "token": pl.concat(tok_strs) if tok_strs else pl.Series([], dtype=pl.Utf8)})
     exp_rows, lay_rows, co_rows, tr_rows, top_rows, lab_rows = [], [], [], [], [], []
-    pruned = any(a.tt.pruned for a in accs)
     for gi, (label, values) in enumerate(groups):
         V = len(values)
         acc = accs[0] if label is None else next(a for a in accs if gi - 1 in a.members)
@@ -419,6 +444,7 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
                                       next_layer=np.full(len(tval), layers[li + 1], np.int16),
                                       expert=nz[1].astype(np.int16), next_expert=nz[2].astype(np.int16), count=tval,
                                       p_next_given_expert=tval / cnt[nz[0], li, nz[1]]))
+    pruned = any(a.tt.pruned for a in accs)  # after collapse: the last merge may prune
     tables = {
         "experts": _fill_nan(pl.concat(exp_rows)),
         "layers": _fill_nan(pl.concat(lay_rows)),
