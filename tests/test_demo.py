@@ -32,12 +32,15 @@ def test_quick_demo_writes_a_full_report_serves_every_run_and_reuses_captures(tm
     assert "<script src=" not in html and "<link " not in html  # self-contained: plotly inlined, nothing fetched
     # the dashboard gets every run and the model
     (runs, model, port), = served
-    assert sorted(p.split("/")[-1] for p in runs) == sorted(rp.name + "-quick" for rp in run_plans)
+    # (plus the comparison's run: the code prompts with the top code experts banned)
+    assert sorted(p.split("/")[-1] for p in runs) == sorted([rp.name + "-quick" for rp in run_plans]
+                                                            + ["code-banned-quick"])
+    assert "Comparison: code prompts with the top-8 code experts banned" in html
     assert model == "demo" and port == 8123
 
     # a second demo reuses the completed captures: their manifests are not rewritten
     manifests = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/manifest.json")}
-    assert len(manifests) == len(run_plans)
+    assert len(manifests) == len(run_plans) + 1
     main(["demo", "--quick", "--out", str(out), "--no-serve"])
     assert {p: p.stat().st_mtime_ns for p in manifests} == manifests
     assert len(served) == 1
