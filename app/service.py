@@ -136,7 +136,9 @@ class ModelService:
                 return "unknown", "this result has expired; change anything to run again"
             job.touched = time.time()
             if job.state == "queued":
-                ahead = list(self._queue.values()).index(job) + (self._running is not None)
+                # a running job already superseded stops at its next step: it does not count as ahead
+                busy = self._running is not None and not self._running.cancel.is_set()
+                ahead = list(self._queue.values()).index(job) + busy
                 return "queued", {"ahead": ahead, "seconds": time.time() - job.submitted}
             if job.state == "running":
                 return "running", time.time() - (job.started or job.submitted)

@@ -80,15 +80,17 @@ def test_one_session_cannot_make_another_wait_behind_its_jobs(fake_compare):
         jobs_a = [svc.submit("A", f"a{i}", []) for i in range(1, 31)]  # 30 requests from one tab
         b = svc.submit("B", "b", [])
         state, where = svc.poll(b)
-        # behind the running job and A's newest request only: the 29 older ones were superseded
-        assert state == "queued" and where["ahead"] == 2
+        # behind A's newest request only: the 29 older ones were superseded, and so was A's running one
+        # (it stops at its next step, so it is not counted as ahead)
+        assert state == "queued" and where["ahead"] == 1
         assert svc.queue_length() == 2
         assert all(svc.poll(j)[0] == "cancelled" for j in jobs_a[:-1])
-        assert svc.poll(jobs_a[-1]) [0] == "queued" and svc.poll(jobs_a[-1])[1]["ahead"] == 1
-        assert "2 requests ahead of yours" in queue_status(where)
+        assert svc.poll(jobs_a[-1])[0] == "queued" and svc.poll(jobs_a[-1])[1]["ahead"] == 0
+        assert "1 request ahead of yours" in queue_status(where)
+        assert "2 requests ahead" in queue_status({"ahead": 2, "seconds": 1.0})
     finally:
         svc.lock.release()
-    assert _wait(svc, b) [0] == "done" and _wait(svc, jobs_a[-1])[0] == "done"
+    assert _wait(svc, b)[0] == "done" and _wait(svc, jobs_a[-1])[0] == "done"
     assert _wait(svc, first)[0] == "cancelled"  # superseded while waiting for the model: never ran
     assert calls == ["a30", "b"]  # nothing else reached the model
 
