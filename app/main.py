@@ -291,8 +291,8 @@ def make_multi_app(runs, model=None, analysis_options: dict | None = None, warm=
 def check_serve_options(host: str, debug: bool = False, allow_remote: bool = False) -> None:
     """Refuse, in one sentence, what would expose the dashboard by accident (checked before any loading)."""
     if not is_loopback(host) and not allow_remote:
-        raise WorkbenchError(f"--host {host} makes the dashboard reachable from other machines, with no login and "
-                             "a live model; pass --allow-remote to confirm")
+        raise WorkbenchError(f"--host {host} makes the dashboard reachable from other machines, with no login "
+                             "(and, with --model, a live model); pass --allow-remote to confirm")
     if debug and not is_loopback(host):
         raise WorkbenchError("--debug turns on the Werkzeug debugger, which runs Python code for whoever opens "
                              "the page; it only binds a loopback --host")
