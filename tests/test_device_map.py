@@ -54,3 +54,26 @@ def test_max_memory_parsing():
             parse_max_memory(bad)
     with pytest.raises(WorkbenchError, match="device-map"):
         load_model("demo", device_map="everywhere")
+
+
+def test_cli_device_map_and_layerwise(tiny_dir, tmp_path, capsys):
+    """The command line: --device-map/--max-memory and --layerwise give the one-device rows; a bad
+    --max-memory is one sentence and exit code 2, before any run folder exists."""
+    from workbench.cli import main
+
+    model = str(tiny_dir("olmoe"))
+    data = tmp_path / "d.txt"
+    data.write_text("alpha beta gamma delta\nthe quick brown fox\nzeta eta theta iota kappa\n")
+    base = ["capture", model, "--data", str(data), "--probes", "routing,experts", "--no-progress", "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "ref")]) == 0
+    assert main(base + ["--out", str(tmp_path / "split"), "--device-map", "auto", "--max-memory", "cpu=60KB",
+                        "--offload-folder", str(tmp_path / "off")]) == 0
+    assert main(base + ["--out", str(tmp_path / "lw"), "--layerwise", "--offload-folder", str(tmp_path / "off2")]) == 0
+    ref = _frames(wb.open_run(tmp_path / "ref"))
+    for name in ("split", "lw"):
+        got = _frames(wb.open_run(tmp_path / name))
+        assert all(ref[t].equals(got[t]) for t in ref), name
+    assert main(base + ["--out", str(tmp_path / "bad"), "--device-map", "auto", "--max-memory", "cpu=lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("workbench: error: --max-memory") and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "bad").exists()
