@@ -2,7 +2,7 @@
 
     python benchmarks/layerwise_memory.py --out benchmarks/results/layerwise_memory_cpu.json
 
-A random qwen3_moe checkpoint (default 8 layers, hidden 512, 32 experts: ~100 MB of weights a layer in
+A random qwen3_moe checkpoint (default 8 layers, hidden 384, 16 experts: ~28 MB of weights a layer in
 fp32) is written once; each mode then runs in a fresh process (so peaks do not mix) that loads the
 model and captures routing + expert statistics. Reported: peak RSS above the process's RSS after
 imports, tokens/s, and the weights' size (whole model, one layer). Layerwise peak should be about one
@@ -38,7 +38,7 @@ mode, ckpt, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t = time.perf_counter()
 mm = load_layerwise(ckpt, offload_folder=out + "_off") if mode == "layerwise" else load_model(ckpt)
 load_s = time.perf_counter() - t
-texts = ["the quick brown fox jumps over the lazy dog " * 40] * 64
+texts = ["the quick brown fox jumps over the lazy dog " * 10] * 16
 t = time.perf_counter()
 run = wb.capture(mm, texts, out, probes=["routing", "experts"], batch_size=8, progress=False)
 cap_s = time.perf_counter() - t
@@ -53,8 +53,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import torch
