@@ -27,9 +27,9 @@ def int8_params(mx: torch.Tensor):
     tiny = (mx < TINY) & (mx > 0)
     # tiny rows: k = ceil(max|y| * 2^149 / 127) steps of 2^-149, everything computed on the row * 2^64
     # (an integer ceil-division: m < 2^30 is exact in float32, m / 127 in float32 is not)
-    m = (torch.where(tiny, mx * _UP, 1.0) * 2.0 ** 85).to(torch.int32)
+    m = (torch.where(tiny, mx * _UP, 0.0) * 2.0 ** 85).to(torch.int32)  # 0 elsewhere: no int overflow
     k = ((m + 126) // 127).float()
-    step = k * _GRID  # the scale on the pre-scaled row: normal, exact
+    step = torch.where(tiny, k * _GRID, 1.0)  # the scale on the pre-scaled row: normal, exact
     pre = torch.where(tiny, _UP, 1.0)
     inv = torch.where(tiny, 1.0 / step, torch.where(mx > 0, 127.0 / torch.where(mx > 0, mx, 1.0), 0.0))
     scale = torch.where(tiny, step * (1.0 / _UP), mx / 127.0)

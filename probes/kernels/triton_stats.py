@@ -21,9 +21,9 @@ def _int8_params(best):
     """reference.int8_params, op for op: tiny rows (max < 2^-119) get a scale on the 2^-149 grid,
     rounded up, with the row pre-scaled by 2^64 so nothing under- or overflows; all-zero rows 0."""
     tiny = (best < 1.504632769052528e-36) & (best > 0)  # 2^-119
-    m = (tl.where(tiny, best * 18446744073709551616.0, 1.0) * 3.8685626227668134e25).to(tl.int32)  # 2^64, 2^85
+    m = (tl.where(tiny, best * 18446744073709551616.0, 0.0) * 3.8685626227668134e25).to(tl.int32)  # 2^64, 2^85
     k = ((m + 126) // 127).to(tl.float32)  # integer ceil-division, exact
-    step = k * 2.5849394142282115e-26  # 2^-85
+    step = tl.where(tiny, k * 2.5849394142282115e-26, 1.0)  # 2^-85
     pre = tl.where(tiny, 18446744073709551616.0, 1.0)
     inv = tl.where(tiny, 1.0 / step, tl.where(best > 0, 127.0 / tl.where(best > 0, best, 1.0), 0.0))
     scale = tl.where(tiny, step * 5.421010862427522e-20, best / 127.0)  # 2^-64
