@@ -263,7 +263,7 @@ def test_cli_steer_text_and_json(tiny_dir, capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["--ban", "L1:E99"], "expert 99 in --ban is out of range"),
-    (["--zero", "L1-E2"], "malformed expert 'L1-E2' in --zero"),
+    (["--zero", "L1-E2"], "--zero: malformed expert 'L1-E2'"),  # refused by the parser, before the model loads
     ([], "give at least one intervention"),
 ])
 def test_cli_steer_errors(tiny_dir, capsys, args, msg):
