@@ -4,7 +4,9 @@ each label column (and per phase when a run has decode tokens).
 
 The routing streams in chunks of tokens (`common.iter_routing`); every table is a sum of per-chunk
 counts (bincounts; co-activation and transitions as indicator-matrix products), so memory stays at
-one chunk plus the result tables, whatever the run's size.
+one chunk plus the result tables, whatever the run's size. Counts are kept per combination of label
+values (a "unit") and summed into each label's values at the end, so one walk over the routing
+serves every label; top tokens are exact sparse counts (sorted int64 keys, merged per chunk).
 """
 
 from __future__ import annotations
