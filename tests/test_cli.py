@@ -197,3 +197,16 @@ def test_no_middle_layers_without_a_u_shape(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "middle layers (detected)" not in out
     assert "middle layers: none (no U shape: divergence is lowest at the first layers, L0-L1" in out
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`workbench datasets | head`: the reader leaving early is not an error."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "workbench", "datasets"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err

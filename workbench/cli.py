@@ -581,6 +581,10 @@ def main(argv=None) -> int:
         hint = " (completed parts are kept; use --resume)" if args.command == "capture" else ""
         print(f"workbench: interrupted{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `workbench ... | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot raise again
+        return 0
     except OSError as e:  # a target the user named is read-only, forbidden or full
         from .store import io_error, os_errno
 
