@@ -190,7 +190,8 @@ def test_triton_int8_tiny_and_subnormal_rows(dtype, h, config):
     assert torch.equal(got[4].cpu()[:6], ref[4][:6])  # tiny rows: exact multiples of 2^-149
     assert got[4][6].item() == 0 and torch.all(got[3][6] == 0)  # all-zero row: scale 0, values 0
     assert (got[3].cpu().int() - ref[3].int()).abs().max() <= 1
-    assert torch.all(got[4].cpu()[:6] > 0)
+    nonzero = (x[:6] != 0).any(dim=1)  # bf16 cannot hold 2^-149-scale values: such a row is all zero there
+    assert torch.equal(got[4].cpu()[:6] > 0, nonzero)  # a scale never underflows to 0 on a non-zero row
     if dtype == torch.float32:
         assert got[3][7, :2].tolist() == [125, 38]
 
