@@ -160,11 +160,14 @@ class _KeyCounts:
     """Exact sparse counter of int64 keys (segment * span + token): sorted arrays merged per chunk.
     Above `cap` distinct keys it keeps each segment's `keep` largest (a heavy-hitter sketch)."""
 
-    def __init__(self, cap=None, keep=None, span=1):
+    def __init__(self, cap=None, keep=None, span=1, split=None):
         self._k = np.zeros(0, np.int64)
         self._c = np.zeros(0, np.int64)
         self._pend: list = []  # sorted chunks not merged yet: merged once they outweigh the total
         self.cap, self.keep, self.span = cap, keep, span
+        # ascending key boundaries no segment straddles (layers): merges and pruning go block by block,
+        # so their temporaries are a block's, not the whole counter's
+        self.split = None if split is None else np.asarray(split, np.int64)
         self.pruned = False
 
     @property
@@ -187,13 +190,24 @@ class _KeyCounts:
         if not self._pend:
             return
         parts = [(self._k, self._c)] + self._pend
-        self._pend = []
-        self._k, self._c = _sorted_sum(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        if self.cap is not None and len(self._k) > self.cap:
-            o, rank = _segment_rank(self._k // self.span, self._c, self._k % self.span, self.span)
-            kept = np.sort(o[rank < self.keep])
-            self._k, self._c = self._k[kept], self._c[kept]
+        self._pend, self._k, self._c = [], None, None  # freed once the blocks are built
+        if self.split is None:
+            blocks = [_sorted_sum(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))]
+        else:
+            cuts = [np.searchsorted(p[0], self.split) for p in parts]
+            blocks = []
+            for j in range(len(self.split) - 1):
+                blocks.append(_sorted_sum(np.concatenate([p[0][i[j]:i[j + 1]] for p, i in zip(parts, cuts)]),
+                                          np.concatenate([p[1][i[j]:i[j + 1]] for p, i in zip(parts, cuts)])))
+        del parts
+        if self.cap is not None and sum(len(b[0]) for b in blocks) > self.cap:
+            for j, (k, c) in enumerate(blocks):
+                o, rank = _segment_rank(k // self.span, c, k % self.span, self.span)
+                kept = np.sort(o[rank < self.keep])
+                blocks[j] = (k[kept], c[kept])
             self.pruned = True
+        self._k = np.concatenate([b[0] for b in blocks]) if len(blocks) > 1 else blocks[0][0]
+        self._c = np.concatenate([b[1] for b in blocks]) if len(blocks) > 1 else blocks[0][1]
 
 
 class _Pass:
@@ -213,7 +227,7 @@ class _Pass:
         self.tr = np.zeros((U, max(L - 1, 0), E, E), np.int64) if transitions else None
         # top tokens: key ((layer * E + expert) * U + u) * NT + token_id + 1; a chunk's keys come out of
         # the per-layer bincounts already sorted
-        self.tt = _KeyCounts(cap, keep, NT)
+        self.tt = _KeyCounts(cap, keep, NT, split=np.arange(L + 1, dtype=np.int64) * (E * U * NT))
         self.tf = _KeyCounts()  # key u * NT + token_id + 1: tokens per (unit, token id)
 
     def add(self, codes, tok1, ex, w):
@@ -287,23 +301,28 @@ class _Pass:
             out[name] = r
         LE, NT, U = self.L * self.E, self.NT, self.U
         k, c = self.tt.k, self.tt.c
-        seg, tok1 = k // NT, k % NT
-        v = vm[seg % U]
-        keep = v >= 0
-        k2, c2 = _sorted_sum(((seg[keep] // U) * V + v[keep]) * NT + tok1[keep], c[keep])
-        seg, tok1 = k2 // NT, k2 % NT
-        o, rank = _segment_rank(seg, c2, tok1, NT)
-        o, rank = o[rank < top_n], rank[rank < top_n]
-        le, v = seg[o] // V, seg[o] % V
+        # keys ascend by (layer, expert, unit, token): rank one layer's slice at a time (bounded memory)
+        bounds = np.searchsorted(k, np.arange(self.L + 1, dtype=np.int64) * (self.E * U * NT))
+        parts = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            seg, tok1 = k[a:b] // NT, k[a:b] % NT
+            v = vm[seg % U]
+            keep = v >= 0
+            k2, c2 = _sorted_sum(((seg[keep] // U) * V + v[keep]) * NT + tok1[keep], c[a:b][keep])
+            seg, tok1 = k2 // NT, k2 % NT
+            o, rank = _segment_rank(seg, c2, tok1, NT)
+            o, rank = o[rank < top_n], rank[rank < top_n]
+            parts.append((seg[o] // V, seg[o] % V, tok1[o], c2[o], rank))
+        le, v, tok1, cnt, rank = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int64)
+                                  for i in range(5))
         f = np.lexsort((rank, v * LE + le))  # rows by (value, layer, expert, rank)
-        o, rank, le, v = o[f], rank[f], le[f], v[f]
-        tok1 = tok1[o]
+        le, v, tok1, cnt, rank = le[f], v[f], tok1[f], cnt[f], rank[f]
         fk, fc = self.tf.k, self.tf.c
         fv = vm[fk // NT]
         fkeep = fv >= 0
         fk2, fc2 = _sorted_sum(fv[fkeep] * NT + fk[fkeep] % NT, fc[fkeep])
         tc = fc2[np.searchsorted(fk2, v * NT + tok1)]
-        out["top"] = dict(v=v, le=le, token_id=tok1 - 1, count=c2[o], rank=rank + 1, token_count=tc)
+        out["top"] = dict(v=v, le=le, token_id=tok1 - 1, count=cnt, rank=rank + 1, token_count=tc)
         out["pruned"] = self.tt.pruned
         return out
 
