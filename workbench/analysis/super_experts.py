@@ -330,7 +330,7 @@ def analyze(run, mode: str = "true", percentile: float = 99.5, ratio: float = 10
     model (for prune): a loaded MoEModel, or a spec/path; default the run's own model."""
     mode = _MODE_ALIASES.get(mode, mode)
     n_layers = int(run.model_info.get("n_layers") or (max(run.moe_layers) + 1))
-    amax = expert_max(run, mode)
+    amax = expert_max(run, mode, progress=progress)
     ranked, th = find_super_experts(amax, n_layers, percentile, ratio)
     ranked = _token_strings(run, ranked)
     ranked = ranked.select("se_rank", "layer", "expert", "max_abs", "channel", "doc_id", "pos", "token",
