@@ -78,6 +78,9 @@ def test_cli_reuses_and_recomputes(tmp_path, capsys):
     assert main(["analyze", "stats", str(run.path)]) == 0
     assert "reused the stored result" in capsys.readouterr().out
     assert main(["analyze", "stats", str(run.path), "--recompute", "--chunk-tokens", "17"]) == 0
+    from workbench.analysis import common
+
+    assert common._chunk_tokens is None  # the option applied to that command only
     assert "reused" not in capsys.readouterr().out
 
 

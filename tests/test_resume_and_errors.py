@@ -94,6 +94,26 @@ def test_completed_run_is_reused_and_other_runs_are_protected(tiny_dir, tmp_path
     assert wb.open_run(out).tokens.collect().height == len("something else")
 
 
+def test_same_records_under_another_selection_are_reused(tiny_dir, tmp_path, capsys):
+    """`--limit 2` and a `--where` that keeps the same two records are one capture, not a conflict."""
+    model = str(tiny_dir("mixtral"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "lang": l}) + "\n"
+                            for t, l in [("one two", "en"), ("drei vier", "de"), ("cinq six", "fr")]))
+    out = tmp_path / "run"
+    assert main(["capture", model, "--data", str(data), "--out", str(out), "--limit", "2", "--no-progress"]) == 0
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["capture", model, "--data", str(data), "--out", str(out), "--where", "lang=en,de",
+                 "--no-progress"]) == 0
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime  # reused, not redone
+    assert "already holds" not in capsys.readouterr().err
+    # other records under a similar selection are still another capture
+    assert main(["capture", model, "--data", str(data), "--out", str(out), "--where", "lang=en,fr",
+                 "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err

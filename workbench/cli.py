@@ -429,12 +429,15 @@ def cmd_datasets(args) -> None:
 def cmd_analyze(args) -> None:
     if not _analysis_available(args.analysis):
         raise WorkbenchError(f"the {args.analysis} analysis is not available in this version")
-    from .analysis import run_cli
-    from .analysis.common import set_chunk_tokens
+    from .analysis import common, run_cli
 
+    before = common._chunk_tokens  # main() may run in a notebook or a test: leave the process as it was
     if getattr(args, "chunk_tokens", None) is not None:
-        set_chunk_tokens(args.chunk_tokens)
-    run_cli(args.analysis, args)
+        common.set_chunk_tokens(args.chunk_tokens)
+    try:
+        run_cli(args.analysis, args)
+    finally:
+        common.set_chunk_tokens(before)
 
 
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

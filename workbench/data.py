@@ -47,9 +47,19 @@ class Dataset:
                     cols[k] = None
         return list(cols)
 
+    @property
+    def content_sha256(self) -> str:
+        """Hash of the selected records themselves: the same rows reached by another selection (e.g.
+        `--limit 64` vs a `--where` that keeps the same 64) are the same data."""
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "sha256": self.sha256, "records": len(self.records),
-                "label_columns": self.label_columns}
+                "label_columns": self.label_columns, "content_sha256": self.content_sha256}
 
 
 def bundled_datasets() -> dict[str, Path]:

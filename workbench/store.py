@@ -195,6 +195,21 @@ def lock_run(path: Path):
     return f
 
 
+def _same_capture(old: dict, new: dict, keys: tuple[str, ...]) -> bool:
+    """Same model, settings and data. Data is the same when the identity says so, or when both runs
+    record the same selected records (content_sha256) under differently worded selections."""
+    if all(old.get(k) == new.get(k) for k in keys):
+        return True
+    content = (old.get("dataset") or {}).get("content_sha256")
+    if not content or content != (new.get("dataset") or {}).get("content_sha256"):
+        return False
+
+    def without_data(m: dict) -> list:
+        return [{**m[k], "data": None} if isinstance(m.get(k), dict) else m.get(k) for k in keys]
+
+    return without_data(old) == without_data(new)
+
+
 class RunWriter:
     """Appends parts to a run folder. One part = consecutive batches, all tables at once."""
 
@@ -230,7 +245,7 @@ class RunWriter:
         self.already_complete = False
         if existing.exists() and not overwrite:
             old = read_manifest(self.path)
-            same = all(old.get(k) == manifest.get(k) for k in identity_keys)
+            same = _same_capture(old, manifest, identity_keys)
             if old.get("status") == "complete" and same:
                 self.manifest = old  # nothing to do: a finished capture of the same thing
                 self.already_complete = True
