@@ -142,7 +142,10 @@ def _wait_done(d, timeout=120):
 
 
 def _texts(d):
-    return _by_id(d, "steer-baseline").text, _by_id(d, "steer-steered").text
+    """The texts as the page holds them (textContent): Selenium's `.text` is the rendered text, which
+    folds a generated newline inside an inline token span and so differs from the library's string."""
+    get = "return arguments[0].textContent;"
+    return (d.execute_script(get, _by_id(d, "steer-baseline")), d.execute_script(get, _by_id(d, "steer-steered")))
 
 
 def _click_cell(d, layer, expert):
