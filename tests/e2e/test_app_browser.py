@@ -69,11 +69,12 @@ def _by_id(driver, dom_id):
     return driver.execute_script("return document.getElementById(arguments[0]);", dom_id)
 
 
-def _settled(driver, timeout=90):
-    """The page's callbacks are done and no section is still computing."""
+def _settled(driver, timeout=300):
+    """The page's callbacks are done and no section is still computing. Generous: on a fresh install
+    the first atlas compiles UMAP with numba, which takes minutes on 2 busy cores."""
     def ok(d):
         return dash_idle(d) and not css(d, ".computing") and css(d, "#wb-page h2")
-    wait_for(driver, ok, timeout, "the page to settle")
+    wait_for(driver, ok, timeout, f"the page {driver.current_url} to settle")
     time.sleep(0.3)
 
 
