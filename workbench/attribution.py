@@ -75,7 +75,8 @@ def _sequences(mm, data, seq_len, max_tokens) -> list[np.ndarray]:
 def make_batches(mm, data, control=None, seq_len: int | None = 128, max_tokens: int | None = 1024,
                  batch_size: int = 4) -> list[Batch]:
     """The objective as batches: data with weight +1/n_pred, control (if any) with -1/n_pred."""
-    pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
+    from .steering import right_padded
+
     out = []
     for sign, d in ((1.0, data), (-1.0, control)):
         if d is None:
@@ -86,13 +87,7 @@ def make_batches(mm, data, control=None, seq_len: int | None = 128, max_tokens: 
             raise WorkbenchError("no text has two or more tokens, so there is nothing to predict")
         seqs = sorted(seqs, key=len, reverse=True)
         for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i:i + batch_size]
-            s_max = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), s_max), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), s_max), dtype=torch.long)
-            for b, s in enumerate(chunk):
-                ids[b, : len(s)] = torch.as_tensor(s)
-                mask[b, : len(s)] = 1
+            ids, mask = right_padded(mm, seqs[i:i + batch_size])
             out.append(Batch(ids, mask, sign / n_pred))
     return out
 

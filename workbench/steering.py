@@ -269,15 +269,21 @@ def _records(texts) -> list[str]:
     return out
 
 
-def _nll_of_batch(mm, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """Token NLLs (next-token cross-entropy, fp32) of each sequence, right-padded into one forward."""
+def right_padded(mm, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token sequences right-padded with the tokenizer's pad id."""
     pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
     s_max = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), s_max), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), s_max), dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
+        ids[b, : len(s)] = torch.as_tensor(s)
         mask[b, : len(s)] = 1
+    return ids, mask
+
+
+def _nll_of_batch(mm, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Token NLLs (next-token cross-entropy, fp32) of each sequence, right-padded into one forward."""
+    ids, mask = right_padded(mm, seqs)
     logits = mm.model(input_ids=ids.to(mm.device), attention_mask=mask.to(mm.device), use_cache=False).logits
     out = []
     for b, s in enumerate(seqs):
