@@ -387,6 +387,7 @@ def cmd_capture(args) -> None:
     if args.layers is not None:
         opts["layers"] = args.layers
     _precheck_layers(args.model, args)
+    _import_torch_holding_sigint()
     from .capture import capture
     from .models.loading import load_model
 
@@ -410,6 +411,7 @@ def cmd_capture(args) -> None:
 
 
 def cmd_tiny(args) -> None:
+    _import_torch_holding_sigint()
     from .models.tiny import make_tiny
 
     out = make_tiny(args.model_type, args.out, layers=args.layers, experts=args.experts, top_k=args.top_k,
@@ -484,6 +486,7 @@ def cmd_steer(args) -> None:
     if not _interventions(args):  # before torch loads: this needs no model
         raise WorkbenchError("give at least one intervention: --ban, --force, --boost, --zero or --scale")
     _precheck_layers(args.model, args)
+    _import_torch_holding_sigint()
     from .steering import steer_cli
 
     steer_cli(args, _interventions(args))
@@ -511,6 +514,7 @@ def cmd_check(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    _import_torch_holding_sigint()
     from .demo import run_demo
 
     run_demo(out=args.out, serve=not args.no_serve, port=args.port, quick=args.quick)
@@ -556,6 +560,7 @@ COMMANDS.update(compare=cmd_compare, attribute=cmd_attribute)
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:  # arguments first: no heavy import before they are known to be good
         args, extra = build_parser(argv).parse_known_args(argv)
@@ -570,7 +575,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         print("workbench: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(argv_given)
     try:
         from .threads import configure
 
@@ -583,7 +588,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         hint = " (completed parts are kept; use --resume)" if args.command == "capture" else ""
         print(f"workbench: interrupted{hint}", file=sys.stderr)
-        return 130
+        return _interrupted(argv_given)
     except BrokenPipeError:  # `workbench ... | head`: the reader left; not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot raise again
@@ -597,6 +602,47 @@ def main(argv=None) -> int:
         print(f"workbench: error: {io_error(e, e.filename or '')}", file=sys.stderr)
         return 2
     return 0
+
+
+def _import_torch_holding_sigint() -> None:
+    """Import torch and transformers with Ctrl-C held until they are in (commands call it once their cheap checks pass).
+
+    A SIGINT landing inside torch's C++ start-up aborts the process (pybind11 `terminate`, exit -6, a core
+    message instead of our one line); held here, it is raised as KeyboardInterrupt the moment the imports end.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401  (signals belong to the main thread; nothing to hold elsewhere)
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _interrupted(argv_given: bool) -> int:
+    """Exit code 130 after Ctrl-C, whatever the interrupt hit.
+
+    A KeyboardInterrupt raised inside code that runs through `exec` of a string (dataclasses build their
+    methods so, during imports) marks the interpreter as "interrupted, unhandled", and CPython then kills
+    itself with SIGINT at exit even though we handled it and returned 130. As a process entry (no argv given)
+    we therefore leave with os._exit after flushing; called in-process (tests, notebooks) we just return.
+    """
+    if argv_given:
+        return 130
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)
 
 
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
