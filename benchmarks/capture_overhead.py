@@ -6,22 +6,22 @@ Random weights in the shape of OLMoE-1B-7B (16 L, hidden 2048, 64 experts, top-8
 of Qwen3-30B-A3B (128 experts, top-8), bf16, 8 x 2048 tokens a forward, the model's default
 experts implementation (grouped_mm).
 
-Why interleaved: one plain measurement then one capture measurement gave answers that moved by more
-than the effect (OLMoE routing +3.4% then -4.4%), because clocks, the host and the allocator drift
-over a run. So every repetition measures, back to back and in a rotating order of configurations:
-  A  plain forward over m batches (inputs already on the device, one sync at the end);
-  B  the real capture pipeline (hooks, async pinned copies, writer threads, Parquet, manifest) for n1
-     and for n2 batches; per-batch cost = (t(n2) - t(n1)) / (n2 - n1), which removes fixed setup
-     (tokenising, folders) and includes the writer keeping up (its queue is bounded, so a slow writer
-     stalls the forward loop and shows up in the slope). n1 and n2 are whole multiples of the part
-     size (--part-batches): both runs then end with the same tail (encoding the last part after the
-     last forward), which cancels. With n1 = 2, n2 = 10 and 4-batch parts the tails differed
-     (a 2-batch vs a 4-batch part still encoding) and the slope overstated the cost;
-  A' plain again.
-overhead_r = B / mean(A, A') - 1, reported as median with min/max over >= 5 repetitions; the noise
-floor is |A'/A - 1|, the difference between two identical plain measurements, as median and max.
-A target counts as met when the median is below it; "within noise" when the median is below the
-noise floor. gpu_only (probes + async copies, no writer) splits GPU-side from host-side cost.
+Why this method: two whole captures of n1 and n2 batches, differenced, moved by tens of percent between
+repetitions (Qwen3 routing -4% to +28%) because each capture's start and drain (encoding the last
+parts after the last forward) vary more than the effect. Now every measurement is one loop of N
+batches with a timestamp at each forward call, and the cost per batch is the steady rate
+(t[N-1] - t[k]) / (N-1-k) after the first k batches:
+  A  plain forward over N batches (inputs already on the device, no sync between batches);
+  B  the real capture pipeline (hooks, async pinned copies, writer threads, Parquet, manifest) over
+     N batches, through `workbench.capture` itself (its model call is timestamped).
+The host runs ahead of the GPU by a bounded launch queue and the writer's queue is bounded too, so
+in steady state the forward calls come at the pace of the slowest of GPU, main thread and writer.
+With one-batch parts the writer's slack is at most ~12 batches (queue 4 + parts in flight), so
+k >= 12 lets a writer that cannot keep up show in the rate. `drain_s` (last forward to capture
+returned) is reported too, the once-per-capture tail a long run amortises.
+Per repetition the configurations rotate, A B A B ... A (a plain loop before and after each capture); overhead = B / mean(A, A') - 1,
+reported as median with min/max over the repetitions; the noise floor is |A'/A - 1|.
+gpu_only (probes + async copies, no writer; --gpu-only) splits GPU-side from host-side cost.
 """
 
 from __future__ import annotations
@@ -99,19 +99,38 @@ def batches(mm, n_batches: int, seq_len: int, batch_size: int):
     return data, out
 
 
-def plain_time(mm, ctxs, reps: int = 3) -> tuple[float, list[float]]:
+class _Stamps:
+    """Timestamps of the model's forward calls (an instance attribute shadows the class's forward)."""
+
+    def __init__(self, model):
+        self.model, self.t = model, []
+        inner = model.forward
+
+        def forward(*a, **kw):
+            self.t.append(time.perf_counter())
+            return inner(*a, **kw)
+
+        model.forward = forward
+
+    def close(self):
+        del self.model.forward
+
+    def rate(self, skip: int) -> float:
+        """Seconds per batch in steady state: forward calls skip .. last."""
+        t = self.t[skip:]
+        return (t[-1] - t[0]) / (len(t) - 1)
+
+
+def plain_time(mm, ctxs, skip: int) -> float:
     with torch.inference_mode():
-        for c in ctxs[:2]:
-            mm.model(input_ids=c.input_ids, attention_mask=c.attention_mask, use_cache=False)
-        _sync()
-        per = []
-        for _ in range(reps):
-            t = time.perf_counter()
+        st = _Stamps(mm.model)
+        try:
             for c in ctxs:
                 mm.model(input_ids=c.input_ids, attention_mask=c.attention_mask, use_cache=False)
             _sync()
-            per.append((time.perf_counter() - t) / len(ctxs))
-    return statistics.median(per), per
+        finally:
+            st.close()
+    return st.rate(skip)
 
 
 def gpu_only_time(mm, ctxs, probe_names, logits=False) -> float:
@@ -144,36 +163,24 @@ def gpu_only_time(mm, ctxs, probe_names, logits=False) -> float:
             p.detach()
 
 
-def impl_only_time(mm, ctxs) -> float:
-    """The probe's own experts implementation with nothing recorded: separates 'which GEMM path'
-    (transformers versions differ, e.g. 5.17's grouped_mm masks sentinel rows unconditionally)
-    from what the statistics cost."""
-    from workbench.probes.experts import IMPL_NAME, _set_impl, register_implementation
-
-    register_implementation()
-    cfg = mm.layers[0].experts.config
-    prev = cfg._experts_implementation
-    _set_impl(cfg, IMPL_NAME)
-    try:
-        return plain_time(mm, ctxs, reps=1)[0]
-    finally:
-        _set_impl(cfg, prev)
-
-
-def capture_time(mm, data, n_batches, probe_names, logits, seq_len, batch_size, root, part_tokens=65536) -> float:
+def capture_time(mm, data, n_batches, probe_names, logits, seq_len, batch_size, root, part_tokens, skip):
+    """(steady seconds per batch, drain seconds after the last forward call, forward loop waiting on the writer)."""
     import workbench as wb
 
     out = Path(root) / f"run_{'_'.join(probe_names)}_{int(logits)}_{n_batches}"
     _sync()
-    t = time.perf_counter()
-    wb.capture(mm, data, out, probes=probe_names, logits=logits, seq_len=seq_len, batch_size=batch_size,
-               max_tokens=n_batches * seq_len * batch_size, overwrite=True, progress=False,
-               part_tokens=part_tokens)
-    _sync()
-    dt = time.perf_counter() - t
+    st = _Stamps(mm.model)
+    try:
+        wb.capture(mm, data, out, probes=probe_names, logits=logits, seq_len=seq_len, batch_size=batch_size,
+                   max_tokens=n_batches * seq_len * batch_size, overwrite=True, progress=False,
+                   part_tokens=part_tokens)
+        _sync()
+        drain = time.perf_counter() - st.t[-1]
+    finally:
+        st.close()
     wait = json.loads((out / "manifest.json").read_text()).get("writer_wait_s")
     shutil.rmtree(out, ignore_errors=True)
-    return dt, wait
+    return st.rate(skip), drain, wait
 
 
 def _summary(xs: list[float]) -> dict:
@@ -186,19 +193,20 @@ def _summary(xs: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe")
-    ap.add_argument("--n1", type=int, default=4)
-    ap.add_argument("--n2", type=int, default=12)
-    ap.add_argument("--part-batches", type=int, default=4, help="batches per Parquet part (default 4 = 65536 tokens)")
+    ap.add_argument("--batches", type=int, default=24, help="batches per measured loop (N)")
+    ap.add_argument("--skip", type=int, default=12, help="first batches left out of the steady rate (k)")
+    ap.add_argument("--part-batches", type=int, default=1, help="batches per Parquet part (1 = 16,384 tokens)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (>= 5 for a median worth quoting)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--configs", default="routing;routing+logits;routing,experts")
+    ap.add_argument("--gpu-only", action="store_true", help="also time probes + copies without the writer")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, to dry-run the script on CPU")
     args = ap.parse_args()
-    if args.n1 % args.part_batches or args.n2 % args.part_batches or args.n1 < args.part_batches:
-        ap.error("--n1 and --n2 must be multiples of --part-batches (and n1 >= one part): equal tails cancel")
+    if args.batches < args.skip + 4:
+        ap.error("--batches must exceed --skip by at least 4")
     part_tokens = args.part_batches * args.seq_len * args.batch_size
     global DEVICE
     DEVICE = args.device
@@ -206,23 +214,22 @@ def main() -> None:
 
     mm = build(args.shape, args.tiny)
     impl = mm.model.config._experts_implementation
-    data, ctxs = batches(mm, args.n2, args.seq_len, args.batch_size)
-    m = args.n2 - args.n1
-    ctxs = ctxs[:m]  # plain runs the same number of batches the capture slope spans
-    plain_time(mm, ctxs, reps=1)  # warm
-    impl_only = impl_only_time(mm, ctxs)
-    print(f"[{args.shape}] experts implementation {impl}; probe implementation, nothing recorded: "
-          f"{impl_only * 1e3:.1f} ms/batch", flush=True)
+    data, ctxs = batches(mm, args.batches, args.seq_len, args.batch_size)
+    ctxs = ctxs[:args.batches]
+    plain_time(mm, ctxs[:4], skip=1)  # warm
     root = tempfile.mkdtemp(prefix="wb_bench_")
     specs = args.configs.split(";")
     parsed = {sp: (sp.replace("+logits", "").split(","), sp.endswith("+logits")) for sp in specs}
     gpu_only = {}
     for sp, (names, logits) in parsed.items():
-        gpu_only[sp] = gpu_only_time(mm, ctxs, names, logits)
-        capture_time(mm, data, 2, names, logits, args.seq_len, args.batch_size, root)  # warm (pinned pool, kernels)
-    per = {sp: {"overhead": [], "capture_ms": [], "plain_ms": [], "noise": [], "writer_wait_s": []} for sp in specs}
+        if args.gpu_only:
+            gpu_only[sp] = gpu_only_time(mm, ctxs, names, logits)
+        capture_time(mm, data, 2, names, logits, args.seq_len, args.batch_size, root, part_tokens, 0)  # warm
+    per = {sp: {"overhead": [], "capture_ms": [], "plain_ms": [], "noise": [], "drain_s": [], "writer_wait_s": []}
+           for sp in specs}
+    targets = {"routing": 0.02, "routing+logits": 0.05, "routing,experts": 0.05}
+
     def summarise():
-        targets = {"routing": 0.02, "routing+logits": 0.05, "routing,experts": 0.05}
         all_noise = [abs(x) for d in per.values() for x in d["noise"]]
         noise_floor = {"median_abs": round(statistics.median(all_noise), 4), "max_abs": round(max(all_noise), 4)}
         plain_all = [x for d in per.values() for x in d["plain_ms"]]
@@ -230,22 +237,22 @@ def main() -> None:
         for sp in specs:
             names, logits = parsed[sp]
             d = per[sp]
+            if not d["overhead"]:
+                continue
             ov = _summary(d["overhead"])
             row = {"config": sp, "probes": names, "logits": logits, "overhead": ov,
                    "overhead_reps": [round(x, 4) for x in d["overhead"]],
                    "capture_ms_per_batch": d["capture_ms"], "plain_ms_per_batch": d["plain_ms"],
-                   "plain_noise_reps": [round(x, 4) for x in d["noise"]],
-                   "gpu_only_overhead": round(gpu_only[sp] / statistics.median(plain_all) * 1e3 - 1, 4),
+                   "plain_noise_reps": [round(x, 4) for x in d["noise"]], "drain_s": d["drain_s"],
                    "forward_loop_waiting_on_writer_s": d["writer_wait_s"]}
+            if sp in gpu_only:
+                row["gpu_only_overhead"] = round(gpu_only[sp] / statistics.median(plain_all) * 1e3 - 1, 4)
             if sp in targets:
                 t = targets[sp]
                 row["target"] = t
                 row["target_met"] = ov["median"] <= t
                 row["missed_by"] = round(max(0.0, ov["median"] - t), 4)
                 row["within_noise"] = abs(ov["median"]) <= noise_floor["max_abs"]
-            if "experts" in names:
-                row["vs_probe_impl_without_stats"] = round(
-                    statistics.median(d["capture_ms"]) / (impl_only * 1e3) - 1, 4)
             results.append(row)
         try:
             import triton
@@ -254,16 +261,18 @@ def main() -> None:
         except ImportError:
             triton_version = None
         res = {
-            "benchmark": "capture_overhead", "method": "interleaved A B A' per repetition, rotating configs",
+            "benchmark": "capture_overhead",
+            "method": "steady per-batch rate of forward calls (batches skip..N-1) inside one loop; A B A' per "
+                      "repetition, rotating configs",
             "shape": args.shape, "config": SHAPES[args.shape],
             "tokens_per_batch": args.seq_len * args.batch_size, "dtype": "bfloat16", "reps": args.reps,
-            "n1": args.n1, "n2": args.n2, "part_batches": args.part_batches, "reps_done": len(per[specs[0]]["overhead"]), "experts_implementation_plain": impl,
+            "batches": args.batches, "skip": args.skip, "part_batches": args.part_batches,
+            "reps_done": len(per[specs[0]]["overhead"]), "experts_implementation_plain": impl,
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor(), "cpus": os.cpu_count(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
                          "python": platform.python_version()},
             "plain_ms_per_batch_median": round(statistics.median(plain_all), 2),
-            "probe_impl_without_stats_ms_per_batch": round(impl_only * 1e3, 2),
             "noise_floor": noise_floor, "results": results, "targets": targets,
         }
         if args.out:  # after every repetition: a run cut short still leaves its numbers
@@ -273,31 +282,32 @@ def main() -> None:
 
     for r in range(args.reps):
         order = specs[r % len(specs):] + specs[:r % len(specs)]  # rotate: no configuration always runs first
-        for sp in order:
+        a2 = plain_time(mm, ctxs, args.skip)
+        for sp in order:  # A B A B ... A: each capture between two plain loops, each plain loop shared
             names, logits = parsed[sp]
-            a1 = plain_time(mm, ctxs, reps=1)[0]
-            t1, _ = capture_time(mm, data, args.n1, names, logits, args.seq_len, args.batch_size, root, part_tokens)
-            t2, wait = capture_time(mm, data, args.n2, names, logits, args.seq_len, args.batch_size, root, part_tokens)
-            a2 = plain_time(mm, ctxs, reps=1)[0]
-            slope = (t2 - t1) / (args.n2 - args.n1)
+            a1 = a2
+            b, drain, wait = capture_time(mm, data, args.batches, names, logits, args.seq_len, args.batch_size, root,
+                                          part_tokens, args.skip)
+            a2 = plain_time(mm, ctxs, args.skip)
             base = (a1 + a2) / 2
             d = per[sp]
-            d["overhead"].append(slope / base - 1)
-            d["capture_ms"].append(round(slope * 1e3, 2))
+            d["overhead"].append(b / base - 1)
+            d["capture_ms"].append(round(b * 1e3, 2))
             d["plain_ms"].append(round(base * 1e3, 2))
             d["noise"].append(a2 / a1 - 1)
+            d["drain_s"].append(round(drain, 3))
             d["writer_wait_s"].append(wait)
-            print(f"rep {r} {sp:22s} plain {a1 * 1e3:7.1f}/{a2 * 1e3:7.1f} ms  capture {slope * 1e3:7.1f} ms  "
-                  f"{slope / base - 1:+.2%}", flush=True)
+            print(f"rep {r} {sp:22s} plain {a1 * 1e3:7.1f}/{a2 * 1e3:7.1f} ms  capture {b * 1e3:7.1f} ms  "
+                  f"{b / base - 1:+.2%}  drain {drain:.2f} s", flush=True)
         summarise()
     shutil.rmtree(root, ignore_errors=True)
     res, results, noise_floor = summarise()
     print(f"noise floor |A'/A-1|: median {noise_floor['median_abs']:.2%}, max {noise_floor['max_abs']:.2%}")
-    print(f"{'config':22s} {'gpu-only':>9s} {'median':>8s} {'min':>8s} {'max':>8s} target")
+    print(f"{'config':22s} {'median':>8s} {'min':>8s} {'max':>8s} target")
     for r in results:
         o = r["overhead"]
         tgt = f"{r.get('target', 0):.0%} {'met' if r.get('target_met') else 'missed by %.1f pts' % (100 * r.get('missed_by', 0))}"
-        print(f"{r['config']:22s} {r['gpu_only_overhead']:+9.2%} {o['median']:+8.2%} {o['min']:+8.2%} {o['max']:+8.2%} {tgt}")
+        print(f"{r['config']:22s} {o['median']:+8.2%} {o['min']:+8.2%} {o['max']:+8.2%} {tgt}")
 
 
 if __name__ == "__main__":
