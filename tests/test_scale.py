@@ -216,3 +216,89 @@ def test_super_expert_ties_and_shared_rows(tmp_path):
     assert (f["channel"], f["doc_id"]) == (2, 0)
     # layer 1 expert 0 in first_row mode: doc 1's first row is pos 2 (8.0), not the later 7.0
     assert se.expert_max(run, "first_row").filter(pl.col("layer") == 1)["max_abs"].to_list() == [8.0]
+
+
+@pytest.mark.parametrize("columns,chunk", [(60, 7), (60, 333), (400, 97)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stats_dense_table_flushes_and_threads_equal_the_dense_implementation(syn, monkeypatch, columns, chunk,
+                                                                               threads):
+    # top tokens counted in a dense (layer, expert, (unit, token)) table of `columns` columns: flushed into
+    # the sorted keys when full (chunk 7), or skipped for a chunk with more pairs than that (333); the
+    # GEMMs, weight sums and decoding in worker threads (threads=2): the same tables as the dense oracle
+    monkeypatch.setattr(stats, "_DENSE_CELLS", columns * 4 * 8)
+    new = stats.analyze(syn, progress=False, chunk_tokens=chunk, threads=threads)
+    old = dense.analyze(syn, progress=False)
+    for name in old.tables:
+        _same(new.tables[name], old.tables[name])
+    assert new.meta["top_tokens_exact"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stats_repeated_experts_in_worker_threads(tmp_path, threads):
+    # repeated experts are found by the co-activation GEMM's trace (layer 1 of token 1 here), then counted
+    # with their multiplicity; transitions use the same corrected indicator
+    from test_stats import write_run
+
+    ex = np.array([[[0, 1], [1, 2]], [[1, 2], [2, 2]], [[0, 1], [0, 1]], [[2, 1], [0, 2]]])
+    run = write_run(tmp_path / "r", ex, [0, 0, 1, 1], 3, token_ids=[4, 5, 4, 6], labels={"lang": ["en", "de", None, "en"]})
+    for chunk in (1, 3, 10):
+        new = stats.analyze(run, progress=False, chunk_tokens=chunk, threads=threads)
+        old = dense.analyze(run, progress=False)
+        for name in old.tables:
+            _same(new.tables[name], old.tables[name])
+        co = new.tables["coactivation"].filter(pl.col("label").is_null() & (pl.col("layer") == 1)
+                                               & (pl.col("expert") == 2) & (pl.col("other") == 2))
+        assert co["count"].to_list() == [2]  # 2 x 2 - 2 from token 1
+
+
+def test_stats_packed_sorts_equal_the_argsort_fallback(monkeypatch):
+    # ranking and key sums sort packed int64 values when they fit; the lexsort/argsort fallback agrees
+    rng = np.random.default_rng(0)
+    seg, tie = rng.integers(0, 50, 5000), rng.integers(0, 300, 5000)
+    key = np.unique(seg * 300 + tie)
+    seg, tie = key // 300, key % 300
+    count = rng.integers(1, 6, len(key))
+    keys, cts = rng.integers(0, 1000, 8000), rng.integers(1, 9, 8000)
+    fast = stats._segment_rank(seg, count, tie, 300), stats._sorted_sum(keys, cts), stats._by_key(key[::-1], count)
+    monkeypatch.setattr(stats, "_packs", lambda *m: False)
+    slow = stats._segment_rank(seg, count, tie, 300), stats._sorted_sum(keys, cts), stats._by_key(key[::-1], count)
+    for a, b in zip(fast, slow):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    s, c, t, rank = fast[0]
+    assert (np.diff(s) >= 0).all() and rank.max() > 0
+    same = (np.diff(s) == 0)
+    assert ((np.diff(c) < 0) | ((np.diff(c) == 0) & (np.diff(t) > 0)))[same].all()
+
+
+def test_prefetched_chunks_progress_errors_and_early_stop(syn):
+    import threading
+
+    from workbench.analysis import common
+
+    seen = []
+    with common.report_progress(lambda desc, done, total, chunks: seen.append((done, threading.current_thread().name))):
+        got = [len(ch.ra.doc) for ch in common.prefetched(lambda: common.iter_routing(syn, chunk_tokens_=400))]
+    assert got == [len(ch.ra.doc) for ch in common.iter_routing(syn, chunk_tokens_=400)]
+    assert seen[-1][0] == 1500 and seen[-1][1] == "prefetch"  # the caller's callback, called from the worker
+
+    def broken():
+        yield 1
+        raise ValueError("damaged part")
+
+    with pytest.raises(ValueError, match="damaged part"):
+        list(common.prefetched(broken))
+    made = []
+
+    def endless():
+        i = 0
+        while True:
+            made.append(i)
+            yield i
+            i += 1
+
+    g = common.prefetched(endless)
+    assert next(g) == 0
+    g.close()  # the worker stops instead of filling memory
+    n = len(made)
+    assert n <= 4 and not any(t.name == "prefetch" for t in threading.enumerate())

@@ -273,6 +273,52 @@ def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chu
     bar.close()
 
 
+def prefetched(make_iter, depth: int = 1):
+    """Iterate `make_iter()` in a worker thread, `depth` items ahead: the next chunk is decoded (pyarrow and
+    numpy release the GIL) while the caller computes on this one. Progress reports go to the caller's
+    report_progress callback; a worker error is raised here; closing the generator stops the worker."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    cb = getattr(_progress_sink, "cb", None)
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            with report_progress(cb):
+                for item in make_iter():
+                    if not put((item, None)):
+                        return
+            put((end, None))
+        except BaseException as e:  # handed to the caller
+            put((end, e))
+
+    t = threading.Thread(target=work, name="prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
 def routing_keys(run, phase: str | None = None) -> pl.DataFrame:
     """(doc_id, pos) of every routed token, sorted (phase-filtered): 12 bytes a token, no routing lists."""
     first = min(run.moe_layers)

@@ -106,31 +106,47 @@ def _label_groups(run, labels, max_values: int, skipped: list):
     return out
 
 
-def _indicator(ex_l: np.ndarray, E: int, dtype, out: np.ndarray | None = None) -> np.ndarray:
+def _indicator(ex_l: np.ndarray, E: int, dtype, out: np.ndarray | None = None, check: bool = True) -> np.ndarray:
     """[T, E] multiplicity of each expert in each token's top-k (co-activation / transitions as GEMMs).
-    `out`: a buffer to reuse (fresh 0.1 GB arrays per layer cost page faults)."""
+    `out`: a buffer to reuse (fresh 0.1 GB arrays per layer cost page faults). check=False: 0/1 cells,
+    the caller checks for repeated experts itself (the co-activation GEMM's trace)."""
     T, K = ex_l.shape
     if out is not None and out.shape == (T, E) and out.dtype == dtype:
         x = out
         x.fill(0)
     else:
         x = np.zeros((T, E), dtype)
-    np.put_along_axis(x, ex_l, 1, axis=1)
-    if x.sum(dtype=np.float64) != T * K:  # an expert twice in one token's top-k: count the multiplicity
+    # flat positions: ~2x faster than put_along_axis; a count of the nonzero cells finds repeats
+    x.reshape(-1)[(np.arange(0, T * E, E)[:, None] + ex_l).reshape(-1)] = 1
+    if check and np.count_nonzero(x) != T * K:  # an expert twice in one token's top-k: count the multiplicity
         x = np.bincount((np.arange(T)[:, None] * E + ex_l).reshape(-1), minlength=T * E).reshape(T, E).astype(dtype)
     return x
 
 
 _UNIT_CELLS = 1 << 25  # co-activation cells (units x layers x E x E) above which labels get a pass each
+# top-token cells (layers x experts x (unit, token id) pairs seen) counted in a dense int32 table (0.5 GB)
+# before they are flushed into sorted keys: a bincount per layer per chunk instead of per-chunk sorted merges
+_DENSE_CELLS = 1 << 27
+
+
+def _packs(*maxima) -> bool:
+    """Non-negative values up to these maxima fit side by side in one int64."""
+    return sum(int(m).bit_length() for m in maxima) <= 63
 
 
 def _sorted_sum(keys: np.ndarray, counts: np.ndarray):
-    """Sum the counts of equal keys; returns (unique keys ascending, sums). Stable sort: concatenated
-    sorted runs merge in linear time (timsort)."""
+    """Sum the counts of equal keys; returns (unique keys ascending, sums). Sorts (key, count) packed in
+    one int64 when they fit (a value sort, several times faster than an argsort), else a stable argsort."""
     if len(keys) == 0:
         return keys.astype(np.int64), counts.astype(np.int64)
-    o = np.argsort(keys, kind="stable")
-    k, c = keys[o], counts[o]
+    cmax = int(counts.max())
+    if counts.min() >= 0 and keys.min() >= 0 and _packs(keys.max(), cmax):
+        cb = cmax.bit_length()
+        p = np.sort((keys << cb) | counts)
+        k, c = p >> cb, p & ((1 << cb) - 1)
+    else:
+        o = np.argsort(keys, kind="stable")
+        k, c = keys[o], counts[o]
     start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
     if len(start) == len(k):
         return k, c
@@ -138,22 +154,38 @@ def _sorted_sum(keys: np.ndarray, counts: np.ndarray):
     return k[start], np.diff(cs, prepend=0)
 
 
+def _by_key(k: np.ndarray, c: np.ndarray):
+    """(keys ascending, their counts) for unique non-negative keys; packed value sort when it fits."""
+    if len(k) == 0:
+        return k, c
+    cmax = int(c.max())
+    if _packs(k.max(), cmax):
+        cb = cmax.bit_length()
+        p = np.sort((k << cb) | c)
+        return p >> cb, p & ((1 << cb) - 1)
+    o = np.argsort(k)
+    return k[o], c[o]
+
+
 def _segment_rank(seg: np.ndarray, count: np.ndarray, tie: np.ndarray, tie_span: int):
-    """Order of the rows by (seg, count descending, tie ascending) and each row's rank in its segment.
-    One argsort on a packed int64 key when the three fit in 63 bits, else a lexsort."""
+    """Rows ordered by (seg, count descending, tie ascending): (seg, count, tie) in that order and each
+    row's rank in its segment. (seg, tie) pairs are unique, so the order is exact; the three are sorted as
+    one packed int64 value when they fit in 63 bits (no argsort, no gathers), else by a lexsort."""
     n = len(seg)
     if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        z = np.zeros(0, np.int64)
+        return z, z, z, z
     cmax = int(count.max())
-    tb, cb, sb = int(tie_span).bit_length(), cmax.bit_length(), int(seg.max()).bit_length()
-    if tb + cb + sb <= 63:
-        o = np.argsort((seg << (cb + tb)) | ((cmax - count) << tb) | tie)  # keys unique: any sort is exact
+    if _packs(tie_span, cmax, seg.max()):
+        tb, cb = int(tie_span).bit_length(), cmax.bit_length()
+        p = np.sort((seg << (cb + tb)) | ((cmax - count) << tb) | tie)
+        s, c, t = p >> (cb + tb), cmax - ((p >> tb) & ((1 << cb) - 1)), p & ((1 << tb) - 1)
     else:
         o = np.lexsort((tie, -count, seg))
-    s = seg[o]
+        s, c, t = seg[o], count[o], tie[o]
     first = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
     rank = np.arange(n) - np.repeat(first, np.diff(np.append(first, n)))
-    return o, rank
+    return s, c, t, rank
 
 
 class _KeyCounts:
@@ -180,7 +212,12 @@ class _KeyCounts:
         self._merge()
         return self._c
 
-    def add(self, keys, counts):
+    def add(self, keys, counts, unique_sorted: bool = False):
+        if unique_sorted and not self._pend and len(self._k) == 0:  # nothing to merge with
+            self._k, self._c = keys, counts
+            if self.cap is not None and len(keys) > self.cap:
+                self._prune()
+            return
         self._pend.append((keys, counts))
         n = sum(len(p[0]) for p in self._pend)
         if n >= len(self._k) or (self.cap is not None and n + len(self._k) > 2 * self.cap):
@@ -200,50 +237,151 @@ class _KeyCounts:
                 blocks.append(_sorted_sum(np.concatenate([p[0][i[j]:i[j + 1]] for p, i in zip(parts, cuts)]),
                                           np.concatenate([p[1][i[j]:i[j + 1]] for p, i in zip(parts, cuts)])))
         del parts
-        if self.cap is not None and sum(len(b[0]) for b in blocks) > self.cap:
-            for j, (k, c) in enumerate(blocks):
-                o, rank = _segment_rank(k // self.span, c, k % self.span, self.span)
-                kept = np.sort(o[rank < self.keep])
-                blocks[j] = (k[kept], c[kept])
-            self.pruned = True
         self._k = np.concatenate([b[0] for b in blocks]) if len(blocks) > 1 else blocks[0][0]
         self._c = np.concatenate([b[1] for b in blocks]) if len(blocks) > 1 else blocks[0][1]
+        if self.cap is not None and len(self._k) > self.cap:
+            self._prune()
+
+    def _prune(self):
+        """Keep each segment's `keep` heaviest keys, block by block."""
+        k, c, blocks = self._k, self._c, []
+        cuts = [0, len(k)] if self.split is None else np.searchsorted(k, self.split)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            s, cc, t, rank = _segment_rank(k[a:b] // self.span, c[a:b], k[a:b] % self.span, self.span)
+            kept = rank < self.keep
+            blocks.append(_by_key(s[kept] * self.span + t[kept], cc[kept]))
+        self._k = np.concatenate([b[0] for b in blocks])
+        self._c = np.concatenate([b[1] for b in blocks])
+        self.pruned = True
 
 
 class _Pass:
     """Per-unit partial sums for one set of label columns; a unit is one combination of their values
-    (null included), so every label's per-value table is a sum over units, computed at the end."""
+    (null included), so every label's per-value table is a sum over units, computed at the end.
 
-    def __init__(self, members, radix, L, E, NT, coactivation, transitions, cap, keep):
+    Co-activation and transition GEMMs run in `pool` (a worker thread: BLAS releases the GIL) while
+    the calling thread counts; the two touch disjoint arrays, and one chunk's GEMMs finish before the
+    next chunk's start, so every sum is the one a single thread would get."""
+
+    def __init__(self, members, radix, L, E, NT, coactivation, transitions, cap, keep, pool=None):
         self.members, self.radix = members, radix
         self.stride = np.cumprod([1] + radix[:-1]).astype(np.int64) if radix else np.zeros(0, np.int64)
         U = int(np.prod(radix)) if radix else 1
         self.U, self.L, self.E, self.NT = U, L, E, NT
-        LE = L * E
         self.n_tok = np.zeros(U, np.int64)
         self.cnt = np.zeros((U, L, E), np.int64)
         self.wsum = np.zeros((U, L, E), np.float64)
         self.co = np.zeros((U, L, E, E), np.int64) if coactivation else None
         self.tr = np.zeros((U, max(L - 1, 0), E, E), np.int64) if transitions else None
-        # top tokens: key ((layer * E + expert) * U + u) * NT + token_id + 1; a chunk's keys come out of
-        # the per-layer bincounts already sorted
+        # top tokens: key ((layer * E + expert) * U + u) * NT + token_id + 1
         self.tt = _KeyCounts(cap, keep, NT, split=np.arange(L + 1, dtype=np.int64) * (E * U * NT))
         self.tf = _KeyCounts()  # key u * NT + token_id + 1: tokens per (unit, token id)
+        # ... counted first in a dense table [layer, expert, column], a column per (u, token id + 1) pair
+        # seen since the last flush into tt: one bincount per layer per chunk, no per-chunk sorted merges
+        self._gkey = np.zeros(0, np.int64)  # the pair key u * NT + token_id + 1 of each column
+        self._gsort, self._gcol = self._gkey, self._gkey  # the keys ascending, and their columns
+        self._acc = None  # [L, E, capacity] int32
+        self._acc_slots = 0  # selections counted since the flush: flushed before an int32 cell could overflow
+        self.pool, self._jobs = pool, []
+
+    def _columns(self, gk: np.ndarray, slots: int):
+        """Table column of each (sorted, unique) pair key of a chunk, appending new ones; None when the
+        chunk's own pairs exceed the table (it is then counted sparsely). Flushes a full table first."""
+        LE = self.L * self.E
+        if len(gk) * LE > _DENSE_CELLS:
+            return None
+        G = len(self._gkey)
+        pos = np.minimum(np.searchsorted(self._gsort, gk), max(G - 1, 0))
+        found = self._gsort[pos] == gk if G else np.zeros(len(gk), bool)
+        n_new = len(gk) - int(found.sum())
+        if G and ((G + n_new) * LE > _DENSE_CELLS or self._acc_slots + slots >= 1 << 31):
+            self.flush()
+            return self._columns(gk, slots)
+        col = np.empty(len(gk), np.int64)
+        col[found] = self._gcol[pos[found]]
+        col[~found] = G + np.arange(n_new)
+        if n_new:
+            self._gkey = np.concatenate([self._gkey, gk[~found]])
+            self._gcol = np.argsort(self._gkey, kind="stable")
+            self._gsort = self._gkey[self._gcol]
+            need = len(self._gkey)
+            if self._acc is None or self._acc.shape[2] < need:  # grow by doubling, within the budget
+                cap = min(max(2 * need, 1024), max(need, _DENSE_CELLS // LE))
+                acc = np.zeros((self.L, self.E, cap), np.int32)
+                if self._acc is not None:
+                    acc[:, :, :G] = self._acc[:, :, :G]
+                self._acc = acc
+        self._acc_slots += slots
+        return col
+
+    def flush(self):
+        """Dense table -> sorted (layer, expert, unit, token) keys in tt, and the per-unit counts."""
+        G = len(self._gkey)
+        if G == 0:
+            return
+        U, NT, E = self.U, self.NT, self.E
+        gs, o = self._gsort, self._gcol
+        unit = gs // NT
+        ustart = np.flatnonzero(np.concatenate([[True], unit[1:] != unit[:-1]]))
+        keys, cts = [], []
+        for li in range(self.L):
+            blk = self._acc[li][:, o]  # E x G, columns by key: the nonzero cells come out ascending
+            self.cnt[unit[ustart], li, :] += np.add.reduceat(blk, ustart, axis=1, dtype=np.int64).T
+            nz = np.flatnonzero(blk)
+            keys.append((li * E + nz // G) * (U * NT) + gs[nz % G])
+            cts.append(blk.reshape(-1)[nz].astype(np.int64))
+            self._acc[li, :, :G] = 0
+        self.tt.add(np.concatenate(keys), np.concatenate(cts), unique_sorted=True)
+        self._gkey = self._gsort = self._gcol = np.zeros(0, np.int64)
+        self._acc_slots = 0
 
     def add(self, codes, tok1, ex, w):
         T, L, K = ex.shape
-        E, LE, NT = self.E, self.L * self.E, self.NT
+        E, NT = self.E, self.NT
         u = np.zeros(T, np.int64)
         for m, s in zip(self.members, self.stride):
             u += codes[m] * s
-        U = self.U
-        self.n_tok += np.bincount(u, minlength=U)
-        base = (u * E)[:, None]
-        for li in range(L):
-            self.wsum[:, li, :] += np.bincount((base + ex[:, li, :]).reshape(-1), weights=w[:, li, :].reshape(-1),
-                                               minlength=U * E).reshape(U, E)
+        self.wait()  # the previous chunk's jobs: they add into the same arrays
+        jobs = [(self._wsum, (u, ex, w))]
+        if self.co is not None or self.tr is not None:
+            order = np.argsort(u, kind="stable")
+            bounds = np.searchsorted(u[order], np.arange(self.U + 1))
+            segs = [(j, bounds[j], bounds[j + 1]) for j in range(self.U) if bounds[j + 1] > bounds[j]]
+            half = (L + 1) // 2  # two jobs: layers [0, half) and [half, L), each with its own transitions
+            jobs += [(self._gemms, (ex, order, segs, l0, l1)) for l0, l1 in ((0, half), (half, L)) if l1 > l0]
+        if self.pool is None:
+            for f, args in jobs:
+                f(*args)
+        else:
+            self._jobs = [self.pool.submit(f, *args) for f, args in jobs]
+        self.n_tok += np.bincount(u, minlength=self.U)
         gk, inv, gcnt = np.unique(u * NT + tok1, return_inverse=True, return_counts=True)
         self.tf.add(gk, gcnt.astype(np.int64))
+        col = self._columns(gk, T * K)
+        if col is None:
+            self._add_sparse(gk, inv, ex)
+            return
+        G = len(self._gkey)
+        colt = col[inv][:, None]
+        idx = np.empty((T, K), np.int64)
+        for li in range(L):  # expert x column counts per layer, added to the table
+            np.multiply(ex[:, li, :], G, out=idx, dtype=np.int64)
+            idx += colt
+            b = np.bincount(idx.reshape(-1), minlength=E * G).reshape(E, G)
+            a = self._acc[li, :, :G]
+            np.add(a, b, out=a, casting="unsafe")
+
+    def _wsum(self, u, ex, w):
+        U, E = self.U, self.E
+        base = (u * E)[:, None]
+        for li in range(ex.shape[1]):
+            self.wsum[:, li, :] += np.bincount((base + ex[:, li, :]).reshape(-1), weights=w[:, li, :].reshape(-1),
+                                               minlength=U * E).reshape(U, E)
+
+    def _add_sparse(self, gk, inv, ex):
+        """A chunk with more (unit, token) pairs than the dense table holds: sorted keys straight to tt."""
+        T, L, K = ex.shape
+        E, NT, U = self.E, self.NT, self.U
         G = len(gk)
         keys, cts = [], []
         for li in range(L):  # expert x (unit, token) counts per layer: bincount, then the nonzero cells
@@ -252,30 +390,45 @@ class _Pass:
             keys.append((li * E + nz // G) * (U * NT) + gk[nz % G])
             cts.append(b[nz].astype(np.int64))
         keys, cts = np.concatenate(keys), np.concatenate(cts)
-        self.cnt += np.bincount(keys // NT, weights=cts, minlength=LE * U).reshape(L, E, U).transpose(2, 0, 1) \
+        self.cnt += np.bincount(keys // NT, weights=cts, minlength=L * E * U).reshape(L, E, U).transpose(2, 0, 1) \
             .round().astype(np.int64)
         self.tt.add(keys, cts)
-        if self.co is None and self.tr is None:
-            return
-        # co-activation and transitions: indicator GEMMs over the tokens of each unit (rows sorted by unit)
-        order = np.argsort(u, kind="stable")
-        us = u[order]
-        bounds = np.searchsorted(us, np.arange(self.U + 1))
-        segs = [(j, bounds[j], bounds[j + 1]) for j in range(self.U) if bounds[j + 1] > bounds[j]]
-        exs = ex[order]
+
+    def _gemms(self, ex, order, segs, l0, l1):
+        """Co-activation of layers [l0, l1) and the transitions into them: indicator GEMMs over the tokens
+        of each unit (rows sorted by unit). Diagonal and repeat check from the GEMM's own trace."""
+        E = self.E
+        T = len(order)
         dtype = np.float32 if T < (1 << 24) else np.float64  # integer sums stay exact in the GEMM
         prev = spare = None
-        for li in range(L):
-            x = _indicator(exs[:, li, :], E, dtype, spare)
-            for j, a, b in segs:
-                if self.co is not None:
-                    xs = x[a:b]
-                    g = (xs.T @ xs).astype(np.int64)
-                    g[np.diag_indices(E)] -= xs.sum(0).astype(np.int64)
-                    self.co[j, li] += g
-                if self.tr is not None and prev is not None:
+        for li in range(max(l0 - 1, 0), l1):
+            ex_l = ex[:, li, :][order]
+            x = _indicator(ex_l, E, dtype, spare, check=self.co is None or li < l0)
+            if self.co is not None and li >= l0:
+                gs = [(xs.T @ xs) for xs in (x[a:b] for _, a, b in segs)]
+                if sum(float(np.trace(g, dtype=np.float64)) for g in gs) != T * ex.shape[2]:  # 0/1 cells: the trace counts them
+                    x = _indicator(ex_l, E, dtype, check=True)  # an expert twice in a token's top-k
+                    gs = [(xs.T @ xs) for xs in (x[a:b] for _, a, b in segs)]
+                    for g, (_, a, b) in zip(gs, segs):
+                        g[np.diag_indices(E)] -= x[a:b].sum(0)
+                else:
+                    for g in gs:
+                        g[np.diag_indices(E)] = 0  # m^2 - m = 0 for m in {0, 1}
+                for g, (j, _, _) in zip(gs, segs):
+                    self.co[j, li] += g.astype(np.int64)
+            if self.tr is not None and prev is not None and li >= l0:
+                for j, a, b in segs:
                     self.tr[j, li - 1] += (prev[a:b].T @ x[a:b]).astype(np.int64)
             spare, prev = prev, x
+
+    def wait(self):
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.result()  # re-raises a worker's error here
+
+    def finish(self):
+        self.wait()
+        self.flush()
 
     def value_map(self, member):
         """Value index of each unit for label `member` (-1: null); None label: every unit is value 0."""
@@ -309,10 +462,10 @@ class _Pass:
             v = vm[seg % U]
             keep = v >= 0
             k2, c2 = _sorted_sum(((seg[keep] // U) * V + v[keep]) * NT + tok1[keep], c[a:b][keep])
-            seg, tok1 = k2 // NT, k2 % NT
-            o, rank = _segment_rank(seg, c2, tok1, NT)
-            o, rank = o[rank < top_n], rank[rank < top_n]
-            parts.append((seg[o] // V, seg[o] % V, tok1[o], c2[o], rank))
+            s, c3, t, rank = _segment_rank(k2 // NT, c2, k2 % NT, NT)
+            top = rank < top_n
+            s, c3, t, rank = s[top], c3[top], t[top], rank[top]
+            parts.append((s // V, s % V, t, c3, rank))
         le, v, tok1, cnt, rank = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int64)
                                   for i in range(5))
         f = np.lexsort((rank, v * LE + le))  # rows by (value, layer, expert, rank)
@@ -329,7 +482,8 @@ class _Pass:
 
 def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: float = 0.0,
             coactivation: bool = True, transitions: bool = True, max_label_values: int = 64,
-            progress: bool = True, chunk_tokens: int | None = None, max_token_pairs: int = 20_000_000) -> AnalysisResult:
+            progress: bool = True, chunk_tokens: int | None = None, max_token_pairs: int = 20_000_000,
+            threads: int | None = None) -> AnalysisResult:
     """Tables: experts (main), layers, coactivation, transitions, top_tokens, top_labels.
 
     experts: count (selections), share (of the layer's selections), token_share (of tokens),
@@ -341,6 +495,10 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     counts, so memory stays at one chunk plus the tables. Exact, except: weight sums add per chunk
     (float rounding), and when more than `max_token_pairs` distinct (group, layer, expert, token)
     triples are seen, top tokens become a heavy-hitter sketch (meta["top_tokens_exact"] is False).
+
+    threads: 2 or more decode the next chunk and run the co-activation / transition GEMMs in worker
+    threads while this one counts (same results); default: WORKBENCH_THREADS, else the cores free
+    (workbench.threads.default_threads).
     """
     skipped: list = []
     groups = _label_groups(run, labels, max_label_values, skipped)
@@ -356,13 +514,41 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     else:
         passes = [[i] for i in range(len(radix))]  # too many combinations: a pass per label
     keep = max(1000, 100 * top_n)
-    accs = [_Pass(m, [radix[i] for i in m], L, E, NT, with_co, transitions, max_token_pairs, keep) for m in passes]
+    n_threads = _threads(threads)
+    pool = None
+    if n_threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(2, thread_name_prefix="stats")
+    try:
+        return _analyze(run, groups, skipped, layers, L, K, E, radix, V_all, NT, with_co, passes, keep, top_n,
+                        always_on, dead, coactivation, transitions, max_token_pairs, chunk_tokens, progress,
+                        n_threads, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _threads(threads) -> int:
+    """Explicit, else WORKBENCH_THREADS, else the CLI's --threads, else the cores free (load average)."""
+    from .. import threads as th
+
+    n = th._requested(threads)
+    if n is None:
+        n = th._chosen or th.default_threads()
+    return n
+
+
+def _analyze(run, groups, skipped, layers, L, K, E, radix, V_all, NT, with_co, passes, keep, top_n, always_on,
+             dead, coactivation, transitions, max_token_pairs, chunk_tokens, progress, n_threads, pool):
+    accs = [_Pass(m, [radix[i] for i in m], L, E, NT, with_co, transitions, max_token_pairs, keep, pool)
+            for m in passes]
     if max(a.U for a in accs) * NT * L * E >= 1 << 61:
         raise WorkbenchError(f"run {run.path}: too many label values x token ids x experts to count top tokens")
     need = ["token_id", "token", "phase"] + [g[0] for g in groups if g[0] not in (None, "phase")]
     tok_ids, tok_strs = [np.zeros(0, np.int64)], []
     T = 0
-    for ch in _iter(run, need, chunk_tokens, progress):
+    for ch in _iter(run, need, chunk_tokens, progress, prefetch=n_threads > 1):
         ra, tok = ch.ra, ch.tokens
         if ra.experts.min() < 0 or ra.experts.max() >= E:
             raise WorkbenchError(f"run {run.path}: routing holds expert ids outside 0..{E - 1}")
@@ -385,6 +571,8 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
         ex = ra.experts  # int16: index arithmetic is done per layer in int64 (a chunk-wide int64 copy is 0.27 GB)
         for acc in accs:
             acc.add(codes, token_id + 1, ex, ra.weights)
+    for acc in accs:
+        acc.finish()
     if T == 0:
         raise WorkbenchError(f"run {run.path} has no routing rows")
     token_str = pl.DataFrame({"token_id": np.concatenate(tok_ids),
@@ -488,10 +676,11 @@ def _token_id_span(run) -> int:
     return int(m if m is not None and m >= 0 else 0) + 2
 
 
-def _iter(run, need, chunk, progress):
-    from .common import iter_routing
+def _iter(run, need, chunk, progress, prefetch=False):
+    from .common import iter_routing, prefetched
 
-    return iter_routing(run, token_columns=need, chunk_tokens_=chunk, progress=progress, desc="stats")
+    it = lambda: iter_routing(run, token_columns=need, chunk_tokens_=chunk, progress=progress, desc="stats")  # noqa: E731
+    return prefetched(it) if prefetch else it()
 
 
 
