@@ -105,8 +105,8 @@ def test_progress_reported_per_chunk_and_shown_while_computing(tmp_path, monkeyp
     hold, reached = threading.Event(), threading.Event()
     real = stats._iter
 
-    def slow(run_, need, chunk, progress):
-        for i, ch in enumerate(real(run_, need, 100, progress)):
+    def slow(run_, need, chunk, progress, **kw):
+        for i, ch in enumerate(real(run_, need, 100, progress, **kw)):
             if i == 3:
                 reached.set()
                 hold.wait(30)
@@ -123,3 +123,24 @@ def test_progress_reported_per_chunk_and_shown_while_computing(tmp_path, monkeyp
     ctx.data.analysis("stats", wait=30)
     body, done = _body(ctx, sec)
     assert done and "% read" not in _text(body)
+
+
+def test_overwrite_with_another_model_never_serves_the_old_results(tiny_dir, sample_texts, tmp_path):
+    """Same data, same sizes, same part names and token counts, other weights: the stored results of the
+    first capture belong to it alone (they used to match the second run's fingerprint)."""
+    import workbench as wb
+    from workbench.models.loading import load_model
+
+    out = tmp_path / "run"
+    first = wb.capture(load_model(str(tiny_dir("mixtral", seed=0))), sample_texts, out, progress=False)
+    a = analyze("stats", first, progress=False)
+    second = wb.capture(load_model(str(tiny_dir("mixtral", seed=1))), sample_texts, out, overwrite=True,
+                        progress=False)
+    assert [p["tokens"] for p in second.manifest["parts"]] == [p["tokens"] for p in first.manifest["parts"]]
+    assert not (out / "analyses").exists()  # the old run's results left with it
+    b = analyze("stats", second, progress=False)
+    assert not b.meta.get("reused")
+    fresh = analyze("stats", open_run(out), reuse=False, progress=False)
+    assert b.tables["experts"].equals(fresh.tables["experts"])
+    assert not b.tables["experts"].equals(a.tables["experts"])  # other weights, other routing
+    assert persist.run_fingerprint(first) != persist.run_fingerprint(second)

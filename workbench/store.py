@@ -318,6 +318,7 @@ class RunWriter:
                     f.unlink()
             with _suppress_oserror():
                 d.rmdir()  # only if empty: anything a user put there stays
+        shutil.rmtree(self.path / "analyses", ignore_errors=True)  # results of the old run (persist.FOLDER)
 
     def release(self) -> None:
         """Give up the writer lock (the kernel also drops it if the process dies)."""

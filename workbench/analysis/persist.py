@@ -29,9 +29,14 @@ _NOT_KEYED = {"progress", "chunk_tokens"}
 
 
 def run_fingerprint(run) -> str:
-    """Hash of the run's listed parts (files + tokens) and status: what every analysis reads."""
-    parts = [(p.get("index"), sorted(p["files"].items()), p.get("tokens")) for p in run.manifest.get("parts", [])]
-    blob = json.dumps([parts, run.manifest.get("status")], sort_keys=True, default=str)
+    """Hash of what every analysis reads: the listed parts (files, tokens, content checksums), the status,
+    and the capture's identity and start time. File names and token counts alone repeat when a run is
+    captured again with `--overwrite` (another model, the same data): its stored results must not be
+    served for the new one."""
+    m = run.manifest
+    parts = [(p.get("index"), sorted(p["files"].items()), p.get("tokens"), sorted((p.get("checksums") or {}).items()))
+             for p in m.get("parts", [])]
+    blob = json.dumps([parts, m.get("status"), m.get("identity"), m.get("created")], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
