@@ -302,3 +302,15 @@ def test_prefetched_chunks_progress_errors_and_early_stop(syn):
     g.close()  # the worker stops instead of filling memory
     n = len(made)
     assert n <= 4 and not any(t.name == "prefetch" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("cells", [0, 1 << 23])
+def test_stats_top_token_ranking_dense_and_sorted_paths(syn, monkeypatch, cells):
+    # per-layer ranking from a dense (expert, value, token) table, or by sorting the keys when it would not
+    # fit (cells=0); top_n=1 and 3 make ties at the cut common (vocabulary of 40)
+    monkeypatch.setattr(stats, "_RANK_CELLS", cells)
+    for top_n in (1, 3):
+        new = stats.analyze(syn, progress=False, chunk_tokens=333, top_n=top_n, threads=1)
+        old = dense.analyze(syn, progress=False, top_n=top_n)
+        for name in old.tables:
+            _same(new.tables[name], old.tables[name])

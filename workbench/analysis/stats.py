@@ -127,6 +127,7 @@ _UNIT_CELLS = 1 << 25  # co-activation cells (units x layers x E x E) above whic
 # top-token cells (layers x experts x (unit, token id) pairs seen) counted in a dense int32 table (0.5 GB)
 # before they are flushed into sorted keys: a bincount per layer per chunk instead of per-chunk sorted merges
 _DENSE_CELLS = 1 << 27
+_RANK_CELLS = 1 << 23  # (expert, label value, token id) cells per layer ranked from a dense table (64 MB)
 
 
 def _packs(*maxima) -> bool:
@@ -457,12 +458,26 @@ class _Pass:
         # keys ascend by (layer, expert, unit, token): rank one layer's slice at a time (bounded memory)
         bounds = np.searchsorted(k, np.arange(self.L + 1, dtype=np.int64) * (self.E * U * NT))
         parts = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        E = self.E
+        for li, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             seg, tok1 = k[a:b] // NT, k[a:b] % NT
             v = vm[seg % U]
             keep = v >= 0
-            k2, c2 = _sorted_sum(((seg[keep] // U) * V + v[keep]) * NT + tok1[keep], c[a:b][keep])
-            s, c3, t, rank = _segment_rank(k2 // NT, c2, k2 % NT, NT)
+            if E * V * NT <= _RANK_CELLS:
+                # (expert, value) x token counts as a dense table: the top_n-th largest count of each row
+                # bounds the candidates, and only those are sorted (the same rows and ranks as sorting all)
+                row = (seg[keep] // U - li * E) * V + v[keep]
+                d = np.bincount(row * NT + tok1[keep], weights=c[a:b][keep], minlength=E * V * NT)
+                d = d.astype(np.int64).reshape(E * V, NT)
+                cand = d > 0
+                if NT > top_n:
+                    cand &= d >= np.partition(d, NT - top_n, axis=1)[:, NT - top_n:NT - top_n + 1]
+                r, t = np.nonzero(cand)
+                s, c3, t, rank = _segment_rank(r, d[r, t], t, NT)
+                s = s + li * E * V  # (layer, expert) * V + value, as below
+            else:
+                k2, c2 = _sorted_sum(((seg[keep] // U) * V + v[keep]) * NT + tok1[keep], c[a:b][keep])
+                s, c3, t, rank = _segment_rank(k2 // NT, c2, k2 % NT, NT)
             top = rank < top_n
             s, c3, t, rank = s[top], c3[top], t[top], rank[top]
             parts.append((s // V, s % V, t, c3, rank))
