@@ -18,6 +18,15 @@ from .ui import Page
 
 MAX_RAW_ROWS = 2_000_000  # bigger raw tables go through `workbench export` (streams part files)
 FORMATS = ("csv", "parquet", "json")
+# need more than this run (a second run, the live model): made by `workbench compare` / `workbench attribute`,
+# never by the "compute them now" button, so never listed as pending here
+NOT_FROM_ONE_RUN = {"compare": "workbench compare A B", "attribution": "workbench attribute"}
+
+
+def computable(app_ctx) -> list[str]:
+    """Analyses this page can compute from the run alone and has not yet."""
+    done = app_ctx.data.computed_analyses()
+    return [n for n in MODULES if n not in NOT_FROM_ONE_RUN and analysis_available(n) and n not in done]
 
 
 def exportable(app_ctx) -> list[dict]:
@@ -39,11 +48,13 @@ def layout(app_ctx):
         opts = exportable(app_ctx)
     except WorkbenchError as e:  # a damaged run: the store names the part
         return html.Div([html.H2("Export"), html.Div(str(e), className="error")])
-    pending = [n for n in MODULES if analysis_available(n) and n not in app_ctx.data.computed_analyses()]
+    pending = computable(app_ctx)
     return html.Div([
         html.H2("Export"),
         html.P("Download a table of this run or of any analysis computed so far. For whole runs use "
-               f"`workbench export {app_ctx.run.path} --format parquet --out DIR`.", style={"fontSize": "13px"}),
+               f"`workbench export {app_ctx.run.path} --format parquet --out DIR`; comparisons and attributions "
+               "come from " + " and ".join(f"`{c}`" for c in NOT_FROM_ONE_RUN.values()) + ".",
+               style={"fontSize": "13px"}),
         html.Div([
             html.Div([html.Label("table"), dcc.Dropdown(id="exp-table", options=opts,
                                                         value=next((o["value"] for o in opts if not o.get("disabled")),
@@ -100,7 +111,7 @@ def register(app, app_ctx):
     @app.callback(Output("exp-table", "options"), Output("exp-refresh", "disabled"), Input("exp-warm", "n_clicks"),
                   Input("exp-refresh", "n_intervals"), prevent_initial_call=True)
     def warm(clicks, _n):
-        names = [n for n in MODULES if analysis_available(n)]
+        names = [n for n in MODULES if n not in NOT_FROM_ONE_RUN and analysis_available(n)]
         if clicks:
             app_ctx.data.warm(names)
         pending = [n for n in names if app_ctx.data.analysis(n) is None] if clicks else []

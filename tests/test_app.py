@@ -229,6 +229,22 @@ def test_export_analysis_tables_after_compute(syn_run, fake_analysis):
     assert table_for(ctx, "analysis/lrc/srp")[0].equals(t)
 
 
+def test_export_offers_to_compute_only_what_one_run_can_give(syn_run, fake_analysis):
+    """compare and attribution need a second run or the model: never "not computed yet" here."""
+    from workbench.app.export import computable, layout
+
+    t = pl.DataFrame({"layer": [1], "srp": [0.5]})
+    fake_analysis("lrc", lambda run, **kw: AnalysisResult("lrc", {"srp": t}, "srp"))
+    ctx = make_app(syn_run, warm=()).workbench
+    pending = computable(ctx)
+    assert "lrc" in pending and "stats" in pending
+    assert "compare" not in pending and "attribution" not in pending
+    text = _text(layout(ctx))
+    assert "Not computed yet:" in text and "compare," not in text and "attribution" not in text.split("Not computed yet:")[1]
+    ctx.data.analysis("lrc", wait=10)
+    assert "lrc" not in computable(ctx)
+
+
 # -- steering state and the model service ------------------------------------------------------------
 
 
