@@ -6,7 +6,8 @@ The routing streams in chunks of tokens (`common.iter_routing`); every table is 
 counts (bincounts; co-activation and transitions as indicator-matrix products), so memory stays at
 one chunk plus the result tables, whatever the run's size. Counts are kept per combination of label
 values (a "unit") and summed into each label's values at the end, so one walk over the routing
-serves every label; top tokens are exact sparse counts (sorted int64 keys, merged per chunk).
+serves every label; top tokens are exact counts (a dense table of the (label values, token) pairs seen,
+flushed into sorted int64 keys when it outgrows its budget).
 """
 
 from __future__ import annotations
@@ -260,9 +261,10 @@ class _Pass:
     """Per-unit partial sums for one set of label columns; a unit is one combination of their values
     (null included), so every label's per-value table is a sum over units, computed at the end.
 
-    Co-activation and transition GEMMs run in `pool` (a worker thread: BLAS releases the GIL) while
-    the calling thread counts; the two touch disjoint arrays, and one chunk's GEMMs finish before the
-    next chunk's start, so every sum is the one a single thread would get."""
+    With a `pool` (worker threads), a chunk's weight sums and its co-activation / transition GEMMs (two
+    halves of the layers; BLAS releases the GIL) run there while the calling thread counts top tokens.
+    The jobs add into disjoint arrays, in chunk order (a chunk's jobs end before the next chunk's start),
+    so every sum, float ones included, is the one a single thread gets."""
 
     def __init__(self, members, radix, L, E, NT, coactivation, transitions, cap, keep, pool=None):
         self.members, self.radix = members, radix
@@ -277,11 +279,11 @@ class _Pass:
         # top tokens: key ((layer * E + expert) * U + u) * NT + token_id + 1
         self.tt = _KeyCounts(cap, keep, NT, split=np.arange(L + 1, dtype=np.int64) * (E * U * NT))
         self.tf = _KeyCounts()  # key u * NT + token_id + 1: tokens per (unit, token id)
-        # ... counted first in a dense table [layer, expert, column], a column per (u, token id + 1) pair
+        # ... counted first in a dense table [layer, column, expert], a column per (u, token id + 1) pair
         # seen since the last flush into tt: one bincount per layer per chunk, no per-chunk sorted merges
         self._gkey = np.zeros(0, np.int64)  # the pair key u * NT + token_id + 1 of each column
         self._gsort, self._gcol = self._gkey, self._gkey  # the keys ascending, and their columns
-        self._acc = None  # [L, E, capacity] int32
+        self._acc = None  # [L, capacity, E] int32
         self._acc_slots = 0  # selections counted since the flush: flushed before an int32 cell could overflow
         self.pool, self._jobs = pool, []
 
@@ -306,11 +308,11 @@ class _Pass:
             self._gcol = np.argsort(self._gkey, kind="stable")
             self._gsort = self._gkey[self._gcol]
             need = len(self._gkey)
-            if self._acc is None or self._acc.shape[2] < need:  # grow by doubling, within the budget
+            if self._acc is None or self._acc.shape[1] < need:  # grow by doubling, within the budget
                 cap = min(max(2 * need, 1024), max(need, _DENSE_CELLS // LE))
-                acc = np.zeros((self.L, self.E, cap), np.int32)
+                acc = np.zeros((self.L, cap, self.E), np.int32)
                 if self._acc is not None:
-                    acc[:, :, :G] = self._acc[:, :, :G]
+                    acc[:, :G] = self._acc[:, :G]
                 self._acc = acc
         self._acc_slots += slots
         return col
@@ -326,12 +328,12 @@ class _Pass:
         ustart = np.flatnonzero(np.concatenate([[True], unit[1:] != unit[:-1]]))
         keys, cts = [], []
         for li in range(self.L):
-            blk = self._acc[li][:, o]  # E x G, columns by key: the nonzero cells come out ascending
+            blk = np.ascontiguousarray(self._acc[li][o].T)  # E x G, columns by key: nonzero cells ascend
             self.cnt[unit[ustart], li, :] += np.add.reduceat(blk, ustart, axis=1, dtype=np.int64).T
             nz = np.flatnonzero(blk)
             keys.append((li * E + nz // G) * (U * NT) + gs[nz % G])
             cts.append(blk.reshape(-1)[nz].astype(np.int64))
-            self._acc[li, :, :G] = 0
+            self._acc[li, :G] = 0
         self.tt.add(np.concatenate(keys), np.concatenate(cts), unique_sorted=True)
         self._gkey = self._gsort = self._gcol = np.zeros(0, np.int64)
         self._acc_slots = 0
@@ -363,21 +365,24 @@ class _Pass:
             self._add_sparse(gk, inv, ex)
             return
         G = len(self._gkey)
-        colt = col[inv][:, None]
+        cE = (col[inv] * E)[:, None]
         idx = np.empty((T, K), np.int64)
-        for li in range(L):  # expert x column counts per layer, added to the table
-            np.multiply(ex[:, li, :], G, out=idx, dtype=np.int64)
-            idx += colt
-            b = np.bincount(idx.reshape(-1), minlength=E * G).reshape(E, G)
-            a = self._acc[li, :, :G]
-            np.add(a, b, out=a, casting="unsafe")
+        for li in range(L):  # column x expert counts per layer, added to the table
+            np.add(cE, ex[:, li, :], out=idx)
+            a = self._acc[li, :G].reshape(-1)
+            np.add(a, np.bincount(idx.reshape(-1), minlength=G * E), out=a, casting="unsafe")
 
     def _wsum(self, u, ex, w):
+        # a weighted bincount over (unit, layer, expert) per block of 4 layers: per-layer slices of the
+        # token-major chunk copy slowly, and every cell still adds its weights in (token, slot) order from
+        # zero, so the sums are bit for bit those of a bincount per layer
+        T, L, K = ex.shape
         U, E = self.U, self.E
-        base = (u * E)[:, None]
-        for li in range(ex.shape[1]):
-            self.wsum[:, li, :] += np.bincount((base + ex[:, li, :]).reshape(-1), weights=w[:, li, :].reshape(-1),
-                                               minlength=U * E).reshape(U, E)
+        for l0 in range(0, L, 4):
+            l1 = min(L, l0 + 4)
+            idx = ((u * L)[:, None] + np.arange(l0, l1))[:, :, None] * E + ex[:, l0:l1, :]
+            part = np.bincount(idx.reshape(-1), weights=w[:, l0:l1, :].reshape(-1), minlength=U * L * E)
+            self.wsum += part.reshape(U, L, E)
 
     def _add_sparse(self, gk, inv, ex):
         """A chunk with more (unit, token) pairs than the dense table holds: sorted keys straight to tt."""
@@ -402,12 +407,15 @@ class _Pass:
         T = len(order)
         dtype = np.float32 if T < (1 << 24) else np.float64  # integer sums stay exact in the GEMM
         prev = spare = None
-        for li in range(max(l0 - 1, 0), l1):
-            ex_l = ex[:, li, :][order]
+        lo = max(l0 - 1, 0)
+        exs = ex[:, lo:l1][order]  # the job's layers, rows by unit
+        for li in range(lo, l1):
+            ex_l = exs[:, li - lo, :]
             x = _indicator(ex_l, E, dtype, spare, check=self.co is None or li < l0)
             if self.co is not None and li >= l0:
                 gs = [(xs.T @ xs) for xs in (x[a:b] for _, a, b in segs)]
-                if sum(float(np.trace(g, dtype=np.float64)) for g in gs) != T * ex.shape[2]:  # 0/1 cells: the trace counts them
+                ones = sum(float(np.trace(g, dtype=np.float64)) for g in gs)  # of a 0/1 indicator: its ones
+                if ones != T * ex.shape[2]:
                     x = _indicator(ex_l, E, dtype, check=True)  # an expert twice in a token's top-k
                     gs = [(xs.T @ xs) for xs in (x[a:b] for _, a, b in segs)]
                     for g, (_, a, b) in zip(gs, segs):
