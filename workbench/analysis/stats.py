@@ -344,31 +344,39 @@ class _Pass:
         u = np.zeros(T, np.int64)
         for m, s in zip(self.members, self.stride):
             u += codes[m] * s
+        # tokens sorted by (unit, token id): rows grouped by unit for the GEMMs, and each table row's counts
+        # in one run (a cache-friendly bincount)
+        key = u * NT + tok1
+        order = np.argsort(key, kind="stable")
+        sk = key[order]
+        start = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]]))
+        gk, gcnt = sk[start], np.diff(np.append(start, T))
+        inv_s = np.repeat(np.arange(len(gk)), gcnt)  # pair index of each sorted token
+        exs = ex[order]
         self.wait()  # the previous chunk's jobs: they add into the same arrays
         jobs = [(self._wsum, (u, ex, w))]
         if self.co is not None or self.tr is not None:
-            order = np.argsort(u, kind="stable")
-            bounds = np.searchsorted(u[order], np.arange(self.U + 1))
+            bounds = np.searchsorted(gk // NT, np.arange(self.U + 1))
+            bounds = np.append(start, T)[bounds]
             segs = [(j, bounds[j], bounds[j + 1]) for j in range(self.U) if bounds[j + 1] > bounds[j]]
             half = (L + 1) // 2  # two jobs: layers [0, half) and [half, L), each with its own transitions
-            jobs += [(self._gemms, (ex, order, segs, l0, l1)) for l0, l1 in ((0, half), (half, L)) if l1 > l0]
+            jobs += [(self._gemms, (exs, segs, l0, l1)) for l0, l1 in ((0, half), (half, L)) if l1 > l0]
         if self.pool is None:
             for f, args in jobs:
                 f(*args)
         else:
             self._jobs = [self.pool.submit(f, *args) for f, args in jobs]
         self.n_tok += np.bincount(u, minlength=self.U)
-        gk, inv, gcnt = np.unique(u * NT + tok1, return_inverse=True, return_counts=True)
         self.tf.add(gk, gcnt.astype(np.int64))
         col = self._columns(gk, T * K)
         if col is None:
-            self._add_sparse(gk, inv, ex)
+            self._add_sparse(gk, inv_s, exs)
             return
         G = len(self._gkey)
-        cE = (col[inv] * E)[:, None]
+        cE = (col[inv_s] * E)[:, None]
         idx = np.empty((T, K), np.int64)
         for li in range(L):  # column x expert counts per layer, added to the table
-            np.add(cE, ex[:, li, :], out=idx)
+            np.add(cE, exs[:, li, :], out=idx)
             a = self._acc[li, :G].reshape(-1)
             np.add(a, np.bincount(idx.reshape(-1), minlength=G * E), out=a, casting="unsafe")
 
@@ -400,22 +408,20 @@ class _Pass:
             .round().astype(np.int64)
         self.tt.add(keys, cts)
 
-    def _gemms(self, ex, order, segs, l0, l1):
+    def _gemms(self, exs, segs, l0, l1):
         """Co-activation of layers [l0, l1) and the transitions into them: indicator GEMMs over the tokens
-        of each unit (rows sorted by unit). Diagonal and repeat check from the GEMM's own trace."""
+        of each unit (`exs`: rows sorted by unit). Diagonal and repeat check from the GEMM's own trace."""
         E = self.E
-        T = len(order)
+        T = len(exs)
         dtype = np.float32 if T < (1 << 24) else np.float64  # integer sums stay exact in the GEMM
         prev = spare = None
-        lo = max(l0 - 1, 0)
-        exs = ex[:, lo:l1][order]  # the job's layers, rows by unit
-        for li in range(lo, l1):
-            ex_l = exs[:, li - lo, :]
+        for li in range(max(l0 - 1, 0), l1):
+            ex_l = exs[:, li, :]
             x = _indicator(ex_l, E, dtype, spare, check=self.co is None or li < l0)
             if self.co is not None and li >= l0:
                 gs = [(xs.T @ xs) for xs in (x[a:b] for _, a, b in segs)]
                 ones = sum(float(np.trace(g, dtype=np.float64)) for g in gs)  # of a 0/1 indicator: its ones
-                if ones != T * ex.shape[2]:
+                if ones != T * exs.shape[2]:
                     x = _indicator(ex_l, E, dtype, check=True)  # an expert twice in a token's top-k
                     gs = [(xs.T @ xs) for xs in (x[a:b] for _, a, b in segs)]
                     for g, (_, a, b) in zip(gs, segs):
