@@ -261,10 +261,10 @@ class _Pass:
     """Per-unit partial sums for one set of label columns; a unit is one combination of their values
     (null included), so every label's per-value table is a sum over units, computed at the end.
 
-    With a `pool` (worker threads), a chunk's weight sums and its co-activation / transition GEMMs (two
-    halves of the layers; BLAS releases the GIL) run there while the calling thread counts top tokens.
-    The jobs add into disjoint arrays, in chunk order (a chunk's jobs end before the next chunk's start),
-    so every sum, float ones included, is the one a single thread gets."""
+    With a `pool` (worker threads), a chunk's weight sums, co-activation / transition GEMMs and top-token
+    counts (each per half of the layers) run there as jobs (numpy and BLAS release the GIL) while the
+    caller's thread decodes the next chunk. The jobs add into disjoint arrays, in chunk order (a chunk's
+    jobs end before the next chunk's start), so every sum, float ones included, is a single thread's."""
 
     def __init__(self, members, radix, L, E, NT, coactivation, transitions, cap, keep, pool=None):
         self.members, self.radix = members, radix
@@ -354,31 +354,35 @@ class _Pass:
         inv_s = np.repeat(np.arange(len(gk)), gcnt)  # pair index of each sorted token
         exs = ex[order]
         self.wait()  # the previous chunk's jobs: they add into the same arrays
+        self.n_tok += np.bincount(u, minlength=self.U)
+        self.tf.add(gk, gcnt.astype(np.int64))
+        col = self._columns(gk, T * K)
+        half = (L + 1) // 2  # jobs per half of the layers: [0, half) and [half, L)
+        halves = [(l0, l1) for l0, l1 in ((0, half), (half, L)) if l1 > l0]
         jobs = [(self._wsum, (u, ex, w))]
         if self.co is not None or self.tr is not None:
             bounds = np.searchsorted(gk // NT, np.arange(self.U + 1))
             bounds = np.append(start, T)[bounds]
             segs = [(j, bounds[j], bounds[j + 1]) for j in range(self.U) if bounds[j + 1] > bounds[j]]
-            half = (L + 1) // 2  # two jobs: layers [0, half) and [half, L), each with its own transitions
-            jobs += [(self._gemms, (exs, segs, l0, l1)) for l0, l1 in ((0, half), (half, L)) if l1 > l0]
+            jobs += [(self._gemms, (exs, segs, l0, l1)) for l0, l1 in halves]
+        if col is None:
+            self._add_sparse(gk, inv_s, exs)
+        else:
+            cE = (col[inv_s] * E)[:, None]
+            jobs += [(self._count, (cE, exs, len(self._gkey), l0, l1)) for l0, l1 in halves]
         if self.pool is None:
             for f, args in jobs:
                 f(*args)
         else:
             self._jobs = [self.pool.submit(f, *args) for f, args in jobs]
-        self.n_tok += np.bincount(u, minlength=self.U)
-        self.tf.add(gk, gcnt.astype(np.int64))
-        col = self._columns(gk, T * K)
-        if col is None:
-            self._add_sparse(gk, inv_s, exs)
-            return
-        G = len(self._gkey)
-        cE = (col[inv_s] * E)[:, None]
-        idx = np.empty((T, K), np.int64)
-        for li in range(L):  # column x expert counts per layer, added to the table
+
+    def _count(self, cE, exs, G, l0, l1):
+        """Column x expert counts of layers [l0, l1), added to the dense table (its first G columns)."""
+        idx = np.empty(exs.shape[::2], np.int64)
+        for li in range(l0, l1):
             np.add(cE, exs[:, li, :], out=idx)
             a = self._acc[li, :G].reshape(-1)
-            np.add(a, np.bincount(idx.reshape(-1), minlength=G * E), out=a, casting="unsafe")
+            np.add(a, np.bincount(idx.reshape(-1), minlength=G * self.E), out=a, casting="unsafe")
 
     def _wsum(self, u, ex, w):
         # a weighted bincount over (unit, layer, expert) per block of 4 layers: per-layer slices of the
