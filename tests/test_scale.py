@@ -314,3 +314,14 @@ def test_stats_top_token_ranking_dense_and_sorted_paths(syn, monkeypatch, cells)
         old = dense.analyze(syn, progress=False, top_n=top_n)
         for name in old.tables:
             _same(new.tables[name], old.tables[name])
+
+
+def test_stats_threads_do_not_key_the_stored_result(tmp_path):
+    # the thread count changes how stats is computed, not its tables: a stored result is reused across it
+    from workbench.analysis import analyze
+
+    run = synth.write_synthetic_run(tmp_path / "r", n_tokens=300, n_layers=2, n_experts=4, top_k=2, seq_len=50,
+                                    vocab=10, seed=1)
+    first = analyze("stats", run, threads=1, progress=False)
+    again = analyze("stats", run, threads=2, progress=False)
+    assert not first.meta.get("reused") and again.meta.get("reused")

@@ -25,7 +25,7 @@ FOLDER = "analyses"
 RESULT = "result.json"
 FORMAT = 1
 # options that change how, not what, is computed
-_NOT_KEYED = {"progress", "chunk_tokens"}
+_NOT_KEYED = {"progress", "chunk_tokens", "threads"}  # how a result is computed, not what it is
 
 
 def run_fingerprint(run) -> str:
