@@ -385,15 +385,21 @@ class _Pass:
             np.add(a, np.bincount(idx.reshape(-1), minlength=G * self.E), out=a, casting="unsafe")
 
     def _wsum(self, u, ex, w):
-        # a weighted bincount over (unit, layer, expert) per block of 4 layers: per-layer slices of the
-        # token-major chunk copy slowly, and every cell still adds its weights in (token, slot) order from
-        # zero, so the sums are bit for bit those of a bincount per layer
+        # a weighted bincount over (unit, layer, expert) per block of 4 layers, into preallocated int64 /
+        # float64 buffers (per-layer slices of the token-major chunk copy slowly; broadcast temporaries
+        # cost more than the bincount). Every cell still adds its weights in (token, slot) order from zero,
+        # so the sums are bit for bit those of a bincount per layer
         T, L, K = ex.shape
         U, E = self.U, self.E
-        for l0 in range(0, L, 4):
-            l1 = min(L, l0 + 4)
-            idx = ((u * L)[:, None] + np.arange(l0, l1))[:, :, None] * E + ex[:, l0:l1, :]
-            part = np.bincount(idx.reshape(-1), weights=w[:, l0:l1, :].reshape(-1), minlength=U * L * E)
+        nb = min(L, 4)
+        idx, wb = np.empty((T, nb, K), np.int64), np.empty((T, nb, K), np.float64)
+        uLE = (u * (L * E))[:, None, None]
+        for l0 in range(0, L, nb):
+            l1 = min(L, l0 + nb)
+            i, x = idx[:, :l1 - l0], wb[:, :l1 - l0]
+            np.add(uLE + (np.arange(l0, l1) * E)[None, :, None], ex[:, l0:l1, :], out=i)
+            np.copyto(x, w[:, l0:l1, :])
+            part = np.bincount(i.reshape(-1), weights=x.reshape(-1), minlength=U * L * E)
             self.wsum += part.reshape(U, L, E)
 
     def _add_sparse(self, gk, inv, ex):
