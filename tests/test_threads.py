@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -71,3 +76,24 @@ def test_load_model_applies_the_choice_once(tiny_dir, monkeypatch):
     assert torch.get_num_threads() == 1
     load_model(str(tiny_dir("olmoe")), threads=None)  # None: torch left alone
     assert torch.get_num_threads() == 1
+
+
+def test_lrc_leaves_torch_thread_count_as_it_was():
+    """numba's OpenMP layer used to set the shared OpenMP thread count to every core at each launch:
+    torch ran on 2 threads after an lrc analysis although 1 was chosen, and later forwards rounded
+    differently. Runs in a fresh process: the effect is on process-wide state."""
+    code = textwrap.dedent("""
+        import numpy as np, torch
+        assert torch.get_num_threads() == 1
+        from workbench.analysis import lrc
+        rng = np.random.default_rng(0)
+        ex = rng.integers(0, 8, (400, 2, 2))
+        seqs = [ex[i:i + 100] for i in range(0, 400, 100)]
+        lrc.srp(seqs, m=[4, 8], n_boot=20, n_experts=8, progress=False)
+        lrc.sch(seqs, m=[4], stride=1, n_boot=20, n_experts=8, progress=False)
+        print(torch.get_num_threads())
+    """)
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="1")  # as the CLI's configure() leaves it
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "1"

@@ -13,6 +13,7 @@ Imports nothing heavy: the CLI calls `configure` before torch is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -126,6 +127,31 @@ def ensure(threads: int | str | None = None) -> int:
     _chosen = n
     _set(n)
     return n
+
+
+@contextlib.contextmanager
+def numba_parallel():
+    """Around numba `parallel=True` kernels (lrc): run them on the workbench's thread count, and leave
+    torch's count as it was.
+
+    Numba's OpenMP threading layer shares torch's OpenMP runtime and sets its thread count to
+    NUMBA_NUM_THREADS (every core) at each launch: afterwards torch ran on that many threads, ignoring
+    the load-aware choice, and later forwards in the same process (a notebook, the dashboard, the
+    demo) gave other float rounding than before the analysis.
+    """
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    import numba
+
+    n = _requested(None) or _chosen or before or default_threads()
+    prev = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
+        if before is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _set(n: int) -> None:

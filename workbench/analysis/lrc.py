@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import WorkbenchError
+from ..threads import numba_parallel
 from . import AnalysisResult
 
 DEFAULT_M = (4, 16, 64, 256)
@@ -172,7 +173,8 @@ def _best(h: np.ndarray, m: int) -> np.ndarray:
     from ._lrc_kernels import srp_best
 
     flat = np.ascontiguousarray(h, np.float64).reshape(-1, m + 1)
-    return srp_best(flat, m).reshape(h.shape[:-1])
+    with numba_parallel():
+        return srp_best(flat, m).reshape(h.shape[:-1])
 
 
 def _boot_weights(n: int, n_boot: int, rng: np.random.Generator, block: int = 200):
@@ -246,8 +248,9 @@ class _Accum:
             raise WorkbenchError("more sequences than counted: the routing table changed while reading")
         if srp and self.ms.size:
             units = (self.seq_done + np.arange(n, dtype=np.int64)) // self.group
-            srp_accumulate(chunk.experts, chunk.starts, units, self.n_experts, self.ms, self.moff,
-                           self.hist_g, self.hist_nl, self.hist_ng, self.per_expert)
+            with numba_parallel():
+                srp_accumulate(chunk.experts, chunk.starts, units, self.n_experts, self.ms, self.moff,
+                               self.hist_g, self.hist_nl, self.hist_ng, self.per_expert)
         lens = np.diff(chunk.starts)
         self.seq_len_tokens.extend(lens.tolist())
         if self.sch_stride:
@@ -390,7 +393,8 @@ def _sch_tables(acc: _Accum, layers: list[int], ms, policies, n_boot: int, seed:
         out = np.zeros(int(out_off[-1]), np.int64)
         code = np.full(len(blocks), _POLICY_CODE[policy], np.int64)
         mm = np.full(len(blocks), max(1, m), np.int64)
-        stack_sim_many(reqs, starts[perm], ends[perm], widths[perm], nids[perm], code, mm, out, out_off[perm])
+        with numba_parallel():
+            stack_sim_many(reqs, starts[perm], ends[perm], widths[perm], nids[perm], code, mm, out, out_off[perm])
         sizes_of = [E] * L + [L * E]
         col0 = np.concatenate([[0], np.cumsum(sizes_of)])
         rates = np.empty((ns, int(col0[-1])))
