@@ -78,7 +78,7 @@ def test_load_model_applies_the_choice_once(tiny_dir, monkeypatch):
     assert torch.get_num_threads() == 1
 
 
-def test_lrc_leaves_torch_thread_count_as_it_was():
+def test_lrc_and_umap_leave_torch_thread_count_as_it_was():
     """numba's OpenMP layer used to set the shared OpenMP thread count to every core at each launch:
     torch ran on 2 threads after an lrc analysis although 1 was chosen, and later forwards rounded
     differently. Runs in a fresh process: the effect is on process-wide state."""
@@ -92,8 +92,11 @@ def test_lrc_leaves_torch_thread_count_as_it_was():
         lrc.srp(seqs, m=[4, 8], n_boot=20, n_experts=8, progress=False)
         lrc.sch(seqs, m=[4], stride=1, n_boot=20, n_experts=8, progress=False)
         print(torch.get_num_threads())
+        from workbench.analysis.atlas import embed
+        assert embed(rng.normal(size=(300, 16)), seed=0, n_neighbors=10)[1] == "umap"
+        print(torch.get_num_threads())
     """)
     env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="1")  # as the CLI's configure() leaves it
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip().splitlines()[-1] == "1"
+    assert r.stdout.split() == ["1", "1"], r.stdout

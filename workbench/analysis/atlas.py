@@ -45,7 +45,9 @@ def embed(x: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float =
         return out, "pca"
     import umap
 
-    with warnings.catch_warnings():
+    from ..threads import numba_parallel
+
+    with warnings.catch_warnings(), numba_parallel():  # numba must not change torch's thread count
         warnings.simplefilter("ignore")  # n_jobs=1 with random_state; disconnected-vertex notices
         reducer = umap.UMAP(n_components=2, n_neighbors=max(2, min(n_neighbors, n - 1)), min_dist=min_dist,
                             metric=metric, random_state=seed, init="spectral" if n > 20 else "random")
