@@ -284,3 +284,22 @@ def test_cli_capture_records_interventions(tiny_dir, tmp_path, capsys):
     assert run.manifest["interventions"] == {"ban": ["L1:E2"], "zero": ["L2:E-1"], "scale": {"L3:E0": 0.5}}
     routing = run.routing.collect().filter(pl.col("layer") == 1)
     assert not routing["experts"].list.contains(2).any()
+
+
+def test_seeded_generation_leaves_the_callers_random_stream_alone(tiny_model, tmp_path):
+    """Sampling with a seed (steering, generation capture) and building a tiny model used to reset the
+    global torch RNG: a notebook's next torch.rand after them was always the same."""
+    import workbench as wb
+    from workbench.models.tiny import make_tiny
+
+    mm = tiny_model("qwen3_moe")
+    torch.manual_seed(1234)
+    want = torch.rand(4)
+    calls = [lambda: compare(mm, "Hello", {"zero": "L1:E0"}, max_new_tokens=4, sample=True, seed=3),
+             lambda: wb.capture_generate(mm, ["Hi there"], tmp_path / "g", max_new_tokens=3, do_sample=True,
+                                         progress=False, overwrite=True),
+             lambda: make_tiny("mixtral", tmp_path / "t", seed=5)]
+    for call in calls:
+        torch.manual_seed(1234)
+        call()
+        assert torch.equal(torch.rand(4), want)

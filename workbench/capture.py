@@ -23,7 +23,7 @@ import torch
 
 from .data import Dataset, load_dataset
 from .errors import WorkbenchError
-from .models.loading import MoEModel, load_model
+from .models.loading import MoEModel, load_model, seeded
 from .store import Run, RunWriter, open_run
 
 PROBE_NAMES = ("routing", "experts", "hidden", "attention")
@@ -466,10 +466,9 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
             for i, rec in enumerate(ds.records):
                 state.update(doc=i, past=0, step=0)
                 ids = torch.tensor([mm.tokenize(rec["text"])], device=mm.device)
-                if do_sample:
-                    torch.manual_seed(seed + i)
-                gen = mm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                        do_sample=do_sample, pad_token_id=mm.tokenizer.pad_token_id, **gen_kwargs)
+                with seeded(seed + i) if do_sample else contextlib.nullcontext():
+                    gen = mm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                            do_sample=do_sample, pad_token_id=mm.tokenizer.pad_token_id, **gen_kwargs)
                 generations.append(mm.tokenizer.decode(gen[0, ids.shape[1]:]))
                 bar.update(1)
     finally:

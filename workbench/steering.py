@@ -111,13 +111,15 @@ class _RouteRecorder:
 
 
 def _generate(mm, ids, max_new_tokens, sample, seed, temperature):
+    from .models.loading import seeded
+
     kw = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": mm.tokenizer.pad_token_id}
     if sample:
         kw.update(temperature=temperature, top_k=0, top_p=1.0)
-        torch.manual_seed(seed)
     else:
         kw.update(temperature=None, top_k=None, top_p=None)
-    out = mm.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    with seeded(seed) if sample else contextlib.nullcontext():
+        out = mm.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     return out[0, ids.shape[1]:].tolist()
 
 

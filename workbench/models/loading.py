@@ -25,6 +25,17 @@ SUPPORTED_SENTENCE = (
 )
 
 
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """torch.manual_seed(seed) for the block only: the caller's random state is restored afterwards, so
+    a seeded generation in a notebook does not reset the user's own random stream. CPU always, CUDA
+    devices when CUDA is initialised (forking them would otherwise start CUDA for a CPU model)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
 @dataclass
 class MoELayer:
     """One MoE decoder layer: `index` is the decoder-layer index, never a position among MoE layers."""

@@ -101,10 +101,12 @@ def make_tiny(model_type: str, out: str | Path, layers: int = 4, experts: int = 
     """Write a tiny random checkpoint + tokenizer to `out`; returns the folder."""
     from transformers import AutoModelForCausalLM
 
+    from .loading import seeded
+
     cfg = tiny_config(model_type, layers, experts, top_k, hidden)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    _spread_router(model, seed)
+    with seeded(seed):  # the caller's random stream is left as it was
+        model = AutoModelForCausalLM.from_config(cfg)
+        _spread_router(model, seed)
     model.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
