@@ -722,7 +722,6 @@ def _iter(run, need, chunk, progress, prefetch=False):
     return prefetched(it) if prefetch else it()
 
 
-
 def _fill_nan(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(pl.col(c).fill_nan(None) for c, t in df.schema.items() if t == pl.Float64)
 
