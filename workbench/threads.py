@@ -129,10 +129,16 @@ def ensure(threads: int | str | None = None) -> int:
     return n
 
 
+def analysis_threads(threads: int | str | None = None, current: int | None = None) -> int:
+    """Threads for an analysis's own parallel work: explicit, else WORKBENCH_THREADS, else the CLI's
+    choice, else `current` (torch's count, when a caller has one), else the cores free."""
+    return _requested(threads) or _chosen or current or default_threads()
+
+
 @contextlib.contextmanager
 def numba_parallel():
-    """Around numba `parallel=True` kernels (lrc): run them on the workbench's thread count, and leave
-    torch's count as it was.
+    """Around numba `parallel=True` kernels (lrc, UMAP), once per analysis (also as a decorator): run them
+    on the workbench's thread count, and leave torch's count as it was.
 
     Numba's OpenMP threading layer shares torch's OpenMP runtime and sets its thread count to
     NUMBA_NUM_THREADS (every core) at each launch: afterwards torch ran on that many threads, ignoring
@@ -143,7 +149,7 @@ def numba_parallel():
     before = torch.get_num_threads() if torch is not None else None
     import numba
 
-    n = _requested(None) or _chosen or before or default_threads()
+    n = analysis_threads(current=before)
     prev = numba.get_num_threads()
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
     try:

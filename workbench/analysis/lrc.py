@@ -173,8 +173,7 @@ def _best(h: np.ndarray, m: int) -> np.ndarray:
     from ._lrc_kernels import srp_best
 
     flat = np.ascontiguousarray(h, np.float64).reshape(-1, m + 1)
-    with numba_parallel():
-        return srp_best(flat, m).reshape(h.shape[:-1])
+    return srp_best(flat, m).reshape(h.shape[:-1])
 
 
 def _boot_weights(n: int, n_boot: int, rng: np.random.Generator, block: int = 200):
@@ -248,9 +247,8 @@ class _Accum:
             raise WorkbenchError("more sequences than counted: the routing table changed while reading")
         if srp and self.ms.size:
             units = (self.seq_done + np.arange(n, dtype=np.int64)) // self.group
-            with numba_parallel():
-                srp_accumulate(chunk.experts, chunk.starts, units, self.n_experts, self.ms, self.moff,
-                               self.hist_g, self.hist_nl, self.hist_ng, self.per_expert)
+            srp_accumulate(chunk.experts, chunk.starts, units, self.n_experts, self.ms, self.moff,
+                           self.hist_g, self.hist_nl, self.hist_ng, self.per_expert)
         lens = np.diff(chunk.starts)
         self.seq_len_tokens.extend(lens.tolist())
         if self.sch_stride:
@@ -393,8 +391,7 @@ def _sch_tables(acc: _Accum, layers: list[int], ms, policies, n_boot: int, seed:
         out = np.zeros(int(out_off[-1]), np.int64)
         code = np.full(len(blocks), _POLICY_CODE[policy], np.int64)
         mm = np.full(len(blocks), max(1, m), np.int64)
-        with numba_parallel():
-            stack_sim_many(reqs, starts[perm], ends[perm], widths[perm], nids[perm], code, mm, out, out_off[perm])
+        stack_sim_many(reqs, starts[perm], ends[perm], widths[perm], nids[perm], code, mm, out, out_off[perm])
         sizes_of = [E] * L + [L * E]
         col0 = np.concatenate([[0], np.cumsum(sizes_of)])
         rates = np.empty((ns, int(col0[-1])))
@@ -505,6 +502,7 @@ def _pass(source, *, m, sch_m, seq_len, sch_stride, expert_ci, srp: bool, sch: b
     return acc, layers
 
 
+@numba_parallel()  # the kernels run on the workbench's thread count, torch's is left as it was
 def srp(source, m=DEFAULT_M, seq_len: int | None = None, n_boot: int = 1000, seed: int = 0,
         expert_ci="auto", n_experts: int | None = None, progress: bool = False) -> pl.DataFrame:
     """SRP per expert, per layer and for the model (one shared alpha over all MoE layers), per m.
@@ -519,6 +517,7 @@ def srp(source, m=DEFAULT_M, seq_len: int | None = None, n_boot: int = 1000, see
     return _srp_tables(acc, layers, n_boot, seed)
 
 
+@numba_parallel()
 def sch(source, m=DEFAULT_M, stride: int = 16, seq_len: int | None = None, policies=POLICIES, n_boot: int = 1000,
         seed: int = 0, n_experts: int | None = None, progress: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
     """SCH for every cache size per layer and for the model (one cache across layers), every
@@ -531,6 +530,7 @@ def sch(source, m=DEFAULT_M, stride: int = 16, seq_len: int | None = None, polic
     return _sch_tables(acc, layers, _normalise_m(m).tolist(), list(policies), n_boot, seed, progress=progress)
 
 
+@numba_parallel()
 def analyze(run, m=DEFAULT_M, seq_len: int | None = None, sch_stride: int = 16, n_boot: int = 1000, seed: int = 0,
             expert_ci="auto", policies=POLICIES, with_sch: bool = True, progress: bool = True) -> AnalysisResult:
     """SRP (main table) and SCH + cache policies in one streaming pass over the run's routing."""

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import WorkbenchError
+from ..threads import analysis_threads
 from . import AnalysisResult
 
 _BASE_COLS = ("doc_id", "pos", "token_id", "token", "phase")
@@ -136,37 +137,30 @@ def _packs(*maxima) -> bool:
     return sum(int(m).bit_length() for m in maxima) <= 63
 
 
+def _by_key(k: np.ndarray, c: np.ndarray):
+    """(k, c) pairs ordered by key. Sorts (key, count) packed in one int64 when both are non-negative and
+    fit (a value sort, several times faster than an argsort and its gathers), else a stable argsort."""
+    if len(k) == 0:
+        return k, c
+    cmax = int(c.max())
+    if c.min() >= 0 and k.min() >= 0 and _packs(k.max(), cmax):
+        cb = cmax.bit_length()
+        p = np.sort((k << cb) | c)
+        return p >> cb, p & ((1 << cb) - 1)
+    o = np.argsort(k, kind="stable")
+    return k[o], c[o]
+
+
 def _sorted_sum(keys: np.ndarray, counts: np.ndarray):
-    """Sum the counts of equal keys; returns (unique keys ascending, sums). Sorts (key, count) packed in
-    one int64 when they fit (a value sort, several times faster than an argsort), else a stable argsort."""
+    """Sum the counts of equal keys; returns (unique keys ascending, sums)."""
     if len(keys) == 0:
         return keys.astype(np.int64), counts.astype(np.int64)
-    cmax = int(counts.max())
-    if counts.min() >= 0 and keys.min() >= 0 and _packs(keys.max(), cmax):
-        cb = cmax.bit_length()
-        p = np.sort((keys << cb) | counts)
-        k, c = p >> cb, p & ((1 << cb) - 1)
-    else:
-        o = np.argsort(keys, kind="stable")
-        k, c = keys[o], counts[o]
+    k, c = _by_key(keys, counts)
     start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
     if len(start) == len(k):
         return k, c
     cs = np.cumsum(c)[np.append(start[1:], len(k)) - 1]  # cheaper than np.add.reduceat
     return k[start], np.diff(cs, prepend=0)
-
-
-def _by_key(k: np.ndarray, c: np.ndarray):
-    """(keys ascending, their counts) for unique non-negative keys; packed value sort when it fits."""
-    if len(k) == 0:
-        return k, c
-    cmax = int(c.max())
-    if _packs(k.max(), cmax):
-        cb = cmax.bit_length()
-        p = np.sort((k << cb) | c)
-        return p >> cb, p & ((1 << cb) - 1)
-    o = np.argsort(k)
-    return k[o], c[o]
 
 
 def _segment_rank(seg: np.ndarray, count: np.ndarray, tie: np.ndarray, tie_span: int):
@@ -553,7 +547,7 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     else:
         passes = [[i] for i in range(len(radix))]  # too many combinations: a pass per label
     keep = max(1000, 100 * top_n)
-    n_threads = _threads(threads)
+    n_threads = analysis_threads(threads)
     pool = None
     if n_threads > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -566,16 +560,6 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _threads(threads) -> int:
-    """Explicit, else WORKBENCH_THREADS, else the CLI's --threads, else the cores free (load average)."""
-    from .. import threads as th
-
-    n = th._requested(threads)
-    if n is None:
-        n = th._chosen or th.default_threads()
-    return n
 
 
 def _analyze(run, groups, skipped, layers, L, K, E, radix, V_all, NT, with_co, passes, keep, top_n, always_on,
