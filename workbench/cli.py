@@ -527,6 +527,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_attribute(args) -> None:
+    _import_torch_holding_sigint()  # attribution imports torch at once
     from .attribution import attribute_cli
 
     attribute_cli(args)

@@ -25,7 +25,6 @@ SUPPORTED_SENTENCE = (
 )
 
 
-
 @contextlib.contextmanager
 def seeded(seed: int):
     """torch.manual_seed(seed) for the block only: the caller's random state is restored afterwards, so
@@ -35,6 +34,7 @@ def seeded(seed: int):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
 
 @dataclass
 class MoELayer:
