@@ -34,6 +34,22 @@ def _wait_parts(run, n, proc, timeout=180):
     raise AssertionError(f"capture ended or stalled before {n} parts (rc {proc.poll()})")
 
 
+def _stopped(proc, timeout=30):
+    """Wait until every thread of `proc` is stopped: SIGSTOP is asynchronous, and an encoder thread inside a
+    write() finishes it first, so a snapshot taken at once can miss the file it was writing."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            states = [open(f"/proc/{proc.pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
+                      for t in os.listdir(f"/proc/{proc.pid}/task")]
+        except OSError:  # a thread ended while we looked
+            continue
+        if states and all(st in "tT" for st in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError("the writer did not stop")
+
+
 def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_dir, tmp_path):
     model = str(tiny_dir("olmoe"))
     data = corpus(tmp_path / "data.jsonl", n=120)
@@ -44,6 +60,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(tiny_dir, tmp_p
     try:
         _wait_parts(run, 1, a)
         a.send_signal(signal.SIGSTOP)  # the first writer is alive and holds the lock, deterministically
+        _stopped(a)
         before = snapshot(run)
         for extra in (["--resume"], ["--overwrite"]):
             one_sentence(wb_cli(*args, "--out", run, *extra), needle=f"is being written by another process (pid {a.pid})")
