@@ -1,8 +1,9 @@
-"""Every ```python block of README.md runs as written (issue 18, item 4).
+"""Every ```python block of README.md and of the docs site (docs/**/*.md) runs as written (issues 18, 26).
 
-Contract (also in the README, section "Install"): blocks run in README order, each in a fresh
-namespace, all in one temporary working folder, so a block may open a run an earlier block wrote
-(`runs/cal`) but never uses an earlier block's variables. A block is skipped only when the line
+Contract (also in docs/install.md): blocks run in order (README first, then the docs pages in the order of
+mkdocs.yml's nav, then any page not in the nav, sorted), each in a fresh namespace, all in one temporary
+working folder, so a block may open a run an earlier block wrote (`runs/cal`) but never uses an earlier
+block's variables. A block is skipped only when the line
 right before its fence is `<!-- snippet: skip (REASON) -->`, and REASON must say it needs a GPU or a
 hub download. Two calls that would never return are stubbed: `Dash.run` (serves until stopped; the
 stub still checks its arguments) and plotly's `Figure.show` (would open a browser; the stub still
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 SKIP = re.compile(r"^<!--\s*snippet:\s*skip\s*\((?P<why>[^)]*)\)\s*-->$")
 ALLOWED_SKIPS = ("gpu", "hub")
 
@@ -40,7 +42,23 @@ def snippets(text: str | None = None) -> list[tuple[int, str, str | None]]:
     return out
 
 
-SNIPPETS = snippets()
+def pages() -> list[Path]:
+    """README.md, then docs pages in nav order, then the rest of docs/ (generated reference pages have no code)."""
+    nav = re.findall(r":\s*([\w./-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), re.M) \
+        if (ROOT / "mkdocs.yml").exists() else []
+    docs = ROOT / "docs"
+    listed = [docs / n for n in nav if (docs / n).exists()]
+    rest = sorted(p for p in docs.rglob("*.md") if p not in listed and "_hooks" not in p.parts) if docs.exists() else []
+    return [README, *listed, *rest]
+
+
+def all_snippets() -> list[tuple[str, int, str, str | None]]:
+    """(page relative to the repo, line, code, skip reason) for every python block of every page."""
+    return [(str(p.relative_to(ROOT)), line, code, why)
+            for p in pages() for line, code, why in snippets(p.read_text(encoding="utf-8"))]
+
+
+SNIPPETS = all_snippets()
 _done: dict[int, BaseException | None] = {}
 
 
@@ -79,14 +97,14 @@ def _run_block(index: int, workdir: Path) -> None:
     for j in range(index + 1):
         if j in _done:
             continue
-        line, code, why = SNIPPETS[j]
+        page, line, code, why = SNIPPETS[j]
         if why is not None:
             _done[j] = None
             continue
         cwd = os.getcwd()
         os.chdir(workdir)
         try:
-            exec(compile(code, f"README.md:{line}", "exec"), {"__name__": f"readme_{line}"})
+            exec(compile(code, f"{page}:{line}", "exec"), {"__name__": f"snippet_{j}"})
             _done[j] = None
         except BaseException as e:  # noqa: BLE001 - recorded so later blocks name the one that broke
             _done[j] = e
@@ -95,15 +113,16 @@ def _run_block(index: int, workdir: Path) -> None:
     err = _done[index]
     if err is not None:
         raise err
-    broken = [SNIPPETS[j][0] for j in range(index) if _done.get(j) is not None]
-    assert not broken, f"earlier README blocks failed (lines {broken})"
+    broken = [f"{SNIPPETS[j][0]}:{SNIPPETS[j][1]}" for j in range(index) if _done.get(j) is not None]
+    assert not broken, f"earlier blocks failed ({broken})"
 
 
-def test_the_readme_has_snippets_and_only_allowed_skips():
+def test_the_docs_have_snippets_and_only_allowed_skips():
     assert len(SNIPPETS) >= 8
-    for line, _, why in SNIPPETS:
+    assert any(page == "README.md" for page, *_ in SNIPPETS), "the README keeps a runnable Python taste"
+    for page, line, _, why in SNIPPETS:
         if why is not None:
-            assert any(w in why.lower() for w in ALLOWED_SKIPS), f"README.md:{line}: skip reason {why!r}"
+            assert any(w in why.lower() for w in ALLOWED_SKIPS), f"{page}:{line}: skip reason {why!r}"
 
 
 def test_snippet_parser_hand_worked():
@@ -113,11 +132,11 @@ def test_snippet_parser_hand_worked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[f"line{s[0]}" for s in SNIPPETS])
-def test_readme_snippet_runs(index, workdir, monkeypatch):
-    line, _, why = SNIPPETS[index]
+@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[f"{s[0]}:{s[1]}" for s in SNIPPETS])
+def test_snippet_runs(index, workdir, monkeypatch):
+    page, line, _, why = SNIPPETS[index]
     if why is not None:
-        pytest.skip(f"README.md:{line}: {why}")
+        pytest.skip(f"{page}:{line}: {why}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _run_block(index, workdir)
 
