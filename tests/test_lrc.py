@@ -302,3 +302,15 @@ def test_bootstrap_units_group_sequences_when_memory_is_short(monkeypatch, tmp_p
     model = grouped.tables["srp"].filter(pl.col("level") == "model").row(0, named=True)
     assert model["srp_low"] <= model["srp"] + 1e-9 and np.isfinite(model["srp_high"])
     assert "groups of" in grouped.summary
+
+
+def test_summary_says_why_a_window_has_no_srp_and_what_to_pass(tmp_path):
+    """Documents of 50 tokens hold no window of 64 (or 256): the summary names the longest and the flags."""
+    from workbench.app.synthetic import write_synthetic_run
+
+    run = write_synthetic_run(tmp_path / "short", n_tokens=1000, n_layers=2, n_experts=8, seq_len=50)
+    res = lrc.analyze(run, m=(4, 64), n_boot=0, with_sch=False, progress=False)
+    line64 = next(x for x in res.summary.splitlines() if "m=64" in x)
+    line4 = next(x for x in res.summary.splitlines() if "m=4 " in x)
+    assert "n/a" in line64 and "longest has 50 tokens" in line64 and "--m" in line64 and "--seq-len" in line64
+    assert "n/a" not in line4

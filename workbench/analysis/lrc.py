@@ -550,8 +550,19 @@ def analyze(run, m=DEFAULT_M, seq_len: int | None = None, sch_stride: int = 16, 
     meta = {"m": ms.tolist(), "sequences": acc.seq_done, "sch_sequences": len(acc.sch_seqs),
             "bootstrap_unit_sequences": acc.group,
             "expert_ci": bool(acc.per_expert), "n_boot": n_boot, "seq_len": seq_len, "top_k": acc.top_k,
-            "n_layers": acc.n_layers}
+            "n_layers": acc.n_layers, "longest_sequence": max(acc.seq_len_tokens, default=0)}
     return AnalysisResult("lrc", tables, "srp", _summary(tables, meta), meta)
+
+
+def _na_reason(row: dict, meta: dict) -> str:
+    """Why SRP at window m is missing, and what to pass instead (a window longer than every sequence)."""
+    m = row["m"]
+    if row.get("windows"):
+        return "n/a (too few windows to fit the estimate)"
+    longest = meta.get("longest_sequence")
+    have = f"the longest has {longest} tokens" if longest else "the sequences are shorter"
+    return (f"n/a: no sequence is {m} tokens long ({have}); pass smaller windows (--m 4,8,16) or capture "
+            f"longer sequences (workbench capture ... --seq-len {max(512, 2 * m)} packs documents together)")
 
 
 def _summary(tables: dict, meta: dict) -> str:
@@ -560,7 +571,7 @@ def _summary(tables: dict, meta: dict) -> str:
     s = tables["srp"].filter(pl.col("level") == "model").sort("m")
     for r in s.iter_rows(named=True):
         ci = "" if r["srp_low"] is None else f"  95% CI [{100 * r['srp_low']:.2f}, {100 * r['srp_high']:.2f}]"
-        val = "n/a" if r["srp"] is None else f"{100 * r['srp']:.2f}"
+        val = _na_reason(r, meta) if r["srp"] is None else f"{100 * r['srp']:.2f}"
         rho = "" if r["rho"] is None else f"  rho={r['rho']:.2f}"
         lines.append(f"  model SRP  m={r['m']:<4d} {val}{ci}{rho}")
     if "sch" in tables and tables["sch"].height:
