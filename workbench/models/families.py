@@ -64,3 +64,8 @@ UNSUPPORTED = {
 
 GENERIC_BLOCK_NAMES = ("mlp", "block_sparse_moe", "moe", "feed_forward")
 GENERIC_ROUTER_NAMES = ("gate", "router")
+
+SUPPORTED_SENTENCE = (
+    "supported: " + ", ".join(sorted(FAMILIES)) + ", and any decoder whose router returns "
+    "(logits, weights, indices) with a fused experts module"
+)

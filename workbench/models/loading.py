@@ -13,17 +13,12 @@ import torch
 
 from .. import threads as _threads
 from ..errors import WorkbenchError
-from .families import FAMILIES, GENERIC_BLOCK_NAMES, GENERIC_ROUTER_NAMES, UNSUPPORTED, Family
+from .families import FAMILIES, GENERIC_BLOCK_NAMES, GENERIC_ROUTER_NAMES, SUPPORTED_SENTENCE, UNSUPPORTED, Family
+from .hooks import Hooks, RoutingTrace, decoder_layers, trace_routing
 
 _threads.note_torch()  # torch's thread count before any load_model: a later change is the user's
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
-
-SUPPORTED_SENTENCE = (
-    "supported: " + ", ".join(sorted(FAMILIES)) + ", and any decoder whose router returns "
-    "(logits, weights, indices) with a fused experts module"
-)
-
 
 @contextlib.contextmanager
 def seeded(seed: int):
@@ -124,6 +119,21 @@ class MoEModel:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def hooks(self, mapping: dict, prepend: bool = False) -> Hooks:
+        """Hooks at named sites ({"L3.router": fn, "L12.residual": fn}; see models.hooks), registered now,
+        all or nothing, and removed by `.remove()` or at the end of a `with` block."""
+        return Hooks(self, mapping, prepend=prepend)
+
+    def hook_sites(self) -> list[str]:
+        """Every hook-site name of this model."""
+        from .hooks import sites
+
+        return sites(self)
+
+    def trace_routing(self, texts, logits: bool = False, batch_size: int = 1, layers=None) -> RoutingTrace:
+        """The routing of `texts` in memory, as capture would record it (see models.hooks.trace_routing)."""
+        return trace_routing(self, texts, logits=logits, batch_size=batch_size, layers=layers)
+
 
 def resolve_model_path(spec: str) -> str:
     """`demo` -> the bundled model; a folder -> itself; anything else is treated as a hub id."""
@@ -158,13 +168,7 @@ def _hash_files(path: str) -> dict[str, str]:
     return out
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    for get in (lambda m: m.get_decoder().layers, lambda m: m.model.layers, lambda m: m.layers):
-        with contextlib.suppress(AttributeError):
-            layers = get(model)
-            if isinstance(layers, torch.nn.ModuleList):
-                return layers
-    raise WorkbenchError(f"cannot find the decoder layers of {type(model).__name__}; {SUPPORTED_SENTENCE}")
+_decoder_layers = decoder_layers  # the old private name, still imported by code outside the package
 
 
 def _looks_like_experts(mod) -> bool:
@@ -175,7 +179,7 @@ def find_moe_layers(model, family: Family | None) -> tuple[Family, bool, list[Mo
     """Locate router/experts per decoder layer from the family row, or by structure (generic)."""
     generic = family is None
     layers = []
-    for i, dec in enumerate(_decoder_layers(model)):
+    for i, dec in enumerate(decoder_layers(model)):
         names = family.block if family else GENERIC_BLOCK_NAMES
         block = next((getattr(dec, n) for n in names if hasattr(dec, n)), None)
         if block is None:
@@ -377,7 +381,7 @@ def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> M
         raise WorkbenchError(f"cannot tell how many experts a token uses in {cfg.model_type}; {SUPPORTED_SENTENCE}")
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
-    n_layers = len(_decoder_layers(model))
+    n_layers = len(decoder_layers(model))
     return MoEModel(
         model=model,
         tokenizer=tokenizer,
