@@ -691,3 +691,148 @@ def steer(mm, ban=None, force=None, boost=None, zero=None, scale=None):
         yield plan
     finally:
         c.pop(plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Router margins and forced (replayed) routes: used by the routing probe's margin column and by
+# workbench.fidelity (replay of recorded routes, stability of routing decisions).
+
+
+def selection_scores(p: RouterParams, logits: torch.Tensor, correction_bias: torch.Tensor | None = None):
+    """The scores the family's rule ranks experts by, float32 [T, E], with experts outside the chosen
+    groups at -inf (group-limited rules), and the group scores [T, G] (None without groups).
+
+    softmax rules and DeepSeek-V2 rank softmax probabilities; top-k-then-softmax and the sparsemixer rank
+    logits; DeepSeek-V3 ranks sigmoid + correction bias.
+    """
+    z = logits.reshape(-1, logits.shape[-1])
+    if p.rule in (SOFTMAX_TOPK, SOFTMAX_TOPK_RENORM, DEEPSEEK_V2):
+        s = torch.softmax(z, dim=-1, dtype=torch.float32)
+    elif p.rule in (TOPK_SOFTMAX, SPARSEMIXER):
+        s = z.float()
+    elif p.rule == SIGMOID_BIAS_GROUP:
+        s = z.sigmoid().float()
+        bias = correction_bias if correction_bias is not None else p.correction_bias
+        if bias is not None:
+            s = s + bias.float()
+    else:
+        raise WorkbenchError(f"routing rule {p.rule!r} is unknown, so its router margins cannot be computed")
+    grouped = (p.rule == SIGMOID_BIAS_GROUP or (p.rule == DEEPSEEK_V2 and p.topk_method == "group_limited_greedy"))
+    if not grouped or p.n_group <= 1 or p.topk_group >= p.n_group:
+        return s, None
+    t, e = s.shape
+    g = s.view(t, p.n_group, e // p.n_group)
+    gs = g.topk(2, dim=-1)[0].sum(-1) if p.rule == SIGMOID_BIAS_GROUP else g.max(dim=-1).values
+    gidx = torch.topk(gs, k=p.topk_group, dim=-1, sorted=False)[1]
+    gmask = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gidx, True)
+    smask = gmask.unsqueeze(-1).expand(-1, p.n_group, e // p.n_group).reshape(t, e)
+    return s.masked_fill(~smask, -torch.inf), gs
+
+
+def routing_margin(p: RouterParams, logits: torch.Tensor, correction_bias: torch.Tensor | None = None):
+    """Per token, how far the decision is from flipping: the k-th minus the (k+1)-th selection score
+    (in the family's score space), float32 [T]; for group-limited rules the smaller of that and the gap
+    between the last chosen and the first unchosen group. inf where no alternative exists.
+
+    The sparsemixer picks its two experts one after the other by logit, so its set is the top 2 as well.
+    """
+    s, gs = selection_scores(p, logits, correction_bias)
+    k = min(p.top_k, s.shape[-1])
+    if k >= s.shape[-1]:
+        return torch.full(s.shape[:1], torch.inf, device=s.device)
+    top = torch.topk(s, k + 1, dim=-1).values
+    m = top[:, k - 1] - top[:, k]
+    m = torch.where(torch.isfinite(top[:, k]), m, torch.full_like(m, torch.inf))
+    if gs is not None:
+        gt = torch.topk(gs, p.topk_group + 1, dim=-1).values
+        m = torch.minimum(m, gt[:, p.topk_group - 1] - gt[:, p.topk_group])
+    return m
+
+
+class ForcedRoutes:
+    """Replace the routers' choices with given routes (a replay) and record what each router chose itself.
+
+    `set(routes)` before each forward: {layer: (rows [N] long, index [N, K], weights [N, K] or None)}, rows
+    indexing the flattened [B*S] tokens of the batch. A layer not in `routes` routes freely. With weights,
+    the recorded weights are used as given; without, the model's own router scores restricted to the given
+    experts, weighted by the family's rule (`route` with a per-token force mask). Rows whose given set
+    equals the router's own keep the router's output untouched, so a self-replay is bit-identical.
+
+    After a forward, `own[layer]` is the router's own index [B*S, K] (before the replacement: the choice
+    the model makes on the inputs the replayed upstream layers produced), `margin[layer]` its margin
+    (with margins=True).
+    """
+
+    def __init__(self, mm, layers=None, margins: bool = False):
+        self.mm = mm
+        self.layers = list(mm.moe_layers if layers is None else layers)
+        self.margins = margins
+        self.routes: dict = {}
+        self.own: dict[int, torch.Tensor] = {}
+        self.margin: dict[int, torch.Tensor] = {}
+        self.params = {lay.index: router_params(mm, lay) for lay in mm.layers if lay.index in self.layers}
+        if margins and mm.family.rule not in RULES:
+            raise WorkbenchError(f"router margins need the family's routing rule, which is unknown for "
+                                 f"{mm.family.model_type} (a generic model)")
+        self.handles: list = []
+
+    def set(self, routes: dict | None) -> None:
+        self.routes = dict(routes or {})
+        self.own, self.margin = {}, {}
+
+    def _hook(self, index: int):
+        p = self.params[index]
+
+        def hook(module, args, out):
+            from ..models.hooks import RouterOut
+
+            ro = RouterOut.of(out)
+            flat = ro.logits.reshape(-1, ro.logits.shape[-1])
+            i0 = ro.index.reshape(-1, ro.index.shape[-1])
+            w0 = ro.weights.reshape(-1, ro.weights.shape[-1])
+            bias = getattr(module, "e_score_correction_bias", None)
+            self.own[index] = i0
+            if self.margins:
+                self.margin[index] = routing_margin(p, flat, bias)
+            r = self.routes.get(index)
+            if r is None:
+                return None
+            rows, idx, w = r[:3]  # (anything after is the caller's)
+            dev = i0.device
+            rows, idx = rows.to(dev), idx.to(dev, i0.dtype)
+            new_i, new_w = i0.clone(), w0.clone()
+            if w is None:
+                force = torch.zeros(len(rows), flat.shape[-1], dtype=torch.bool, device=dev).scatter_(1, idx, True)
+                pp = p if bias is None else replace(p, correction_bias=bias)
+                orig = (flat[rows], w0[rows], i0[rows])
+                z, w_new, i_new = merge_with_original(pp, orig, route(pp, orig[0], force=force), False)
+                new_i[rows], new_w[rows] = i_new.to(i0.dtype), w_new.to(w0.dtype)
+            else:
+                new_i[rows], new_w[rows] = idx, w.to(dev, w0.dtype)
+            return ro.replace(index=new_i.reshape(ro.index.shape), weights=new_w.reshape(ro.weights.shape)).to_output()
+        return hook
+
+    def attach(self) -> None:
+        try:
+            for lay in self.mm.layers:
+                if lay.index in self.layers:  # prepend: capture hooks registered later see the replayed routes
+                    self.handles.append(lay.router.register_forward_hook(self._hook(lay.index), prepend=True))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+@contextlib.contextmanager
+def forced_routes(mm, layers=None, margins: bool = False):
+    """`with forced_routes(mm) as fr: fr.set({3: (rows, index, weights)}); mm.model(...)` - see ForcedRoutes."""
+    fr = ForcedRoutes(mm, layers, margins)
+    fr.attach()
+    try:
+        yield fr
+    finally:
+        fr.detach()

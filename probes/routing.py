@@ -13,21 +13,37 @@ import torch
 
 from .base import BatchMeta, Probe, ProbeDidNotFire, list_array, to_ctx
 
+MARGIN_DOC = ("router margin of each decision: the k-th minus the (k+1)-th selection score in the family's score "
+              "space (softmax probability, logit, or sigmoid + bias); small = a near-tie that rounding can flip")
+
 
 class RoutingProbe(Probe):
     table = "routing"
 
-    def __init__(self, logits: bool = False) -> None:
+    def __init__(self, logits: bool = False, margin: bool = False) -> None:
         super().__init__()
         self.logits = logits
+        self.margin = margin  # opt-in `margin` column; off, runs are written exactly as before
+        self._params: dict = {}
         self._seen: dict[int, tuple] = {}
         self.layers: list[int] = []
 
     def settings(self) -> dict:
-        return {"logits": self.logits}
+        return {"logits": self.logits, **({"margin": True} if self.margin else {})}
+
+    def check(self, mm) -> None:
+        if self.margin and mm.family.rule == "generic":
+            from ..errors import WorkbenchError
+
+            raise WorkbenchError(f"--margin needs the family's routing rule, which is unknown for "
+                                 f"{mm.family.model_type} (a generic model)")
 
     def attach(self, mm) -> None:
         self.layers = mm.moe_layers
+        if self.margin:
+            from .interventions import router_params
+
+            self._params = {layer.index: router_params(mm, layer) for layer in mm.layers}
         for layer in mm.layers:
             self.handles.append(layer.router.register_forward_hook(self._hook(layer.index)))
 
@@ -43,6 +59,12 @@ class RoutingProbe(Probe):
             rec = (idx.index_select(0, v).to(torch.int16), weights.index_select(0, v).to(torch.float32))
             if self.logits:
                 rec = rec + (logits.index_select(0, v).to(torch.float32),)
+            if self.margin:
+                from .interventions import routing_margin
+
+                m = routing_margin(self._params[index], logits.index_select(0, v),
+                                   getattr(module, "e_score_correction_bias", None))
+                rec = rec + (m.to(torch.float32),)
             self._seen[index] = rec
             self.fired.add(index)
         return hook
@@ -56,6 +78,8 @@ class RoutingProbe(Probe):
                "weights": torch.stack([r[1] for r in recs], 1)}
         if self.logits:
             out["logits"] = torch.stack([r[2] for r in recs], 1)  # [Tv, L, E]
+        if self.margin:
+            out["margin"] = torch.stack([r[-1] for r in recs], 1)  # [Tv, L]
         self._seen = {}
         return out
 
@@ -72,4 +96,6 @@ class RoutingProbe(Probe):
         if self.logits:
             lg = arrays["logits"]
             cols["logits"] = list_array(lg.reshape(tv * nl, lg.shape[-1]), pa.float32())
+        if self.margin:
+            cols["margin"] = pa.array(arrays["margin"].reshape(tv * nl), pa.float32())
         return {"routing": pa.table(cols)}

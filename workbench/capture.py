@@ -9,95 +9,25 @@ Batches are deterministic for (data, settings), which is what makes `resume` exa
 from __future__ import annotations
 
 import contextlib
-import os
-import queue
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import itertools
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from .data import Dataset, load_dataset
+from .data import load_dataset
 from .errors import WorkbenchError
 from .models.loading import MoEModel, load_model, seeded
+from .pipeline import (CutDocuments, PartWriter, ProbePipeline, Sequence, TokenDecoder, attached, batch_context,
+                       batched, build_sequences, iter_sequences, labels_table, progress_bar, run_batches, versions)
 from .store import Run, RunWriter, open_run
 
 PROBE_NAMES = ("routing", "experts", "hidden", "attention")
 
+__all__ = ["capture", "capture_generate", "make_probes", "only_layers", "Sequence", "build_sequences",
+           "Sequential", "PROBE_NAMES"]
 
-@dataclass
-class Sequence:
-    doc_id: int
-    ids: np.ndarray  # int32 token ids
-    src: np.ndarray  # int32 index of the source record of each token
-
-
-def build_sequences(ds: Dataset, tokenizer, seq_len: int | None = None, max_tokens: int | None = None,
-                    max_len: int = 2048) -> list[Sequence]:
-    """One sequence per record (truncated to max_len), or the token stream packed into seq_len chunks."""
-    texts = [r["text"] for r in ds.records]
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    seqs: list[Sequence] = []
-    budget = max_tokens if max_tokens is not None else float("inf")
-    if seq_len is None:
-        long = [len(ids) for ids in enc if len(ids) > max_len]
-        if long:  # said out loud, with counts: a silent cut changes what the run measures
-            import warnings
-
-            from .errors import WorkbenchWarning
-
-            warnings.warn(f"{len(long)} of {len(enc)} documents of {ds.name} are longer than the model's context of "
-                          f"{max_len} tokens and were cut ({sum(long) - max_len * len(long):,} of "
-                          f"{sum(map(len, enc)):,} tokens dropped); pass --seq-len {max_len} to capture them whole, "
-                          f"packed into {max_len}-token sequences", WorkbenchWarning, stacklevel=3)
-        for i, ids in enumerate(enc):
-            ids = np.asarray(ids[:max_len], np.int32)
-            if budget <= 0:
-                break
-            if len(ids) > budget:
-                ids = ids[: int(budget)]
-            if len(ids) == 0:
-                continue
-            seqs.append(Sequence(i, ids, np.full(len(ids), i, np.int32)))
-            budget -= len(ids)
-    else:
-        eos = tokenizer.eos_token_id
-        stream, src = [], []
-        for i, ids in enumerate(enc):
-            piece = list(ids) + ([eos] if eos is not None else [])
-            stream.extend(piece)
-            src.extend([i] * len(piece))
-            if len(stream) >= budget:
-                break
-        n = int(min(len(stream), budget))
-        stream_a, src_a = np.asarray(stream[:n], np.int32), np.asarray(src[:n], np.int32)
-        for j, start in enumerate(range(0, n, seq_len)):
-            seqs.append(Sequence(j, stream_a[start:start + seq_len], src_a[start:start + seq_len]))
-    if not seqs:
-        raise WorkbenchError(f"dataset {ds.name} produced no tokens")
-    return seqs
-
-
-class _Decoder:
-    """token id -> display string, cached (decoding one id at a time is slow for big vocabularies)."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, ids: np.ndarray) -> pa.Array:
-        uniq, inv = np.unique(ids, return_inverse=True)
-        strs = []
-        for u in uniq.tolist():
-            s = self.cache.get(u)
-            if s is None:
-                s = self.cache[u] = self.tok.decode([u])
-            strs.append(s)
-        return pa.array(strs, pa.string()).take(pa.array(inv.reshape(-1)))
+_batch_context = batch_context  # the name older scripts and tests imported
 
 
 def make_probes(names, logits: bool = False, model: MoEModel | None = None, **options) -> list:
@@ -112,7 +42,7 @@ def make_probes(names, logits: bool = False, model: MoEModel | None = None, **op
     probes = []
     for n in names:
         if n == "routing":
-            probes.append(RoutingProbe(logits=logits))
+            probes.append(RoutingProbe(logits=logits, margin=bool(options.get("margin", False))))
         elif n == "experts":
             from .probes.experts import ExpertsProbe
 
@@ -131,203 +61,44 @@ def make_probes(names, logits: bool = False, model: MoEModel | None = None, **op
     return probes
 
 
-def _lower_priority() -> None:
-    """Encoder threads yield the CPU to the main thread, whose kernel launches keep the GPU busy."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):
-        pass
+class Sequential:
+    """Capture schedule of one process: the batches in order, into the run store; a resumed run goes on
+    after its last listed part. Batches are built from a token stream while the forwards run."""
+
+    materialize = False  # batches may come from a stream (tokenised on a worker thread)
+
+    def __init__(self):
+        self.store: RunWriter | None = None
+
+    def describe(self, path) -> str:
+        return f"capture {Path(path).name}"
+
+    def open(self, out, manifest: dict, resume: bool, overwrite: bool) -> RunWriter | None:
+        self.store = RunWriter(out, manifest, resume=resume, overwrite=overwrite)
+        return None if self.store.already_complete else self.store
+
+    def plan(self, batches) -> tuple:
+        start = self.store.next_batch
+        return ((bi + 1, b) for bi, b in enumerate(batches) if bi >= start), None
+
+    def run(self, pipe, todo, pad, bar) -> None:
+        run_batches(pipe, todo, pad, bar)
+
+    def finish(self, writer) -> None:
+        self.store.finish(writer_wait_s=round(writer.blocked_s, 3))
 
 
-class _Writer:
-    """Background thread: host arrays -> Arrow tables -> a Parquet part every `part_tokens` tokens."""
+def _schedule(mm: MoEModel, out):
+    """The one place a capture's schedule is chosen."""
+    from . import distributed
 
-    def __init__(self, writer: RunWriter, probes, decoder: _Decoder, labels: pa.Table | None, part_tokens: int):
-        self.writer, self.probes, self.decoder, self.labels = writer, probes, decoder, labels
-        self.part_tokens = part_tokens
-        self.q: queue.Queue = queue.Queue(maxsize=4)  # bounds host memory
-        self.buf: dict[str, list[pa.Table]] = {}
-        self.buf_tokens = 0
-        self.last_batch = writer.next_batch
-        self.error: BaseException | None = None
-        workers = max(1, min(8, ((os.cpu_count() or 2) - 2) // 2))  # leave cores to the thread launching kernels
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wb-parquet",
-                                       initializer=_lower_priority)
-        self.pending: list[tuple] = []
-        self.max_pending = workers  # parts in flight: bounds host memory with the queue below
-        self.blocked_s = 0.0
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
+    if distributed.wanted(out):  # under torchrun / accelerate launch: this rank's share of the batches
+        return distributed.DataParallel(mm)
+    if mm.layerwise:  # one decoder layer at a time over chunks of batches
+        from .layerwise import LayerMajor
 
-    def put(self, item) -> None:
-        if self.error:
-            raise self.error
-        t = time.perf_counter()
-        self.q.put(item)
-        self.blocked_s += time.perf_counter() - t  # the forward loop waiting on the writer
-
-    def _loop(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                break
-            if self.error:
-                continue
-            try:
-                self._process(*item)
-            except BaseException as e:  # surfaced on the main thread
-                self.error = e
-
-    def _process(self, event, arrays, meta, token_ids, src, batch_end, final_flag) -> None:
-        if event is not None:
-            event.synchronize()
-        for probe, arrs in zip(self.probes, arrays):
-            host = {k: v.numpy() for k, v in arrs.items()}
-            for name, table in probe.to_table(host, meta).items():
-                self.buf.setdefault(name, []).append(table)
-        cols = {"doc_id": pa.array(meta.doc, pa.int64()), "pos": pa.array(meta.pos, pa.int32()),
-                "token_id": pa.array(token_ids, pa.int32()), "token": self.decoder(token_ids),
-                "phase": pa.array([meta.phase] * len(token_ids), pa.string())}
-        tok = pa.table(cols)
-        if self.labels is not None and self.labels.num_columns:
-            lab = self.labels.take(pa.array(src))
-            for name in lab.column_names:
-                if name not in cols:
-                    tok = tok.append_column(name, lab.column(name))
-        self.buf.setdefault("tokens", []).append(tok)
-        self.buf_tokens += len(token_ids)
-        self.last_batch = batch_end
-        if self.buf_tokens >= self.part_tokens or final_flag:
-            self.flush()
-
-    def flush(self) -> None:
-        """Hand the buffered part to an encoder thread; commit finished parts in order.
-
-        Parquet encoding (zstd, nested lists) is the slowest step of capture: 2M expert_stats rows
-        or 16M logits a batch take one core longer than the forward itself. Arrow releases the GIL,
-        so parts encode side by side on a few cores while the manifest still lists them in order.
-        """
-        if not self.buf_tokens:
-            return
-        tables = {name: pa.concat_tables(ts, promote_options="default") for name, ts in self.buf.items()}
-        idx = self.writer.reserve_part()
-        futs = {name: self.pool.submit(self.writer.write_table_file, idx, name, t) for name, t in tables.items()}
-        self.pending.append((idx, futs, self.last_batch, self.buf_tokens))
-        self.buf, self.buf_tokens = {}, 0
-        self._commit(keep=self.max_pending)
-
-    def _commit(self, keep: int) -> None:
-        while self.pending and (len(self.pending) > keep or all(f.done() for f in self.pending[0][1].values())):
-            idx, futs, batch_end, n_tokens = self.pending.pop(0)
-            self.writer.commit_part(idx, {name: f.result() for name, f in futs.items()}, batch_end, n_tokens)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        try:
-            if self.error:
-                raise self.error
-            self.flush()
-            self._commit(keep=0)
-        finally:
-            self.pool.shutdown(wait=True)
-
-
-@contextlib.contextmanager
-def _attached(mm: MoEModel, probe_list, writer: _Writer, bar):
-    """Probes on for the block; on success the writer drains and commits its last parts, on any
-    failure (Ctrl-C included) it stops without committing more, so the run stays resumable."""
-    try:
-        for p in probe_list:
-            p.attach(mm)
-        yield
-        writer.close()
-    except BaseException:
-        writer.q.put(None)
-        writer.thread.join(timeout=60)
-        writer.pool.shutdown(wait=True, cancel_futures=True)
-        writer.writer.discard_uncommitted()  # parts written but never listed: nothing half-done stays
-        writer.writer.release()
-        raise
-    finally:
-        for p in probe_list:
-            p.detach()
-        bar.close()
-
-
-class _Pipeline:
-    """Probes + async device->host copies + the writer; used by both capture and generation capture."""
-
-    def __init__(self, mm: MoEModel, probes, writer: _Writer):
-        self.mm, self.probes, self.writer = mm, probes, writer
-        self.cuda = mm.device.type == "cuda"
-
-    def begin(self, ctx) -> None:
-        for p in self.probes:
-            p.begin(ctx)
-
-    def end(self, ctx, token_ids: np.ndarray, src: np.ndarray, batch_end: int, lengths: np.ndarray,
-            final: bool = False) -> None:
-        from .probes.base import BatchMeta
-
-        arrays = []
-        for p in self.probes:
-            dev = p.harvest()
-            if self.cuda:
-                host = {}
-                for k, t in dev.items():
-                    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    h.copy_(t, non_blocking=True)
-                    host[k] = h
-                arrays.append(host)
-            else:
-                arrays.append({k: t.detach() for k, t in dev.items()})
-            p.ctx = None
-        event = None
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
-        meta = BatchMeta(doc=ctx.doc, pos=ctx.pos, doc_ids=ctx.doc_ids, lengths=lengths, phase=ctx.phase)
-        self.writer.put((event, arrays, meta, token_ids, src, batch_end, final))
-
-
-def _to_device(arr: np.ndarray, device) -> torch.Tensor:
-    """Host -> device without a pageable copy: that one waits for the GPU queue to drain, which would
-    expose the CPU time between two forwards once per batch."""
-    t = torch.from_numpy(arr)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _batch_context(seqs: list[Sequence], pad_id: int, device) -> tuple:
-    from .probes.base import BatchContext
-
-    lengths = np.array([len(s.ids) for s in seqs])
-    S = int(lengths.max())
-    ids = np.full((len(seqs), S), pad_id, np.int64)
-    mask = np.zeros((len(seqs), S), np.int64)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s.ids)] = s.ids
-        mask[b, : len(s.ids)] = 1
-    flat_valid = np.flatnonzero(mask.reshape(-1))
-    doc = np.repeat(np.array([s.doc_id for s in seqs], np.int64), lengths)
-    pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
-    input_ids = _to_device(ids, device)
-    attn = _to_device(mask, device)
-    ctx = BatchContext(input_ids=input_ids, attention_mask=attn,
-                       valid=_to_device(flat_valid, device), doc_ids=np.array([s.doc_id for s in seqs]),
-                       pos=pos, doc=doc)
-    token_ids = np.concatenate([s.ids for s in seqs]).astype(np.int32)
-    src = np.concatenate([s.src for s in seqs]).astype(np.int32)
-    return ctx, token_ids, src, lengths
-
-
-def _labels_table(ds: Dataset) -> pa.Table:
-    rows = [{k: v for k, v in r.items() if k != "text"} for r in ds.records]
-    if not any(rows):
-        return pa.table({})
-    return pa.Table.from_pylist(rows)
+        return LayerMajor(mm)
+    return Sequential()
 
 
 def capture(model, data, out, probes=("routing",), logits: bool = False, batch_size: int = 8,
@@ -351,7 +122,9 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
     pm = only_layers(mm, layers)  # what the probes see: the selected MoE layers (all by default)
     probe_list = make_probes(probes, logits=logits, model=pm, **probe_options)
     cap = max_len or int(getattr(mm.model.config, "max_position_embeddings", 2048) or 2048)
-    seqs = build_sequences(ds, mm.tokenizer, seq_len=seq_len, max_tokens=max_tokens, max_len=min(cap, 8192))
+    cut = CutDocuments()
+    stream = iter_sequences(ds, mm.tokenizer, seq_len=seq_len, max_tokens=max_tokens, max_len=min(cap, 8192), cut=cut)
+    first = next(stream)  # a data set without tokens is refused before the run folder is touched
     inter = _describe_interventions(mm, interventions)
     settings = {"probes": {p.table: p.settings() for p in probe_list}, "batch_size": batch_size,
                 "seq_len": seq_len, "max_tokens": max_tokens, "max_len": cap}
@@ -371,41 +144,45 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
         "interventions": inter,
         "dtype": identity["dtype"],
         "device": str(mm.device),
-        "versions": _versions(),
+        "versions": versions(),
     }
-    labels = _labels_table(ds)
-    if seq_len:
-        labels = labels.append_column("src_doc", pa.array(np.arange(len(ds.records)), pa.int64())) \
-            if labels.num_columns else pa.table({"src_doc": pa.array(np.arange(len(ds.records)), pa.int64())})
-    from . import distributed
-
-    if distributed.wanted(out):  # under torchrun / accelerate launch: this rank's share of the batches
-        return distributed.capture_dp(mm, out, manifest, seqs, batch_size, probe_list, labels, resume, overwrite,
-                                      interventions, part_tokens, progress, probe_model=pm)
-    w = RunWriter(out, manifest, resume=resume, overwrite=overwrite)
-    if w.already_complete:
+    schedule = _schedule(mm, out)
+    sink = schedule.open(out, manifest, resume, overwrite)
+    if sink is None:  # already complete
+        stream.close()
         return open_run(out)
-    batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
-    start = w.next_batch
-    total = sum(len(s.ids) for s in seqs)
-    writer = _Writer(w, probe_list, _Decoder(mm.tokenizer), labels, part_tokens)
-    pipe = _Pipeline(mm, probe_list, writer)
+    seqs = itertools.chain([first], stream)
+    batches = batched(seqs, batch_size)
+    if schedule.materialize:
+        batches = list(batches)
+        cut.warn()
+    todo, total = schedule.plan(batches)
+    writer = PartWriter(sink, probe_list, TokenDecoder(mm.tokenizer), labels_table(ds, seq_len), part_tokens)
+    pipe = ProbePipeline(mm, probe_list, writer)
     pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
-    bar = _progress(total, w.tokens_done, progress, f"capture {Path(out).name}")
+    estimated = total is None
+    if estimated:  # a stream: tokens estimated from the characters, exact once it ends
+        total = _estimate_tokens(ds, mm.tokenizer, max_tokens, sink.tokens_done)
+    bar = progress_bar(total, sink.tokens_done, progress, schedule.describe(out))
     steer_cm = mm.steer(**interventions) if interventions else contextlib.nullcontext()
-    with _attached(pm, probe_list, writer, bar), steer_cm, torch.inference_mode():
-        if mm.layerwise:  # one decoder layer at a time over chunks of batches (workbench/layerwise.py)
-            from .layerwise import forward_layerwise
-
-            forward_layerwise(mm, pipe, batches, range(start, len(batches)), pad, bar)
-        for bi in range(len(batches) if mm.layerwise else start, len(batches)):
-            ctx, token_ids, src, lengths = _batch_context(batches[bi], pad, mm.device)
-            pipe.begin(ctx)
-            mm.model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, use_cache=False)
-            pipe.end(ctx, token_ids, src, bi + 1, lengths, final=bi == len(batches) - 1)
-            bar.update(len(token_ids))
-    w.finish(writer_wait_s=round(writer.blocked_s, 3))
+    with attached(pm, probe_list, writer, bar), steer_cm, torch.inference_mode():
+        schedule.run(pipe, todo, pad, bar)
+        if estimated:
+            bar.total = bar.n
+            bar.refresh()
+    if not schedule.materialize:
+        cut.warn()
+    schedule.finish(writer)
     return open_run(out)
+
+
+def _estimate_tokens(ds, tokenizer, max_tokens: int | None, done: int) -> int:
+    """The tokens a streamed capture will hold, from the characters and a sample's tokens per character."""
+    texts = [r["text"] for r in ds.records]
+    sample = "".join(texts[:64])[:20000]
+    per_char = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / max(1, len(sample))
+    est = int(per_char * sum(map(len, texts)))
+    return max(done, min(est, max_tokens) if max_tokens else est)
 
 
 def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("routing",), logits: bool = False,
@@ -429,12 +206,12 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
     manifest = {"identity": identity, "model": mm.describe(), "dataset": ds.describe(),
                 "label_columns": ds.label_columns, "probes": settings["probes"], "settings": settings,
                 "interventions": inter, "dtype": str(next(mm.model.parameters()).dtype),
-                "device": str(mm.device), "versions": _versions()}
+                "device": str(mm.device), "versions": versions()}
     w = RunWriter(out, manifest, overwrite=overwrite)
     if w.already_complete:
         return open_run(out)
-    writer = _Writer(w, probe_list, _Decoder(mm.tokenizer), _labels_table(ds), part_tokens=1 << 62)
-    pipe = _Pipeline(mm, probe_list, writer)
+    writer = PartWriter(w, probe_list, TokenDecoder(mm.tokenizer), labels_table(ds), part_tokens=1 << 62)
+    pipe = ProbePipeline(mm, probe_list, writer)
     state = {"doc": 0, "past": 0, "step": 0, "ids": None}
 
     def pre(module, args, kwargs):
@@ -460,9 +237,9 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
                mm.model.register_forward_hook(post, with_kwargs=True)]
     steer_cm = mm.steer(**interventions) if interventions else contextlib.nullcontext()
     generations = []
-    bar = _progress(len(ds.records), 0, progress, "generate", unit="prompt")
+    bar = progress_bar(len(ds.records), 0, progress, "generate", unit="prompt")
     try:
-        with _attached(mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
+        with attached(mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
             for i, rec in enumerate(ds.records):
                 state.update(doc=i, past=0, step=0)
                 ids = torch.tensor([mm.tokenize(rec["text"])], device=mm.device)
@@ -484,13 +261,6 @@ def _describe_interventions(mm, interventions) -> dict:
     from .probes.interventions import describe_interventions
 
     return describe_interventions(mm, interventions)
-
-
-def _progress(total, initial, enabled, desc, unit="tok"):
-    """`unit` names what `total` counts (tokens for captures, prompts for generation)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True)
 
 
 def only_layers(mm: MoEModel, layers) -> MoEModel:
@@ -516,21 +286,3 @@ def only_layers(mm: MoEModel, layers) -> MoEModel:
     import dataclasses
 
     return dataclasses.replace(mm, layers=[layer for layer in mm.layers if layer.index in sel])
-
-
-def _versions() -> dict:
-    import platform
-
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "workbench": _own_version()}
-
-
-def _own_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("moe-workbench")
-    except Exception:
-        return "dev"
