@@ -58,6 +58,7 @@ class MoEModel:
     n_experts: int
     top_k: int
     file_hashes: dict[str, str] = field(default_factory=dict)
+    hub_kernels: str = "off"  # "off", or "on (no MoE block replaced)" for a kernelized model the user built
     layerwise: bool = False  # loaded by workbench.layerwise: capture runs one decoder layer at a time
 
     @property
@@ -108,6 +109,7 @@ class MoEModel:
             "vocab_size": int(cfg.vocab_size),
             "revision": getattr(cfg, "_commit_hash", None),
             "file_hashes": self.file_hashes,
+            "hub_kernels": self.hub_kernels,
         }
 
     def steer(self, **interventions):
@@ -275,7 +277,9 @@ def load_model(
     torch_dtype = _parse_dtype(dtype)
     if torch_dtype is None and spec == "demo" and (device is None or str(device) == "cpu"):
         torch_dtype = torch.float32  # the demo ships bf16 weights; bf16 matmuls on CPU are slow and coarse
-    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    # Hub kernels off: from transformers 5.25 they are on by default and may swap a layer's forward for
+    # code the probes do not see; the workbench measures the model's own MoE code.
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local_only, "use_kernels": False}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if max_memory is not None and device_map is None:
@@ -362,16 +366,60 @@ def _hub_offline(spec: str, path: str) -> bool:
     return offline
 
 
+def moe_replacements(family: Family, generic: bool, layers: list[MoELayer]) -> list[str]:
+    """Each MoE part (block, router, experts) whose forward is not the family's own transformers code,
+    as "layer 3 router (why)". Kernels (the `kernels` package) swap `forward` on the instance and leave
+    `_kernel_repo`; a class-level patch or a foreign class shows in the class's module. Generic models
+    have no expected module, so only instance-level swaps count there."""
+    expected = None if generic else f"transformers.models.{family.model_type}.modeling_{family.model_type}"
+    out = []
+    for layer in layers:
+        for part, mod in (("MoE block", layer.block), ("router", layer.router), ("experts", layer.experts)):
+            why = _replaced_how(mod, expected)
+            if why:
+                out.append(f"layer {layer.index} {part} {type(mod).__name__} ({why})")
+    return out
+
+
+def _qualname(fn) -> str:
+    fn = getattr(fn, "__func__", fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _replaced_how(mod: torch.nn.Module, expected_module: str | None) -> str | None:
+    cls = type(mod)
+    repo = mod.__dict__.get("_kernel_repo")
+    if repo is not None:
+        return f"forward replaced by the hub kernel {repo}"
+    fwd = mod.__dict__.get("forward")
+    if fwd is not None and hasattr(mod, "_hf_hook"):  # accelerate's device hook wraps the original forward
+        fwd = mod.__dict__.get("_old_forward")
+    if fwd is not None and getattr(fwd, "__func__", None) is not cls.forward:
+        return f"forward replaced on the instance by {_qualname(fwd)}"
+    if expected_module is None:
+        return None
+    if cls.__module__ != expected_module:
+        return f"class from {cls.__module__}, not {expected_module}"
+    owner = next(k for k in cls.__mro__ if "forward" in k.__dict__)
+    fn = owner.__dict__["forward"]
+    if getattr(fn, "__module__", None) != owner.__module__:  # assigned from elsewhere: a class-level patch
+        return f"{owner.__name__}.forward replaced by {_qualname(fn)}"
+    return None
+
+
 def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> MoEModel:
     """Wrap an already-loaded transformers model (e.g. built in a notebook) for the workbench."""
     model.eval()  # from_config builds in training mode; PhiMoE routes randomly while training
-    if getattr(model, "use_kernels", False):
-        raise WorkbenchError(
-            "hub kernels (use_kernels=True) replace the MoE block so probes would not fire; reload without them"
-        )
     cfg = model.config
     family = FAMILIES.get(cfg.model_type)
     family, generic, layers = find_moe_layers(model, family)
+    kernels_on = bool(getattr(model, "use_kernels", False))
+    replaced = moe_replacements(family, generic, layers)
+    if replaced:
+        how = "hub kernels (use_kernels=True) replaced" if kernels_on else "something replaced"
+        more = f" and {len(replaced) - 1} more" if len(replaced) > 1 else ""
+        fix = "reload with use_kernels=False" if kernels_on else "load the model without that patch"
+        raise WorkbenchError(f"{spec} ({cfg.model_type}): {how} MoE code the probes must see: {replaced[0]}{more}; {fix}")
     if not layers:
         what = "a dense model" if family and not generic or not layers else "an unsupported MoE"
         raise WorkbenchError(f"{spec} ({cfg.model_type}) has no MoE layers the workbench can probe: {what}; {SUPPORTED_SENTENCE}")
@@ -394,6 +442,7 @@ def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> M
         n_experts=int(n_exp),
         top_k=int(top_k),
         file_hashes=_hash_files(path) if path else {},
+        hub_kernels="on (no MoE block replaced)" if kernels_on else "off",
     )
 
 
