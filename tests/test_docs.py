@@ -69,3 +69,31 @@ def test_the_network_check_is_not_vacuous():
     """The pattern above catches what the material theme's offline plugin would add (a CDN script)."""
     loads = re.compile(r"""<(?:script|img|iframe)\b[^>]*\bsrc=["']https?://""", re.I)
     assert loads.search('<script src="https://unpkg.com/iframe-worker/shim"></script>')
+
+
+def test_workbench_docs_serves_the_site_on_loopback(site):
+    """`workbench docs` serves the built site from 127.0.0.1 (search included), not from file://."""
+    import threading
+    import urllib.request
+
+    from workbench.docs_site import server
+
+    httpd = server(site, port=0)
+    assert httpd.server_address[0] == "127.0.0.1"
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        assert b"MoE Workbench" in urllib.request.urlopen(base, timeout=10).read()
+        assert urllib.request.urlopen(base + "reference/cli/", timeout=10).status == 200
+        assert urllib.request.urlopen(base + "search/search_index.json", timeout=10).status == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_workbench_docs_refuses_a_folder_without_a_site(tmp_path):
+    from workbench.docs_site import server
+    from workbench.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match="holds no built site"):
+        server(tmp_path, port=0)

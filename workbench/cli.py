@@ -105,6 +105,7 @@ SPEC: L<layer>:E<expert>[,...] (E-1 = the shared expert); --boost and --scale ta
   workbench tiny qwen3_moe --out tiny-qwen
   workbench tiny mixtral --layers 2 --experts 4 --top-k 2 --out tiny-mixtral""",
     "datasets": "example:\n  workbench datasets",
+    "docs": "examples:\n  workbench docs\n  workbench docs --build-only --out /tmp/site",
     "check": """examples:
   workbench check runs/cal             verify every part the manifest lists
   workbench check runs/cal --repair    drop damaged parts, then finish with capture --resume""",
@@ -357,6 +358,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, float16 or auto")
 
     _sub(sub, "datasets", "list the bundled datasets", "List the bundled datasets with their sizes and label columns.")
+    p = _sub(sub, "docs", "build the documentation site and open it in a browser",
+             "Build the documentation (mkdocs, from the checkout's docs/; needs the docs extra) into ./site and "
+             "serve it on 127.0.0.1 until Ctrl-C.")
+    p.add_argument("--port", type=opt.port, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--out", help="site folder (default: <checkout>/site)")
+    p.add_argument("--no-build", action="store_true", help="serve the site already built")
+    p.add_argument("--no-open", action="store_true", help="do not open a browser")
+    p.add_argument("--build-only", action="store_true", help="build, then stop")
     return ap
 
 
@@ -556,7 +565,15 @@ COMMANDS = {"import": cmd_import, "capture": cmd_capture, "tiny": cmd_tiny, "dat
             "steer": cmd_steer, "app": cmd_app, "export": cmd_export, "demo": cmd_demo,
             "check": cmd_check}
 
+def cmd_docs(args) -> None:
+    from .docs_site import docs_command
+
+    docs_command(out=args.out, port=args.port, no_build=args.no_build, no_open=args.no_open,
+                 build_only=args.build_only)
+
+
 COMMANDS.update(compare=cmd_compare, attribute=cmd_attribute)
+COMMANDS.update(docs=cmd_docs)
 
 
 def main(argv=None) -> int:
