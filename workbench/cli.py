@@ -358,6 +358,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, float16 or auto")
 
     _sub(sub, "datasets", "list the bundled datasets", "List the bundled datasets with their sizes and label columns.")
+    from .compress import commands as _compress  # [compress]: prune, merge, evaluate (arguments live there)
+
+    for name in ("prune", "merge", "evaluate"):
+        _compress.add_parser(sub, name, _FMT)
     p = _sub(sub, "docs", "build the documentation site and open it in a browser",
              "Build the documentation (mkdocs, from the checkout's docs/; needs the docs extra) into ./site and "
              "serve it on 127.0.0.1 until Ctrl-C.")
@@ -573,6 +577,16 @@ def cmd_docs(args) -> None:
 
 
 COMMANDS.update(compare=cmd_compare, attribute=cmd_attribute)
+
+
+def cmd_compress(args) -> None:
+    _import_torch_holding_sigint()
+    from .compress.commands import RUN
+
+    RUN[args.command](args)
+
+
+COMMANDS.update(prune=cmd_compress, merge=cmd_compress, evaluate=cmd_compress)
 COMMANDS.update(docs=cmd_docs)
 
 

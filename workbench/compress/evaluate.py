@@ -41,6 +41,16 @@ def origins(info: dict | None, n_experts: int, moe_layers) -> dict[int, list[lis
     return out
 
 
+def _router_out(out):
+    """(index, weights) of a router's output: through models.hooks.RouterOut where that module exists."""
+    try:
+        from ..models.hooks import RouterOut
+    except ImportError:  # older tree: every transformers 5 router returns (logits, weights, index)
+        return out[2], out[1]
+    r = RouterOut.of(out)
+    return r.index, r.weights
+
+
 class _Routing:
     """Router forward hooks: the chosen experts and their weights per layer, for the real tokens only."""
 
@@ -54,8 +64,9 @@ class _Routing:
 
     def _hook(self, layer):
         def hook(module, args, out):
-            self.cur[layer] = (out[2].detach().reshape(-1, out[2].shape[-1]).cpu(),
-                               out[1].detach().reshape(-1, out[1].shape[-1]).float().cpu())
+            idx, w = _router_out(out)
+            self.cur[layer] = (idx.detach().reshape(-1, idx.shape[-1]).cpu(),
+                               w.detach().reshape(-1, w.shape[-1]).float().cpu())
         return hook
 
     def __exit__(self, *exc):
@@ -210,37 +221,6 @@ def _routing_cover(acc, sel0, w0, orig0, sel, orig) -> None:
     acc[0] += float(overlap.double().sum())
     acc[1] += float(mass.sum())
     acc[2] += int(sel0.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(p) -> None:
-    from .. import options as opt
-
-    p.add_argument("models", metavar="MODEL", nargs="+", help="models to compare; the first is the reference")
-    p.add_argument("--data", required=True, help="held-out text: a bundled dataset name or a .txt/.jsonl/.parquet file")
-    p.add_argument("--max-tokens", type=opt.at_least(2), default=8192, help="tokens of DATA evaluated (default 8192)")
-    p.add_argument("--seq-len", type=opt.seq_len_or_zero, default=256,
-                   help="pack the text into S-token sequences (0 = one per record; default 256)")
-    p.add_argument("--batch-size", type=opt.at_least(1), default=8, help="sequences a forward (default 8)")
-    p.add_argument("--out", help="the models table (.parquet, .csv or .json)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, ... (default: the model's; float32 for demo on CPU)")
-
-
-def run_cli(args) -> None:
-    from ..analysis import write_table
-    from ..data import load_dataset
-
-    load_dataset(args.data)  # a bad --data fails before any model loads
-    res = evaluate(args.models, args.data, max_tokens=args.max_tokens, seq_len=args.seq_len or None,
-                   batch_size=args.batch_size, device=args.device, dtype=args.dtype)
-    print(res.summary)
-    if args.out:
-        write_table(res.table, args.out)
-        print(f"wrote {res.table.height} rows to {args.out}")
 
 
 __all__ = ["evaluate", "origins"]

@@ -366,49 +366,5 @@ def load_info(path) -> dict | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(p) -> None:
-    from .. import options as opt
-
-    p.add_argument("model", metavar="MODEL", help="hub id, local folder, or 'demo'")
-    p.add_argument("--run", required=True, help="a capture of MODEL (routing; expert_stats for reap and super experts)")
-    p.add_argument("--ratio", required=True, type=opt.between(0, 1, hi_open=True),
-                   help="share of each layer's routed experts to remove, e.g. 0.25")
-    p.add_argument("--by", default="reap", choices=["frequency", "reap", "attribution", "random"],
-                   help="saliency criterion (default reap); the lowest scores are removed")
-    p.add_argument("--protect", metavar="super-experts|SPEC",
-                   help="never remove these: 'super-experts' (found in the run), a SPEC, or both comma-joined")
-    p.add_argument("--per-layer", default="uniform", choices=list(PER_LAYER),
-                   help="uniform: the ratio in every layer; global: one budget, lowest scores across layers")
-    p.add_argument("--seed", type=opt.seed, default=0, help="seed of --by random (default 0)")
-    p.add_argument("--exact", action="store_true", help="--by attribution: zero each expert (slow) instead of the "
-                                                        "first-order estimate")
-    p.add_argument("--max-tokens", type=opt.at_least(2), default=2048, help="tokens for --by attribution")
-    p.add_argument("--out", required=True, help="folder of the pruned checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
-    p.add_argument("--dtype", type=opt.dtype, default="auto", help="dtype of the written weights (default: as stored)")
-
-
-def run_cli(args) -> None:
-    from ..store import open_run
-
-    run = open_run(args.run)  # before the model loads: a wrong path fails in a second
-    out = Path(args.out)
-    if (out / "config.json").exists() and not args.overwrite:
-        raise WorkbenchError(f"--out {out} already holds a model; choose another folder or pass --overwrite")
-    mm, info = prune(args.model, run, args.ratio, args.by, out, args.protect, args.per_layer, args.seed, args.exact,
-                     args.max_tokens, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
-    extra = f"; {len(parse_spec(info['ban_after_load']))} more are banned by ban_after_load" \
-        if info["ban_after_load"] else ""
-    print(f"pruned {info['n_experts_before'] - info['n_experts_after']} of {info['n_experts_before']} experts per layer "
-          f"({args.by}{', protecting ' + info['protected'] if info['protected'] else ''}){extra}; wrote {out} "
-          f"and {out / 'pruning.json'}")
-    print(("exact: " if info["equals_ban"] else "note: ") + info["exactness"])
-
-
 __all__ = ["choose", "exactness", "load_info", "plan", "protected_experts", "prune", "rewrite_experts",
            "save_checkpoint", "selection", "super_experts"]
