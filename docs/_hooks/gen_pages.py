@@ -5,6 +5,7 @@
                          else from `workbench.analysis.MODULES` and the modules' docstrings
 - reference/run-format.md from the table schemas (`workbench.store.SCHEMAS`) and the typed manifest
                          (`workbench.manifest`) when present
+- reference/benchmark-results.md  every recorded result in benchmarks/results/ (what, where, when, the JSON)
 - errors/index.md        the list of error pages under docs/errors/
 
 Each is added to the build as a generated file (mkdocs >= 1.6), so nothing is written into docs/.
@@ -52,10 +53,18 @@ def _prose(text: str) -> str:
     return text.replace("][", "]\\[")
 
 
+def _analysis_options() -> dict[str, str]:
+    """`workbench analyze NAME --help` for every analysis the parser knows."""
+    cli = importlib.import_module("workbench.cli")
+    analyze = _subparsers(cli.build_parser()).get("analyze")
+    return {name: sub.format_help().rstrip() for name, sub in (_subparsers(analyze) if analyze else {}).items()}
+
+
 def analyses_page() -> str:
     out = ["# Analyses reference", "",
            "Generated from the analysis registry at build time: every analysis the CLI, the dashboard, export "
-           "and the demo know. The guide pages under *Analyses* explain each method.", ""]
+           "and the demo know, with its command-line options. The pages under *Analyses* explain each method.", ""]
+    options = _analysis_options()
     try:
         registry = importlib.import_module("workbench.analysis.registry")
         specs = list(getattr(registry, "ANALYSES").values()) if isinstance(getattr(registry, "ANALYSES"), dict) \
@@ -77,12 +86,16 @@ def analyses_page() -> str:
             examples = getattr(s, "examples", None) or ()
             if examples:
                 out += ["```bash", *([examples] if isinstance(examples, str) else examples), "```", ""]
+            if s.name in options:
+                out += ["```text", options[s.name], "```", ""]
         return "\n".join(out)
     analysis = importlib.import_module("workbench.analysis")
     for name, modname in getattr(analysis, "MODULES", {}).items():
         mod = importlib.import_module(modname if "." in modname else f"workbench.analysis.{modname}")
         doc = inspect.getdoc(mod) or ""
         out += [f"## `{name}`", "", _prose(doc), ""]
+        if name in options:
+            out += ["```text", options[name], "```", ""]
     return "\n".join(out)
 
 
@@ -117,6 +130,33 @@ def run_format_page() -> str:
     return "\n".join(out)
 
 
+def benchmarks_page(root: Path) -> str:
+    import json
+
+    out = ["# Benchmark results", "",
+           "Generated at build time from `benchmarks/results/*.json` in the repository: one section per recorded "
+           "result, with the script that wrote it (`benchmarks/`), the machine and the versions it records. The "
+           "[benchmarks page](../benchmarks.md) explains the methods and the targets.", ""]
+    for f in sorted((root / "benchmarks" / "results").glob("*.json")):
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        head = data if isinstance(data, dict) else {}
+        what = head.get("benchmark") or head.get("what") or head.get("method") or ""
+        where = head.get("device") or head.get("machine") or ""
+        when = head.get("date") or ""
+        out += [f"## `{f.name}`", ""]
+        for label, value in (("what", what), ("machine", where), ("date", when)):
+            if value:
+                text = json.dumps(value) if not isinstance(value, str) else value
+                out.append(f"- **{label}:** {text[:300]}")
+        body = json.dumps(data, indent=1)
+        cut = body if len(body) <= 4000 else body[:4000] + "\n... (cut; the file has the rest)"
+        out += ["", "```json", cut, "```", ""]
+    return "\n".join(out)
+
+
 def errors_index(docs_dir: Path) -> str:
     out = ["# Error messages", "",
            "Errors you can fix print one sentence and exit with code 2. Each page below quotes a message as the "
@@ -136,6 +176,7 @@ def on_files(files, config):
         "reference/cli.md": cli_page,
         "reference/analyses.md": analyses_page,
         "reference/run-format.md": run_format_page,
+        "reference/benchmark-results.md": lambda: benchmarks_page(docs_dir.parent),
         "errors/index.md": lambda: errors_index(docs_dir),
     }
     for uri, make in pages.items():
