@@ -25,8 +25,10 @@ class RoutingProbe(Probe):
         self.logits = logits
         self.margin = margin  # opt-in `margin` column; off, runs are written exactly as before
         self._params: dict = {}
-        self._seen: dict[int, tuple] = {}
+        self._seen: tuple | None = None  # this batch's buffers: experts [T, L, K], weights [T, L, K], logits [T, L, E]
+        self._margin: dict[int, torch.Tensor] = {}  # layer -> [Tv] margins of this batch
         self.layers: list[int] = []
+        self._slot: dict[int, int] = {}
 
     def settings(self) -> dict:
         return {"logits": self.logits, **({"margin": True} if self.margin else {})}
@@ -44,43 +46,63 @@ class RoutingProbe(Probe):
             from .interventions import router_params
 
             self._params = {layer.index: router_params(mm, layer) for layer in mm.layers}
+        self._slot = {i: s for s, i in enumerate(self.layers)}
         for layer in mm.layers:
             self.handles.append(layer.router.register_forward_hook(self._hook(layer.index)))
 
+    def begin(self, ctx) -> None:
+        super().begin(ctx)
+        self._seen, self._margin = None, {}
+
+    def _buffers(self, idx: torch.Tensor, logits: torch.Tensor) -> tuple:
+        """One device buffer per column for all layers of the batch: each hook fills its layer's slice (one
+        cast-and-copy kernel a column) and the pipeline copies each buffer to the host once a batch."""
+        t, nl, k = idx.shape[0], len(self.layers), idx.shape[-1]
+        bufs = (torch.empty((t, nl, k), dtype=torch.int16, device=idx.device),
+                torch.empty((t, nl, k), dtype=torch.float32, device=idx.device))
+        if self.logits:
+            bufs = bufs + (torch.empty((t, nl, logits.shape[-1]), dtype=torch.float32, device=idx.device),)
+        return bufs
+
     def _hook(self, index: int):
+        slot = self._slot[index]
+
         def hook(module, args, out):
             ctx = self.ctx
             if ctx is None:
                 return
             logits, weights, idx = (to_ctx(t, ctx) for t in out[:3])
-            v = ctx.valid
             if idx.shape[0] != ctx.input_ids.numel():  # defensive: a router that did not flatten
                 idx, weights, logits = (t.reshape(-1, t.shape[-1]) for t in (idx, weights, logits))
-            rec = (idx.index_select(0, v).to(torch.int16), weights.index_select(0, v).to(torch.float32))
+            if self._seen is None:
+                self._seen = self._buffers(idx, logits)
+            self._seen[0][:, slot].copy_(idx)
+            self._seen[1][:, slot].copy_(weights)
             if self.logits:
-                rec = rec + (logits.index_select(0, v).to(torch.float32),)
+                self._seen[2][:, slot].copy_(logits)
             if self.margin:
                 from .interventions import routing_margin
 
-                m = routing_margin(self._params[index], logits.index_select(0, v),
+                m = routing_margin(self._params[index], logits.index_select(0, ctx.valid),
                                    getattr(module, "e_score_correction_bias", None))
-                rec = rec + (m.to(torch.float32),)
-            self._seen[index] = rec
+                self._margin[index] = m.to(torch.float32)
             self.fired.add(index)
         return hook
 
     def harvest(self) -> dict[str, torch.Tensor]:
-        missing = [i for i in self.layers if i not in self._seen]
+        missing = [i for i in self.layers if i not in self.fired]
         if missing:
             raise ProbeDidNotFire(f"router hooks of layers {missing} did not fire; the MoE block was replaced or bypassed")
-        recs = [self._seen[i] for i in self.layers]
-        out = {"experts": torch.stack([r[0] for r in recs], 1),  # [Tv, L, K]
-               "weights": torch.stack([r[1] for r in recs], 1)}
+        bufs, self._seen = self._seen, None
+        if not self.ctx.extra.get("all_valid"):  # padding: keep the valid tokens' rows
+            v = self.ctx.valid.to(bufs[0].device)
+            bufs = tuple(b.index_select(0, v) for b in bufs)
+        out = {"experts": bufs[0], "weights": bufs[1]}  # [Tv, L, K]
         if self.logits:
-            out["logits"] = torch.stack([r[2] for r in recs], 1)  # [Tv, L, E]
+            out["logits"] = bufs[2]  # [Tv, L, E]
         if self.margin:
-            out["margin"] = torch.stack([r[-1] for r in recs], 1)  # [Tv, L]
-        self._seen = {}
+            out["margin"] = torch.stack([self._margin[i].to(bufs[0].device) for i in self.layers], 1)  # [Tv, L]
+            self._margin = {}
         return out
 
     def to_table(self, arrays: dict[str, np.ndarray], meta: BatchMeta) -> dict[str, pa.Table]:

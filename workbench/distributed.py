@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from .errors import WorkbenchError
-from .store import MANIFEST, RunWriter, _atomic_write_bytes, lock_run, open_run, read_manifest, write_manifest
+from .pipeline import run_batches
+from .store import MANIFEST, PartFiles, RunWriter, atomic_write_bytes, lock_run, read_manifest, write_manifest
 
 RANKS_DIR = "ranks"
 
@@ -135,7 +136,8 @@ def fold_rank_files(path: Path) -> None:
 # ------------------------------------------------------------------------------------------ writer
 
 class RankWriter:
-    """The RunWriter interface `capture._Writer` uses, for one rank's parts.
+    """One rank's part sink (`pipeline.PartSink`): its own part files and rank file; rank 0 also merges
+    every rank file into the manifest.
 
     `batch_end` from the writer counts this rank's own batches (`mine`); parts record global ids."""
 
@@ -145,11 +147,9 @@ class RankWriter:
         self.k = 0
         self.start = 0
         self._reserved: list[int] = []
-        # sizes/checksums as the run store records them (when it does)
-        self._sums = getattr(run, "_sums", None) if run is not None else None
         (path / RANKS_DIR).mkdir(exist_ok=True)
         self.file = path / RANKS_DIR / f"rank-{rank}.json"
-        self._helper = run if run is not None else _PartFileWriter(path)
+        self._files = run if run is not None else PartFiles(path)  # checksummed part files, as the store writes them
 
     next_batch = 0
 
@@ -164,24 +164,17 @@ class RankWriter:
         return idx
 
     def write_table_file(self, idx: int, name: str, table) -> str:
-        return self._helper.write_table_file(idx, name, table)
+        return self._files.write_table_file(idx, name, table)
 
     def commit_part(self, idx: int, files: dict[str, str], batch_end: int, n_tokens: int) -> None:
         batches = self.mine[self.start:batch_end]
         self.start = batch_end
         part = {"index": idx, "batch_end": batches[-1] + 1, "batches": batches, "tokens": n_tokens,
                 "files": files, "rank": self.rank}
-        sums = getattr(self._helper, "_sums", None)
-        if sums is not None:
-            lock = getattr(self._helper, "_sums_lock", contextlib.nullcontext())
-            with lock:
-                got = {name: sums.pop(rel, None) for name, rel in files.items()}
-            if all(got.values()):
-                part["bytes"] = {n: v[0] for n, v in got.items()}
-                part["checksums"] = {n: v[1] for n, v in got.items()}
+        part.update(self._files.take_checksums(files))
         self.parts.append(part)
         self._reserved.remove(idx)
-        _atomic_write_bytes(self.file, json.dumps({"rank": self.rank, "parts": self.parts}).encode())
+        atomic_write_bytes(self.file, json.dumps({"rank": self.rank, "parts": self.parts}).encode())
         if self.run is not None:  # rank 0: the manifest's only writer
             self.merge()
 
@@ -204,89 +197,81 @@ class RankWriter:
             self.run.release()
 
 
-class _PartFileWriter:
-    """Ranks other than 0 write part files exactly as the run store does, without its manifest or lock."""
+# ------------------------------------------------------------------------------------------ schedule
 
-    def __init__(self, path: Path):
-        import threading
+class DataParallel:
+    """Capture schedule under a launcher: this rank runs its share of the batches not yet in the run
+    (round-robin), into its own parts; rank 0 keeps the manifest (see the module's docstring)."""
 
-        self.path = path
-        self._sums: dict = {}
-        self._sums_lock = threading.Lock()
+    materialize = True  # every rank needs the whole batch list to take its share
 
-    write_table_file = RunWriter.write_table_file  # touches only path and the checksum map
+    def __init__(self, mm):
+        if mm.layerwise:
+            raise WorkbenchError("--layerwise runs in one process; under torchrun / accelerate launch use "
+                                 "--device-map, or one --layerwise capture per machine")
+        self.rank, self.ws = _init()
+        self.store: RunWriter | None = None
+        self.sink: RankWriter | None = None
 
+    def describe(self, path) -> str:
+        return f"capture {Path(path).name} (rank {self.rank}/{self.ws})"
 
-# ------------------------------------------------------------------------------------------ capture
+    def open(self, out, manifest: dict, resume: bool, overwrite: bool) -> RankWriter | None:
+        """Rank 0 opens the run (folding a killed attempt's rank files on resume) and tells every rank
+        which batches are done; None when the run is already complete."""
+        rank, ws, path = self.rank, self.ws, Path(out)
+        manifest = dict(manifest, distributed={"world_size": ws, "backend": "gloo", "split": "round-robin"})
+        state: dict = {}
+        if rank == 0:
+            try:
+                if resume:
+                    fold_rank_files(path)
+                self.store = RunWriter(path, manifest, resume=resume, overwrite=overwrite)
+                if self.store.already_complete:
+                    state = {"complete": True}
+                else:
+                    self.store.clear_previous()  # overwrite: clear the old run before any rank writes
+                    shutil.rmtree(path / RANKS_DIR, ignore_errors=True)
+                    self.store.manifest["distributed"] = manifest["distributed"]
+                    write_manifest(path, self.store.manifest)
+                    parts = self.store.manifest["parts"]
+                    state = {"done": sorted(done_batches(parts)),
+                             "base": max([p["index"] for p in parts], default=-1) + 1}
+            except WorkbenchError as e:
+                state = {"error": str(e), "kind": type(e).__name__}
+        state = _bcast(state, rank, ws)
+        if "error" in state:
+            if self.store is not None:
+                self.store.release()
+            raise WorkbenchError(state["error"])
+        if state.get("complete"):
+            _barrier(ws)
+            return None
+        self.done = set(state["done"])
+        self.sink = RankWriter(path, rank, ws, state["base"], [], self.store)
+        return self.sink
 
-def capture_dp(mm, out, manifest: dict, seqs, batch_size: int, probe_list, labels, resume: bool, overwrite: bool,
-               interventions, part_tokens: int, progress: bool, probe_model=None):
-    """The data-parallel body of `capture.capture` (same arguments, already checked)."""
-    from .capture import _attached, _batch_context, _Decoder, _Pipeline, _progress, _Writer
+    def plan(self, batches: list) -> tuple[list, int]:
+        """(batch count the sink records, sequences) of this rank's share, and its tokens."""
+        self.n_batches = len(batches)
+        todo = [b for b in range(len(batches)) if b not in self.done]
+        self.sink.mine = todo[self.rank::self.ws]
+        return ([(li + 1, batches[bi]) for li, bi in enumerate(self.sink.mine)],
+                sum(len(s.ids) for b in self.sink.mine for s in batches[b]))
 
-    if mm.layerwise:
-        raise WorkbenchError("--layerwise runs in one process; under torchrun / accelerate launch use "
-                             "--device-map, or one --layerwise capture per machine")
-    rank, ws = _init()
-    path = Path(out)
-    batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
-    manifest = dict(manifest, distributed={"world_size": ws, "backend": "gloo", "split": "round-robin"})
-    run = None
-    state: dict = {}
-    if rank == 0:
-        try:
-            if resume:
-                fold_rank_files(path)
-            run = RunWriter(path, manifest, resume=resume, overwrite=overwrite)
-            if run.already_complete:
-                state = {"complete": True}
-            else:
-                if getattr(run, "_old", None) is not None:  # overwrite: clear the old run before any rank writes
-                    run._clear_old()
-                shutil.rmtree(path / RANKS_DIR, ignore_errors=True)
-                run.manifest["distributed"] = manifest["distributed"]
-                write_manifest(path, run.manifest)
-                parts = run.manifest["parts"]
-                state = {"done": sorted(done_batches(parts)),
-                         "base": max([p["index"] for p in parts], default=-1) + 1}
-        except WorkbenchError as e:
-            state = {"error": str(e), "kind": type(e).__name__}
-    state = _bcast(state, rank, ws)
-    if "error" in state:
-        if run is not None:
-            run.release()
-        raise WorkbenchError(state["error"])
-    if state.get("complete"):
-        _barrier(ws)
-        return open_run(path)
-    done = set(state["done"])
-    todo = [b for b in range(len(batches)) if b not in done]
-    mine = todo[rank::ws]
-    rw = RankWriter(path, rank, ws, state["base"], mine, run)
-    writer = _Writer(rw, probe_list, _Decoder(mm.tokenizer), labels, part_tokens)
-    pipe = _Pipeline(mm, probe_list, writer)
-    pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
-    total = sum(len(s.ids) for b in mine for s in batches[b])
-    bar = _progress(total, 0, progress and rank == 0, f"capture {path.name} (rank {rank}/{ws})")
-    steer_cm = mm.steer(**interventions) if interventions else contextlib.nullcontext()
-    with _attached(probe_model or mm, probe_list, writer, bar), steer_cm, torch.inference_mode():
-        for li, bi in enumerate(mine):
-            ctx, token_ids, src, lengths = _batch_context(batches[bi], pad, mm.device)
-            pipe.begin(ctx)
-            mm.model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, use_cache=False)
-            pipe.end(ctx, token_ids, src, li + 1, lengths, final=li == len(mine) - 1)
-            bar.update(len(token_ids))
-    _barrier(ws)  # every rank's parts are listed in its rank file
-    if rank == 0:
-        waits = [round(writer.blocked_s, 3)]
-        rw.merge()
-        missing = set(range(len(batches))) - done_batches(run.manifest["parts"])
-        if missing:
-            raise WorkbenchError(f"batches {sorted(missing)[:5]} were captured by no rank; run again with --resume")
-        run.finish(writer_wait_s=waits[0])
-        shutil.rmtree(path / RANKS_DIR, ignore_errors=True)
-    _barrier(ws)
-    return open_run(path)
+    def run(self, pipe, todo, pad, bar) -> None:
+        run_batches(pipe, todo, pad, bar)
+
+    def finish(self, writer) -> None:
+        _barrier(self.ws)  # every rank's parts are listed in its rank file
+        if self.rank == 0:
+            self.sink.merge()
+            missing = set(range(self.n_batches)) - done_batches(self.store.manifest["parts"])
+            if missing:
+                raise WorkbenchError(f"batches {sorted(missing)[:5]} were captured by no rank; run again with --resume")
+            self.store.finish(writer_wait_s=round(writer.blocked_s, 3))
+            shutil.rmtree(self.sink.path / RANKS_DIR, ignore_errors=True)
+        _barrier(self.ws)
 
 
 def shard_tokens(parts: list[dict]) -> dict[int, int]:

@@ -23,9 +23,10 @@ import contextlib
 import torch
 
 from .errors import WorkbenchError
+from .pipeline import batch_context
 
 # Attributes of a probe holding what it recorded for the batch in flight (probes/*.py `begin`).
-_STATE = ("ctx", "fired", "_seen", "_shared", "_dumps")
+_STATE = ("ctx", "fired", "_seen", "_margin", "_shared", "_dumps")
 
 
 def load_layerwise(spec: str, device: str | None = None, dtype=None, offload_folder: str | None = None,
@@ -166,9 +167,41 @@ def _chunks(indices, batches, chunk_tokens: int):
         yield cur
 
 
+class LayerMajor:
+    """Capture schedule of a `--layerwise` model: one process, chunks of batches layer by layer, into the
+    run store; resumes after the last listed part, as the sequential schedule does."""
+
+    materialize = True
+
+    def __init__(self, mm):
+        self.mm = mm
+        self.store = None
+
+    def describe(self, path) -> str:
+        from pathlib import Path
+
+        return f"capture {Path(path).name}"
+
+    def open(self, out, manifest: dict, resume: bool, overwrite: bool):
+        from .store import RunWriter
+
+        self.store = RunWriter(out, manifest, resume=resume, overwrite=overwrite)
+        return None if self.store.already_complete else self.store
+
+    def plan(self, batches: list) -> tuple[tuple, int]:
+        start = self.store.next_batch
+        return (batches, range(start, len(batches))), sum(len(s.ids) for b in batches[start:] for s in b)
+
+    def run(self, pipe, todo, pad, bar) -> None:
+        batches, indices = todo
+        forward_layerwise(self.mm, pipe, batches, indices, pad, bar)
+
+    def finish(self, writer) -> None:
+        self.store.finish(writer_wait_s=round(writer.blocked_s, 3))
+
+
 def forward_layerwise(mm, pipe, batches, indices, pad, bar, chunk_tokens: int = 1 << 18) -> None:
     """Capture `batches[indices]` layer-major; hands each batch to `pipe.end` in order, as capture does."""
-    from .capture import _batch_context
     from .models.loading import _decoder_layers
 
     layers = _decoder_layers(mm.model)
@@ -183,7 +216,7 @@ def forward_layerwise(mm, pipe, batches, indices, pad, bar, chunk_tokens: int = 
         setattr(owner, attr, torch.nn.ModuleList([_Recorder(i, calls) for i in range(len(layers))]))
         try:
             for bi in chunk:  # embeddings, masks and rotary tables, computed by the model's own code
-                ctx, token_ids, src, lengths = _batch_context(batches[bi], pad, dev)
+                ctx, token_ids, src, lengths = batch_context(batches[bi], pad, dev)
                 calls.clear()
                 mm.model.get_decoder()(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, use_cache=False)
                 cache: dict = {}

@@ -128,6 +128,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise io_error(e, path) from None
 
 
+atomic_write_bytes = _atomic_write_bytes  # public: other writers of a run folder (data-parallel rank files)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -225,14 +228,60 @@ def _same_capture(old: dict, new: dict, keys: tuple[str, ...]) -> bool:
     return without_data(old) == without_data(new)
 
 
+class PartFiles:
+    """Writes part files crash-safely (temporary name, fsync, rename) and remembers each one's size and
+    checksum until its part is committed. The run store uses one; so does a data-parallel rank, which
+    writes its own parts without the run's manifest or lock."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._sums: dict[str, tuple[int, str]] = {}
+        self._sums_lock = threading.Lock()
+
+    def write_table_file(self, idx: int, name: str, table: pa.Table) -> str:
+        """Write (thread-safe) table `name` of part `idx`; nothing lists it until its part is committed."""
+        d = self.path / name
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError as e:
+            raise io_error(e, d) from None
+        rel = f"{name}/part-{idx:06d}.parquet"
+        tmp = d / f".part-{idx:06d}.parquet.tmp"
+        flat = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
+        try:
+            # statistics of list columns (logits, dumped vectors) cost a third of the write and serve no filter
+            pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table),
+                           write_statistics=flat, column_encoding=_float_encodings(table))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest = file_checksum(tmp)  # here, in the encoder thread, while the file is in the page cache
+            size = tmp.stat().st_size
+            os.replace(tmp, self.path / rel)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise io_error(e, self.path / rel) from None
+        _fsync_dir(d)
+        with self._sums_lock:
+            self._sums[rel] = (size, digest)
+        return rel
+
+    def take_checksums(self, files: dict[str, str]) -> dict:
+        """The `bytes` and `checksums` entries of a part made of `files` (table -> relative path), each
+        file's record handed over once; {} when one is unknown (the part is then listed without them)."""
+        with self._sums_lock:
+            got = {name: self._sums.pop(rel, None) for name, rel in files.items()}
+        if not all(got.values()):
+            return {}
+        return {"bytes": {n: v[0] for n, v in got.items()}, "checksums": {n: v[1] for n, v in got.items()}}
+
+
 class RunWriter:
     """Appends parts to a run folder. One part = consecutive batches, all tables at once."""
 
     def __init__(self, path: str | Path, manifest: dict, resume: bool = False, overwrite: bool = False,
                  identity_keys: tuple[str, ...] = ("identity",)):
         self.path = Path(path)
-        self._sums: dict[str, tuple[int, str]] = {}
-        self._sums_lock = threading.Lock()
+        self.part_files = PartFiles(self.path)
         self._old: dict | None = None  # with overwrite: the run to clear once the new capture writes
         self._lock = None
         if self.path.exists() and not self.path.is_dir():
@@ -301,6 +350,12 @@ class RunWriter:
             names |= {Path(f).parts[0] for f in part["files"].values()}
         return names
 
+    def clear_previous(self) -> None:
+        """With overwrite: replace the old run now (no-op when there is none). A capture does this when it
+        writes its first part; data-parallel rank 0 does it before any rank writes."""
+        if self._old is not None:
+            self._clear_old()
+
     def _clear_old(self) -> None:
         """Replace the old run: new manifest first (a kill now leaves an empty, resumable run), then
         remove exactly the files the old manifest listed, plus part-named leftovers in its table folders."""
@@ -368,30 +423,11 @@ class RunWriter:
 
     def write_table_file(self, idx: int, name: str, table: pa.Table) -> str:
         """Write (thread-safe) table `name` of part `idx`; nothing lists it until `commit_part`."""
-        d = self.path / name
-        try:
-            d.mkdir(exist_ok=True)
-        except OSError as e:
-            raise io_error(e, d) from None
-        rel = f"{name}/part-{idx:06d}.parquet"
-        tmp = d / f".part-{idx:06d}.parquet.tmp"
-        flat = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
-        try:
-            # statistics of list columns (logits, dumped vectors) cost a third of the write and serve no filter
-            pq.write_table(table, tmp, compression="zstd", use_dictionary=_dictionary_columns(table),
-                           write_statistics=flat, column_encoding=_float_encodings(table))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            digest = file_checksum(tmp)  # here, in the encoder thread, while the file is in the page cache
-            size = tmp.stat().st_size
-            os.replace(tmp, self.path / rel)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise io_error(e, self.path / rel) from None
-        _fsync_dir(d)
-        with self._sums_lock:
-            self._sums[rel] = (size, digest)
-        return rel
+        return self.part_files.write_table_file(idx, name, table)
+
+    def take_checksums(self, files: dict[str, str]) -> dict:
+        """Sizes and checksums of written part files, for a part listed elsewhere (a data-parallel rank)."""
+        return self.part_files.take_checksums(files)
 
     def write_part_files(self, idx: int, tables: dict[str, pa.Table]) -> dict[str, str]:
         """Write all tables of part `idx`, side by side (Arrow encodes with the GIL released)."""
@@ -405,12 +441,8 @@ class RunWriter:
         """List a written part in the manifest; parts are committed strictly in index order."""
         if idx != len(self.manifest["parts"]):
             raise RuntimeError(f"part {idx} committed out of order (expected {len(self.manifest['parts'])})")
-        with self._sums_lock:
-            sums = {name: self._sums.pop(rel, None) for name, rel in files.items()}
-        part = {"index": idx, "batch_end": batch_end, "tokens": n_tokens, "files": files}
-        if all(sums.values()):
-            part["bytes"] = {name: v[0] for name, v in sums.items()}
-            part["checksums"] = {name: v[1] for name, v in sums.items()}
+        part = {"index": idx, "batch_end": batch_end, "tokens": n_tokens, "files": files,
+                **self.take_checksums(files)}
         self.manifest["parts"].append(part)
         try:
             write_manifest(self.path, self.manifest)
