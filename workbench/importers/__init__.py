@@ -244,7 +244,7 @@ def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray 
 
     `docs_factory` is called twice (a hash for the run's identity, then the write), so resume can
     check that it continues the same input. A part holds whole documents; `batch_end` counts them."""
-    from ..capture import _Decoder, _progress, _versions
+    from ..pipeline import TokenDecoder as _Decoder, progress_bar as _progress, versions as _versions
     from ..store import RunWriter, open_run
 
     h = hashlib.sha256()
