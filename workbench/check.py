@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .errors import WorkbenchError
-from .store import (MANIFEST, DamagedRun, _suppress_oserror, lock_run, manifest_problem, part_problem,
+from .safefs import remove_file
+from .store import (MANIFEST, DamagedRun, check_links, lock_replace, lock_run, manifest_problem, part_problem,
                     read_manifest, write_manifest)
 
 
@@ -33,8 +34,12 @@ def check_run(path, repair: bool = False) -> dict:
     if not root.is_dir():
         raise WorkbenchError(f"run folder {path} does not exist")
     lock = lock_run(root) if repair else None
+    readers = None
     try:
         m = read_manifest(root, validate=False)
+        check_links(root, m if isinstance(m, dict) and not manifest_problem(m) else None)
+        if repair:
+            readers = lock_replace(root)  # dropping parts under a running analysis would pull them from under it
         report = {"parts": 0, "files": 0, "damaged": [], "dropped": [], "manifest": manifest_problem(m)}
         if report["manifest"]:
             if repair:
@@ -49,7 +54,7 @@ def check_run(path, repair: bool = False) -> dict:
         for i, part in enumerate(parts):
             for table, rel in part["files"].items():
                 report["files"] += 1
-                why = part_problem(root, part, table, deep=True)
+                why = part_problem(root, part, table, deep=True, manifest=m)
                 if why is None and not (part.get("checksums") or {}).get(table):
                     why = _readable(root / rel)
                 if why:
@@ -59,6 +64,8 @@ def check_run(path, repair: bool = False) -> dict:
             _drop(root, m, first, {"damaged": report["damaged"]}, report)
         return report
     finally:
+        if readers is not None:
+            readers.close()
         if lock is not None:
             lock.close()
 
@@ -76,9 +83,8 @@ def _drop(root: Path, m: dict, first: int, why: dict, report: dict) -> None:
     for part in dropped:
         files = part.get("files") if isinstance(part, dict) else None
         for rel in (files or {}).values():
-            if isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
-                with _suppress_oserror():
-                    (root / rel).unlink(missing_ok=True)
+            if isinstance(rel, str):
+                remove_file(root, rel)  # regular files inside the run only, never through a link
 
 
 def check_cli(args) -> None:

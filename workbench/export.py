@@ -4,20 +4,26 @@ Writes the run's raw tables (streamed from its part files, never whole in memory
 every analysis that applies to the run, plus SCHEMA.md and schema.json describing each file. Parquet
 output loads with polars, pandas, DuckDB, Spark and `datasets.load_dataset("parquet", data_files=...)`;
 json is JSON Lines (one object per row, `.jsonl`); csv joins list cells with ';'.
+
+The export is built in a hidden sibling `.OUT.partial-PID/` and renamed into place; one left behind by a
+killed export (its process is gone) is removed by the next export to the same OUT. Replacing an older
+export deletes only the files that export listed, never through a link (workbench.safefs); an OUT holding
+anything else is refused. The run is read under its readers lock (`store.reading`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 
 import polars as pl
 
 from .errors import WorkbenchError
-from .store import TABLES, DamagedRun, Run, io_error, open_run
+from .safefs import pid_alive, remove_file, remove_tree
+from .store import TABLES, DamagedRun, Run, io_error, open_run, reading
 
 FORMATS = {"parquet": ".parquet", "csv": ".csv", "json": ".jsonl"}
 
@@ -121,29 +127,81 @@ def export_run(run, out, fmt: str = "parquet", what: str = "all", options: dict 
     final = Path(out)
     _check_target(final)
     raw, analyses = _selection(what)
-    for name in TABLES:  # verify the parts (checksums) before anything is written or shown
-        run.files(name)
-    # Everything goes to a hidden sibling folder renamed into place at the end: a failed export
-    # (damaged run, disk full, Ctrl-C) leaves no output that looks valid.
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        schema = _export(run, tmp, fmt, raw, analyses, what, options, progress)
-        _replace(tmp, final)
-    except OSError as e:
-        e.filename = str(final)  # the user named this folder, not the hidden one beside it
-        raise io_error(e, final, "exporting to") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _clean_stale(final)
+    with reading(run):  # a capture --overwrite of this run waits for us (it is refused) instead of mixing parts
+        for name in TABLES:  # verify the parts (checksums) before anything is written or shown
+            run.files(name)
+        # Everything goes to a hidden sibling folder renamed into place at the end: a failed export
+        # (damaged run, disk full, Ctrl-C) leaves no output that looks valid.
+        tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+        try:
+            remove_tree(final.parent, tmp.name)
+            tmp.mkdir(parents=True)
+            schema = _export(run, tmp, fmt, raw, analyses, what, options, progress)
+            _replace(tmp, final)
+        except OSError as e:
+            e.filename = str(final)  # the user named this folder, not the hidden one beside it
+            raise io_error(e, final, "exporting to") from None
+        finally:
+            remove_tree(final.parent, tmp.name)
     return schema
 
 
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)$")
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove `.OUT.partial-PID/` and `.OUT.old-PID/` folders that an export killed (kill -9, power loss)
+    left beside OUT: those whose process is gone. Only what an export writes is deleted, never via a link."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        m = _LEFTOVER.match(d.name)
+        if not m or m["name"] != out.name or d.is_symlink() or not d.is_dir():
+            continue
+        if not pid_alive(int(m["pid"])) or int(m["pid"]) == os.getpid():
+            _remove_export(parent, d.name)
+
+
+def _export_files(folder: Path) -> list[str] | None:
+    """The files an export folder's schema.json lists (plus the schema files), or None if it has none."""
+    try:
+        schema = json.loads((folder / "schema.json").read_text())
+        return [f["path"] for f in schema.get("files", [])] + ["schema.json", "SCHEMA.md"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _remove_export(parent: Path, name: str) -> None:
+    """Delete an export folder: the files its schema lists when it has one (a partial one is all ours),
+    then the folders once empty; regular files only, inside `parent`'s real folder, never through a link."""
+    if ".partial-" in name:  # everything in a partial export was written by that export
+        remove_tree(parent, name)
+        return
+    for rel in _export_files(parent / name) or []:
+        remove_file(parent, Path(name) / rel)
+    remove_tree(parent, name, keep=lambda n: True)  # the folders, once empty
+
+
 def _check_target(out: Path) -> None:
+    if out.is_symlink():
+        raise WorkbenchError(f"--out {out} is a symbolic link; name the folder itself (an older export there "
+                             "would be replaced through it)")
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "schema.json").exists():
-        raise WorkbenchError(f"--out {out} is a non-empty folder that is not an export; use another path")
+    if out.is_dir() and any(out.iterdir()):
+        listed = _export_files(out)
+        if listed is None:
+            raise WorkbenchError(f"--out {out} is a non-empty folder that is not an export; use another path")
+        keep = {str(Path(p)) for p in listed}
+        extra = [str(f.relative_to(out)) for f in sorted(out.rglob("*"))
+                 if (f.is_symlink() or not f.is_dir()) and str(f.relative_to(out)) not in keep]
+        if extra:
+            raise WorkbenchError(f"--out {out} holds {extra[0]}, which the export there did not write; move it "
+                                 "out or use another path (an export replaces its folder as a whole)")
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -159,7 +217,7 @@ def _replace(tmp: Path, out: Path) -> None:
     except OSError:
         os.rename(old, out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_export(out.parent, old.name)
 
 
 def _export(run: Run, out: Path, fmt: str, raw: list[str], analyses: list[str], what: str, options, progress) -> dict:

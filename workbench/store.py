@@ -19,7 +19,7 @@ import fcntl
 import json
 import os
 import re
-import shutil
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +31,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import RunMismatch, WorkbenchError
+from .safefs import is_inside, refuse_links_out, remove_file, remove_tree
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".workbench.lock"
+READERS = ".workbench.readers"  # readers hold it shared; replacing a run (overwrite, repair) holds it exclusive
 CHECKSUM = "xxh3_128"
 _PART_FILE = re.compile(r"^part-\d{6}\.parquet$")
 _PART_TMP = re.compile(r"^\.part-\d{6}\.parquet\.tmp$")
+_ANALYSIS_FILE = re.compile(r"^(\d+\.parquet|result\.json)$")  # what a persisted analysis entry holds
 
 
 class DamagedRun(WorkbenchError):
@@ -151,6 +154,8 @@ def read_manifest(path: str | Path, validate: bool = True) -> dict:
     p = Path(path) / MANIFEST
     if not p.exists():
         raise WorkbenchError(f"{path} is not a workbench run (no {MANIFEST})")
+    if not p.is_file():  # a FIFO or a device would block or stream forever
+        raise DamagedRun(f"{p} is not a regular file; capture the run again with --overwrite")
     try:
         m = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -213,9 +218,120 @@ def lock_run(path: Path):
     return f
 
 
+def _readers_file(path: Path):
+    try:
+        return open(Path(path) / READERS, "a+")
+    except OSError:
+        return None  # a read-only run cannot be replaced either: nothing to coordinate
+
+
+def lock_replace(path: Path):
+    """Take the run's readers lock exclusively (non-blocking) before deleting listed parts (capture/import
+    --overwrite, check --repair): refused in one sentence while a reader holds it. Returns the open file."""
+    f = _readers_file(path)
+    if f is None:
+        return None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RunLocked(f"{path} is being read by another process (an analysis, an export or a dashboard); "
+                        "wait for it to finish or stop it, then replace the run") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+class reading:
+    """`with reading(run):` hold the run's readers lock shared while reading its parts, so a
+    `capture --overwrite` or `check --repair` cannot delete or replace them underneath (it is refused in one
+    sentence instead). If the run was replaced since `run` was opened, raises RunLocked: run again."""
+
+    def __init__(self, run: "Run"):
+        self.run = run
+        self._f = None
+
+    def __enter__(self):
+        path = Path(self.run.path)
+        f = _readers_file(path)
+        if f is None:
+            return self.run
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(f)
+            f.close()
+            raise RunLocked(f"{path} is being replaced by another process (pid {holder}: capture --overwrite or "
+                            "check --repair); run the command again when it has finished") from None
+        self._f = f
+        try:
+            now = read_manifest(path, validate=False)
+        except WorkbenchError:
+            now = None
+        if not _same_snapshot(self.run.manifest, now):
+            self.__exit__(None, None, None)
+            raise RunLocked(f"{path} was replaced or repaired after it was opened; run the command again")
+        return self.run
+
+    def __exit__(self, *exc):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        return False
+
+
+def _same_snapshot(old: dict, new) -> bool:
+    """`new` still lists every part `old` lists, unchanged (a running capture may have added parts)."""
+    if not isinstance(new, dict) or not isinstance(new.get("parts"), list):
+        return False
+    if old.get("created") != new.get("created") or len(new["parts"]) < len(old["parts"]):
+        return False
+    return all(a.get("files") == b.get("files") and a.get("checksums") == b.get("checksums")
+               for a, b in zip(old["parts"], new["parts"]))
+
+
+def run_folders(path: Path, manifest: dict | None = None) -> list[str]:
+    """Every name inside a run the workbench reads, writes or deletes through: the table folders (those the
+    manifest lists too), the analyses folder and its entries."""
+    names = set(TABLES) | {"dump_experts", "dump_hidden", "analyses", MANIFEST, LOCK, READERS}
+    if isinstance(manifest, dict) and isinstance(manifest.get("parts"), list):
+        for part in manifest["parts"]:
+            files = part.get("files") if isinstance(part, dict) else None
+            for rel in (files or {}).values() if isinstance(files, dict) else ():
+                if isinstance(rel, str) and len(Path(rel).parts) > 1:
+                    names.add(str(Path(*Path(rel).parts[:-1])))
+    a = Path(path) / "analyses"
+    if a.is_dir() and not a.is_symlink():
+        try:
+            names |= {f"analyses/{d.name}" for d in a.iterdir()}
+        except OSError:
+            pass
+    return sorted(names)
+
+
+def check_links(path: Path, manifest: dict | None = None) -> None:
+    """Refuse (LinkedRun, one sentence) a run whose tables or analyses are links out of its folder."""
+    refuse_links_out(path, run_folders(path, manifest))
+
+
+def _model_by_content(identity):
+    """The capture identity with the model named by its files' content: `./m`, `m`, `/abs/m` and `m/` are the
+    same model when their files hash the same (the spelling of the path is not part of what was captured)."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("model"), dict):
+        return identity
+    model = identity["model"]
+    if model.get("file_hashes"):
+        model = {k: v for k, v in model.items() if k != "spec"}
+    return {**identity, "model": model}
+
+
 def _same_capture(old: dict, new: dict, keys: tuple[str, ...]) -> bool:
     """Same model, settings and data. Data is the same when the identity says so, or when both runs
     record the same selected records (content_sha256) under differently worded selections."""
+    old = {k: _model_by_content(v) if k == "identity" else v for k, v in old.items()}
+    new = {k: _model_by_content(v) if k == "identity" else v for k, v in new.items()}
     if all(old.get(k) == new.get(k) for k in keys):
         return True
     content = (old.get("dataset") or {}).get("content_sha256")
@@ -284,11 +400,17 @@ class RunWriter:
         self.part_files = PartFiles(self.path)
         self._old: dict | None = None  # with overwrite: the run to clear once the new capture writes
         self._lock = None
+        self._replace_lock = None  # readers lock, held exclusive from an overwrite's start until the old run is gone
         if self.path.exists() and not self.path.is_dir():
             raise WorkbenchError(f"--out {self.path} exists and is not a folder")
         created = not self.path.exists()
         if not created:
             self._refuse_foreign()  # before the lock file: a folder that is not ours gets nothing added
+            try:
+                old = json.loads((self.path / MANIFEST).read_text()) if (self.path / MANIFEST).is_file() else None
+            except (OSError, ValueError):
+                old = None
+            check_links(self.path, old)  # nothing is written or deleted through a link out of the run
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -299,7 +421,8 @@ class RunWriter:
         except BaseException:
             self.release()
             if created:  # leave no trace of a capture that never started
-                (self.path / LOCK).unlink(missing_ok=True)
+                remove_file(self.path, LOCK)
+                remove_file(self.path, READERS)
                 with _suppress_oserror():
                     self.path.rmdir()
             raise
@@ -329,6 +452,7 @@ class RunWriter:
         self._refuse_foreign()
         if existing.exists():  # overwrite: the old run stays whole until the new capture writes its first part
             self._old = read_manifest(self.path)
+            self._replace_lock = lock_replace(self.path)  # refused while someone reads the old run
         self.manifest = dict(manifest, schema_version=SCHEMA_VERSION, status="running", parts=[],
                              created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if self._old is None:
@@ -338,7 +462,7 @@ class RunWriter:
         if (self.path / MANIFEST).exists():
             return
         try:
-            foreign = [f for f in self.path.iterdir() if f.name != LOCK]
+            foreign = [f for f in self.path.iterdir() if f.name not in (LOCK, READERS)]
         except OSError as e:
             raise io_error(e, self.path) from None
         if foreign:
@@ -361,22 +485,30 @@ class RunWriter:
         remove exactly the files the old manifest listed, plus part-named leftovers in its table folders."""
         old, self._old = self._old, None
         write_manifest(self.path, self.manifest)
+        # safefs: regular files only, never through a link (a linked table folder keeps its files)
         for part in old.get("parts", []):
             for rel in part["files"].values():
-                (self.path / rel).unlink(missing_ok=True)
+                remove_file(self.path, rel)
         for name in self._table_dirs(old):
             d = self.path / name
-            if not d.is_dir():
+            if not d.is_dir() or d.is_symlink():
                 continue
             for f in d.iterdir():
-                if f.is_file() and (_PART_FILE.match(f.name) or _PART_TMP.match(f.name)):
-                    f.unlink()
+                if _PART_FILE.match(f.name) or _PART_TMP.match(f.name):
+                    remove_file(self.path, f"{name}/{f.name}")
             with _suppress_oserror():
                 d.rmdir()  # only if empty: anything a user put there stays
-        shutil.rmtree(self.path / "analyses", ignore_errors=True)  # results of the old run (persist.FOLDER)
+        remove_tree(self.path, "analyses", keep=lambda n: not _ANALYSIS_FILE.match(n))  # old results (persist.FOLDER)
+        self._release_replace()
+
+    def _release_replace(self) -> None:
+        if self._replace_lock is not None:
+            self._replace_lock.close()
+            self._replace_lock = None
 
     def release(self) -> None:
         """Give up the writer lock (the kernel also drops it if the process dies)."""
+        self._release_replace()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -386,19 +518,21 @@ class RunWriter:
         start = len(self.manifest["parts"])
         for idx in range(start, max(getattr(self, "_reserved", 0), start)):
             for name in self._table_dirs(self.manifest):
-                for f in (self.path / name / f"part-{idx:06d}.parquet", self.path / name / f".part-{idx:06d}.parquet.tmp"):
-                    with _suppress_oserror():
-                        f.unlink(missing_ok=True)
+                for f in (f"{name}/part-{idx:06d}.parquet", f"{name}/.part-{idx:06d}.parquet.tmp"):
+                    remove_file(self.path, f)
         self._reserved = start
 
     def _drop_orphans(self) -> None:
         """Remove part files a killed capture wrote after its last manifest update."""
         listed = {f for part in self.manifest["parts"] for f in part["files"].values()}
-        for f in self.path.glob("*/*"):
-            if _PART_FILE.match(f.name) and str(f.relative_to(self.path)) not in listed:
-                f.unlink()
-            elif _PART_TMP.match(f.name):
-                f.unlink()
+        for name in self._table_dirs(self.manifest):
+            d = self.path / name
+            if not d.is_dir() or d.is_symlink():
+                continue
+            for f in d.iterdir():
+                rel = f"{name}/{f.name}"
+                if (_PART_FILE.match(f.name) and rel not in listed) or _PART_TMP.match(f.name):
+                    remove_file(self.path, rel)
 
     @property
     def next_batch(self) -> int:
@@ -483,7 +617,7 @@ class Run:
         for i, part in enumerate(self.manifest["parts"]):
             rel = part["files"].get(table)
             if rel is not None:
-                verify_part_file(self.path, part, table, deep=True)
+                verify_part_file(self.path, part, table, deep=True, manifest=self.manifest)
                 out.append(self.path / rel)
         return out
 
@@ -594,6 +728,7 @@ def open_run(path: str | Path) -> Run:
     if not p.is_dir():
         raise WorkbenchError(f"run folder {path} does not exist")
     run = Run(p, read_manifest(p))
+    check_links(p, run.manifest)
     run.check_files()
     return run
 
@@ -602,30 +737,104 @@ _VERIFIED: dict[tuple, bool] = {}  # (file, size, mtime, checksum) already verif
 _VERIFIED_LOCK = threading.Lock()
 
 
-def part_problem(root: Path, part: dict, table: str, deep: bool = True) -> str | None:
-    """Why one listed part file cannot be trusted (missing, wrong size, checksum, unreadable), or None."""
+def _same_type(have: pa.DataType, want: pa.DataType) -> bool:
+    """Equal up to what a Parquet round trip changes: list field names, large offsets, dictionary encoding."""
+    if pa.types.is_dictionary(have):
+        have = have.value_type
+    if pa.types.is_null(have):  # an all-null column (imported runs have no weights)
+        return True
+    nested = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    if any(t(have) for t in nested) and any(t(want) for t in nested):
+        return _same_type(have.value_type, want.value_type)
+    strings = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+    if any(t(have) for t in strings) and any(t(want) for t in strings):
+        return True
+    return have.equals(want)
+
+
+def schema_problem(schema: pa.Schema, table: str) -> str | None:
+    """Why a part's columns are not those of `table` (SCHEMAS), or None (extra columns are allowed)."""
+    want = SCHEMAS.get(table)
+    if want is None:
+        return None
+    for field in want:
+        i = schema.get_field_index(field.name)
+        if i < 0:
+            return f"lacks the column {field.name!r} of the {table} table"
+        if not _same_type(schema.field(i).type, field.type):
+            return f"has column {field.name!r} of type {schema.field(i).type} instead of {field.type}"
+    return None
+
+
+def expected_rows(manifest: dict | None, part: dict, table: str) -> tuple[int, bool] | None:
+    """(rows, exact) the manifest implies for `table` of `part`: tokens, tokens x MoE layers, or an upper bound
+    (tokens x layers x slots ...); None when the manifest does not say enough. A part's footer must agree
+    before any of its data is decoded (a small file can declare, and decompress to, billions of rows)."""
+    tokens = part.get("tokens")
+    model = (manifest or {}).get("model") if isinstance(manifest, dict) else None
+    if not isinstance(tokens, int) or tokens < 0:
+        return None
+    if table == "tokens":
+        return tokens, False  # a generation capture lists the last generated token without routing it
+    if not isinstance(model, dict):
+        return None
+
+    def num(key, default=0):
+        v = model.get(key, default)
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else default
+
+    moe = model.get("moe_layers")
+    n_moe = len(moe) if isinstance(moe, list) else 0
+    n_layers = max(num("n_layers"), n_moe, 1)
+    experts, shared, top_k = num("n_experts", 1), num("shared_experts"), num("top_k", 1)
+    if table == "routing" and n_moe:
+        return tokens * n_moe, True
+    if table in ("expert_stats", "dump_experts") and n_moe:
+        return tokens * n_moe * (max(experts, top_k) + shared + 1), False
+    if table in ("hidden", "dump_hidden"):
+        return tokens * (n_layers + 1), False
+    if table == "attention":  # documents x layers x heads: at most a head per 8 hidden channels
+        return tokens * n_layers * max(num("hidden_size", 4096) // 8, 1), False
+    return tokens * n_layers * (max(experts, top_k) + shared + 1), False
+
+
+def part_problem(root: Path, part: dict, table: str, deep: bool = True, manifest: dict | None = None) -> str | None:
+    """Why one listed part file cannot be trusted (missing, not a regular file, a link out of the run, wrong
+    size, checksum, unreadable, row count or columns unlike the manifest's), or None."""
     rel = part["files"][table]
     f = root / rel
     try:
-        st = f.stat()
+        lst = f.lstat()
+        st = f.stat() if stat.S_ISLNK(lst.st_mode) else lst
     except FileNotFoundError:
         return "is missing"
     except OSError as e:
         return f"cannot be read ({e.strerror})"
+    if stat.S_ISLNK(lst.st_mode) and not is_inside(f, root):
+        return "is a symbolic link out of the run folder"
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block every reader, a device stream forever
+        return "is not a regular file"
     want = (part.get("bytes") or {}).get(table)
     if want is not None and st.st_size != want:
         return f"has {st.st_size} bytes instead of {want} (truncated or overwritten)"
     if not deep:
         return None
     digest = (part.get("checksums") or {}).get(table)
-    key = (str(f), st.st_size, st.st_mtime_ns, digest)
+    key = (str(f), st.st_size, st.st_mtime_ns, digest, part.get("tokens"))
     with _VERIFIED_LOCK:
         if key in _VERIFIED:
             return None
     try:
         if digest is not None and file_checksum(f) != digest:
             return "does not match its checksum (altered or bit rot)"
-        pq.read_metadata(f)
+        meta = pq.read_metadata(f)
+        why = schema_problem(meta.schema.to_arrow_schema(), table)
+        if why:
+            return why
+        rows = expected_rows(manifest, part, table)
+        if rows is not None and (meta.num_rows > rows[0] or (rows[1] and meta.num_rows != rows[0])):
+            return (f"holds {meta.num_rows} rows where the manifest's {part.get('tokens')} tokens allow "
+                    f"{'exactly' if rows[1] else 'at most'} {rows[0]}")
     except OSError as e:
         return f"cannot be read ({e.strerror})" if e.strerror else "is not a readable Parquet file"
     except Exception:  # pyarrow raises ArrowInvalid & co. for a broken footer
@@ -640,8 +849,8 @@ def damaged_message(root, rel: str, why: str) -> str:
             "so that `workbench capture ... --resume` captures it again")
 
 
-def verify_part_file(root: Path, part: dict, table: str, deep: bool = True) -> None:
+def verify_part_file(root: Path, part: dict, table: str, deep: bool = True, manifest: dict | None = None) -> None:
     """The one place that turns a damaged part into a user-facing error."""
-    why = part_problem(root, part, table, deep)
+    why = part_problem(root, part, table, deep, manifest)
     if why:
         raise DamagedRun(damaged_message(root, part["files"][table], why))
