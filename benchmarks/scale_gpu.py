@@ -155,9 +155,10 @@ def bench_full(args, res, root, data):
 def bench_split(args, res, root, data, mm):
     from accelerate import dispatch_model
 
-    from workbench.models.loading import _decoder_layers, wrap_model
+    from workbench.models.hooks import decoder_layers
+    from workbench.models.loading import wrap_model
 
-    layers = _decoder_layers(mm.model)
+    layers = decoder_layers(mm.model)
     n = len(layers)
     k = min(args.cpu_layers, n - 1)
     dm = {"model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}

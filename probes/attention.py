@@ -106,10 +106,10 @@ class AttentionProbe(Probe):
         self._mods: list = []
 
     def attach(self, mm) -> None:
-        from ..models.loading import _decoder_layers
+        from ..models.hooks import decoder_layers
 
         register_implementations()
-        decs = _decoder_layers(mm.model)
+        decs = decoder_layers(mm.model)
         cfgs = {}
         for i, dec in enumerate(decs):
             attn = getattr(dec, "self_attn", None) or getattr(dec, "attention", None)

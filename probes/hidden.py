@@ -54,18 +54,18 @@ class HiddenProbe(Probe):
         return {"dump_layers": self.dump_spec, "dump_format": self.dump_format}
 
     def check(self, mm) -> None:
-        from ..models.loading import _decoder_layers
+        from ..models.hooks import decoder_layers
 
-        parse_layers(self.dump_spec, len(_decoder_layers(mm.model)))
+        parse_layers(self.dump_spec, len(decoder_layers(mm.model)))
 
     def attach(self, mm) -> None:
-        from ..models.loading import _decoder_layers
+        from ..models.hooks import decoder_layers, register
 
-        decs = _decoder_layers(mm.model)
+        decs = decoder_layers(mm.model)
         self.layers = list(range(len(decs)))
         self.dump = parse_layers(self.dump_spec, len(decs))
-        for i, dec in enumerate(decs):
-            self.handles.append(dec.register_forward_hook(self._hook(i)))
+        for i in self.layers:
+            self.handles.append(register(mm, f"L{i}.residual", self._hook(i)))
 
     def begin(self, ctx) -> None:
         super().begin(ctx)

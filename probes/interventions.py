@@ -33,6 +33,7 @@ from ..models.families import (
     SPARSEMIXER,
     TOPK_SOFTMAX,
 )
+from ..models.hooks import ExpertsCall, RouterOut, register
 
 KINDS = ("ban", "force", "boost", "zero", "scale")
 ROUTING_KINDS = ("ban", "force", "boost")  # need the family's routing rule
@@ -476,7 +477,8 @@ def merge_with_original(p: RouterParams, out, new, boosted: bool):
     the router's output and in its order. Boosted rows keep the original order when the set is the
     same, with the new weights.
     """
-    _, w0, i0 = out[0], out[1], out[2]
+    own = RouterOut.of(out)
+    w0, i0 = own.weights, own.index
     z, w, idx = new
     w = w.to(w0.dtype)
     if p.rule == SPARSEMIXER or idx.shape != i0.shape:
@@ -538,10 +540,6 @@ class _LayerTensors:
         return self._dev[device]
 
 
-_INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
-_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "topk_weights")
-
-
 class _Controller:
     """One per model: the stack of active plans and the hooks that apply their union."""
 
@@ -587,12 +585,11 @@ class _Controller:
             lt = _LayerTensors(self.mm, layer.index, plan)
             if lt.routes:
                 h = _router_hook(router_params(self.mm, layer), lt)
-                steps.append((layer.router.register_forward_hook, (h,), {"prepend": True}))
+                steps.append((f"L{layer.index}.router", h))
             if lt.mult is not None:
-                steps.append((layer.experts.register_forward_pre_hook, (_experts_hook(lt),),
-                              {"with_kwargs": True, "prepend": True}))
+                steps.append((f"L{layer.index}.experts.in", _experts_hook(lt)))
             if lt.shared_mult is not None:
-                steps.append((layer.shared.register_forward_hook, (_shared_hook(lt.shared_mult),), {"prepend": True}))
+                steps.append((f"L{layer.index}.shared.out", _shared_hook(lt.shared_mult)))
         return steps
 
     def _install(self, plan: Plan) -> None:
@@ -601,8 +598,8 @@ class _Controller:
         steps = self._prepare(plan)
         new = []
         try:
-            for register, args, kwargs in steps:
-                new.append(register(*args, **kwargs))
+            for site, fn in steps:  # prepend: capture's probes, registered later, see the steered routing
+                new.append(register(self.mm, site, fn, prepend=True))
         except BaseException:
             for h in new:
                 h.remove()
@@ -614,39 +611,25 @@ class _Controller:
 
 def _router_hook(p: RouterParams, lt: _LayerTensors):
     def hook(module, args, out):
-        logits = out[0]
+        own = RouterOut.of(out)
+        logits = own.logits
         ban, force, boost, _ = lt.on(logits.device)
         flat = logits.reshape(-1, logits.shape[-1])
         pp = p if p.correction_bias is None else replace(p, correction_bias=module.e_score_correction_bias)
         new = route(pp, flat, ban, force, boost)
-        z, w, idx = merge_with_original(pp, (flat, out[1], out[2]), new, boost is not None)
+        z, w, idx = merge_with_original(pp, own.replace(logits=flat), new, boost is not None)
         if boost is None:
             z = logits
-        return (z, w, idx, *tuple(out[3:]))
+        return own.replace(logits=z, weights=w, index=idx).to_output()
     return hook
 
 
 def _experts_hook(lt: _LayerTensors):
     def hook(module, args, kwargs):
-        args, kwargs = list(args), dict(kwargs)
-        if len(args) >= 3:
-            w = args[2]
-            idx = args[1]
-        else:
-            wname = next((n for n in _WEIGHT_NAMES if n in kwargs), None)
-            iname = next((n for n in _INDEX_NAMES if n in kwargs), None)
-            if wname is None or (len(args) < 2 and iname is None):
-                raise WorkbenchError(f"cannot find the routing weights in the call of {type(module).__name__}; "
-                                     "--zero and --scale need experts(hidden, index, weights)")
-            w = kwargs[wname]
-            idx = args[1] if len(args) == 2 else kwargs[iname]
-        f = lt.on(w.device)[3].to(w.dtype)[idx]
-        new_w = torch.where(f == 0, torch.zeros_like(w), w * f)
-        if len(args) >= 3:
-            args[2] = new_w
-        else:
-            kwargs[wname] = new_w
-        return tuple(args), kwargs
+        call = ExpertsCall.of(module, args, kwargs, "--zero / --scale")
+        w = call.weights
+        f = lt.on(w.device)[3].to(w.dtype)[call.index]
+        return call.with_weights(torch.where(f == 0, torch.zeros_like(w), w * f))
     return hook
 
 
@@ -702,13 +685,13 @@ def selection_scores(p: RouterParams, logits: torch.Tensor, correction_bias: tor
     """The scores the family's rule ranks experts by, float32 [T, E], with experts outside the chosen
     groups at -inf (group-limited rules), and the group scores [T, G] (None without groups).
 
-    softmax rules and DeepSeek-V2 rank softmax probabilities; top-k-then-softmax and the sparsemixer rank
-    logits; DeepSeek-V3 ranks sigmoid + correction bias.
+    Rules that rank softmax probabilities (Qwen, OLMoE, Mixtral, DeepSeek-V2) are scored in log-probability
+    space, i.e. by logit: softmax is monotone, so the order is the logits', and a logit gap is what rounding
+    must overcome (in probability space a peaked router makes every gap below the top expert look tiny).
+    top-k-then-softmax and the sparsemixer rank logits; DeepSeek-V3 ranks sigmoid + correction bias.
     """
     z = logits.reshape(-1, logits.shape[-1])
-    if p.rule in (SOFTMAX_TOPK, SOFTMAX_TOPK_RENORM, DEEPSEEK_V2):
-        s = torch.softmax(z, dim=-1, dtype=torch.float32)
-    elif p.rule in (TOPK_SOFTMAX, SPARSEMIXER):
+    if p.rule in (SOFTMAX_TOPK, SOFTMAX_TOPK_RENORM, DEEPSEEK_V2, TOPK_SOFTMAX, SPARSEMIXER):
         s = z.float()
     elif p.rule == SIGMOID_BIAS_GROUP:
         s = z.sigmoid().float()
@@ -816,7 +799,7 @@ class ForcedRoutes:
         try:
             for lay in self.mm.layers:
                 if lay.index in self.layers:  # prepend: capture hooks registered later see the replayed routes
-                    self.handles.append(lay.router.register_forward_hook(self._hook(lay.index), prepend=True))
+                    self.handles.append(register(self.mm, f"L{lay.index}.router", self._hook(lay.index), prepend=True))
         except BaseException:
             self.detach()
             raise

@@ -14,7 +14,7 @@ import torch
 import workbench as wb
 from conftest import FAMILIES
 from workbench.errors import WorkbenchError
-from workbench.models.hooks import RouterOut, decoder_layers
+from workbench.models.hooks import ExpertsCall, RouterOut, decoder_layers
 
 
 def _hook_count(model) -> int:
@@ -100,7 +100,7 @@ def test_experts_in_sees_the_routers_choice_and_shared_out_fires(tiny_model, sam
         seen["router"] = RouterOut.of(out).index.clone()
 
     def experts_in(module, args, kwargs):
-        seen["experts"] = (args[1] if len(args) > 1 else kwargs["top_k_index"]).clone()
+        seen["experts"] = ExpertsCall.of(module, args, kwargs).index.clone()
 
     def shared(module, args, out):
         seen["shared"] = out.shape
@@ -188,3 +188,19 @@ def test_decoder_layers_old_private_name_is_kept(tiny_model):
 
     mm = tiny_model("mixtral")
     assert _decoder_layers(mm.model) is decoder_layers(mm) is mm.model.model.layers
+
+
+def test_experts_call_reads_positional_and_keyword_calls():
+    h, i, w = torch.zeros(2, 4), torch.tensor([[0, 1], [1, 2]]), torch.ones(2, 2)
+    pos = ExpertsCall.of(None, (h, i, w), {})
+    assert pos.index is i and pos.weights is w
+    args, kwargs = pos.with_weights(w * 0)
+    assert args[0] is h and args[1] is i and torch.equal(args[2], w * 0) and kwargs == {}
+    kw = ExpertsCall.of(None, (h,), {"top_k_index": i, "top_k_weights": w})
+    assert kw.index is i and kw.weights is w
+    args, kwargs = kw.with_weights(w * 2)
+    assert args == (h,) and kwargs["top_k_index"] is i and torch.equal(kwargs["top_k_weights"], w * 2)
+    mixed = ExpertsCall.of(None, (h, i), {"routing_weights": w})
+    assert mixed.index is i and mixed.weights is w
+    with pytest.raises(WorkbenchError, match="attribution needs experts\\(hidden, index, weights\\)"):
+        ExpertsCall.of(torch.nn.Identity(), (h,), {}, "attribution")

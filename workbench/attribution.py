@@ -29,6 +29,7 @@ import polars as pl
 import torch
 
 from .errors import WorkbenchError
+from .models.hooks import ExpertsCall, RouterOut, decoder_layers
 from .probes.interventions import format_spec, parse_spec
 
 
@@ -114,32 +115,15 @@ def objective(mm, batches: list[Batch], interventions: dict | None = None) -> fl
 # First-order estimate
 
 
-_INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
-_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "topk_weights")
-
-
 def _leaf_hook(store: list, layer: int):
     """Experts pre-hook: the routing weights times a leaf of ones (recorded with the indices)."""
     def hook(module, args, kwargs):
-        args, kwargs = list(args), dict(kwargs)
-        if len(args) >= 3:
-            idx, w = args[1], args[2]
-        else:
-            wname = next((n for n in _WEIGHT_NAMES if n in kwargs), None)
-            iname = next((n for n in _INDEX_NAMES if n in kwargs), None)
-            if wname is None or (len(args) < 2 and iname is None):
-                raise WorkbenchError(f"cannot find the routing weights in the call of {type(module).__name__}; "
-                                     "attribution needs experts(hidden, index, weights)")
-            w, idx = kwargs[wname], (args[1] if len(args) == 2 else kwargs[iname])
+        call = ExpertsCall.of(module, args, kwargs, "attribution")
         # w * s with s = 1 a leaf: dL/ds = dL/dw * w per slot, and w keeps its own graph (later layers'
         # routing weights still depend on this layer's output, a path a detached copy would cut)
-        s = torch.ones_like(w, requires_grad=True)
-        store.append((layer, idx.detach(), s))
-        if len(args) >= 3:
-            args[2] = w * s
-        else:
-            kwargs[wname] = w * s
-        return tuple(args), kwargs
+        s = torch.ones_like(call.weights, requires_grad=True)
+        store.append((layer, call.index.detach(), s))
+        return call.with_weights(call.weights * s)
     return hook
 
 
@@ -153,8 +137,7 @@ def estimate(mm, batches: list[Batch], progress: bool = False) -> tuple[np.ndarr
     slots = np.zeros((len(pos), mm.n_experts), np.int64)
     total = 0.0
     store: list = []
-    handles = [lay.experts.register_forward_pre_hook(_leaf_hook(store, lay.index), with_kwargs=True)
-               for lay in mm.layers]
+    hooks = mm.hooks({f"L{lay.index}.experts.in": _leaf_hook(store, lay.index) for lay in mm.layers})
     try:
         for b in tqdm(batches, desc="attribution (estimate)", disable=not progress, leave=False):
             store.clear()
@@ -177,8 +160,7 @@ def estimate(mm, batches: list[Batch], progress: bool = False) -> tuple[np.ndarr
                                         minlength=mm.n_experts)
                 slots[row] += np.bincount(e_all[ok].numpy(), minlength=mm.n_experts)
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
     return eff, slots, total
 
 
@@ -211,12 +193,6 @@ def _replaying(decoder_layers, cached, upto: int):
             decoder_layers[i] = m
 
 
-def _decoder_layers(mm):
-    from .models.loading import _decoder_layers as dl
-
-    return dl(mm.model)
-
-
 def exact(mm, batches: list[Batch], experts, progress: bool = False, replay: bool = True) -> pl.DataFrame:
     """objective(expert zeroed) - objective(baseline) for each (layer, expert) in `experts`, by running the
     model with `steer(zero=...)`. Experts no token of the batches reaches get exactly 0 without a run.
@@ -224,7 +200,7 @@ def exact(mm, batches: list[Batch], experts, progress: bool = False, replay: boo
     from tqdm.auto import tqdm
 
     experts = [(int(a), int(b)) for a, b in parse_spec(experts, mm, "experts")]
-    layers = _decoder_layers(mm)
+    layers = decoder_layers(mm)
     # baseline per batch, with every decoder layer's output cached and the experts each layer used
     cache, base, used = [], [], {}
     rec = []
@@ -236,11 +212,11 @@ def exact(mm, batches: list[Batch], experts, progress: bool = False, replay: boo
 
     def seen(layer):
         def hook(module, args, out):
-            used.setdefault(layer, set()).update(out[2].reshape(-1).tolist())
+            used.setdefault(layer, set()).update(RouterOut.of(out).index.reshape(-1).tolist())
         return hook
 
-    hs = [m.register_forward_hook(keep(i)) for i, m in enumerate(layers)]
-    hs += [lay.router.register_forward_hook(seen(lay.index)) for lay in mm.layers]
+    sites = {f"L{i}.residual": keep(i) for i in range(len(layers))}
+    hooks = mm.hooks({**sites, **{f"L{lay.index}.router": seen(lay.index) for lay in mm.layers}})
     try:
         with torch.inference_mode():
             for b in batches:
@@ -250,8 +226,7 @@ def exact(mm, batches: list[Batch], experts, progress: bool = False, replay: boo
                 base.append(b.scale * float(_nll_sum(logits, b).double()))
                 cache.append(rec[-1])
     finally:
-        for h in hs:
-            h.remove()
+        hooks.remove()
     # padding can reach a router (pad tokens are routed too); count only real tokens' experts
     if any(int(b.mask.min()) == 0 for b in batches):
         used = None

@@ -18,6 +18,7 @@ import polars as pl
 import torch
 
 from .errors import WorkbenchError
+from .models.hooks import RouterOut
 from .probes.interventions import KINDS, describe_interventions, format_spec, parse_spec
 
 ROUTING_CHANGE_SCHEMA = {"layer": pl.Int16, "pos": pl.Int32, "token": pl.String, "part": pl.String,
@@ -88,22 +89,21 @@ class _RouteRecorder:
     """Router forward hooks keeping the selected experts of one forward (after any steering)."""
 
     def __init__(self, mm):
-        self.mm, self.seen, self.handles = mm, {}, []
+        self.mm, self.seen, self.hooks = mm, {}, None
 
     def __enter__(self):
-        for layer in self.mm.layers:
-            self.handles.append(layer.router.register_forward_hook(self._hook(layer.index)))
+        self.hooks = self.mm.hooks({f"L{layer.index}.router": self._hook(layer.index) for layer in self.mm.layers})
         return self
 
     def _hook(self, index):
         def hook(module, args, out):
-            self.seen[index] = out[2].detach().reshape(-1, out[2].shape[-1]).to("cpu", torch.int64)
+            idx = RouterOut.of(out).index
+            self.seen[index] = idx.detach().reshape(-1, idx.shape[-1]).to("cpu", torch.int64)
         return hook
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        if self.hooks is not None:
+            self.hooks.remove()
 
     def take(self) -> dict[int, torch.Tensor]:
         out, self.seen = self.seen, {}

@@ -5,6 +5,7 @@ A site is a string `L{i}.{where}`, `i` the decoder-layer index (never a position
     L3.router          forward hook on layer 3's router; its output is the router tuple (RouterOut.of reads it)
     L3.router.in       forward pre-hook on the router (its input: the hidden states)
     L3.experts.in      forward pre-hook on the fused experts, with kwargs: experts(hidden, index, weights)
+                       (ExpertsCall.of reads them)
     L3.experts.out     forward hook on the fused experts (the routed experts' weighted sum)
     L3.shared.out      forward hook on the shared expert (families that have one)
     L3.shared_gate.out forward hook on the shared expert's sigmoid gate (Qwen2-MoE)
@@ -85,6 +86,45 @@ class RouterOut:
         """Each tensor as [tokens, last dim] (routers flatten [B, S] already; this is for one that did not)."""
         return self.replace(**{n: getattr(self, n).reshape(-1, getattr(self, n).shape[-1])
                                for n in ("logits", "weights", "index")})
+
+
+# How transformers' fused experts name their arguments when called with keywords.
+_INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
+_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "topk_weights")
+
+
+@dataclass(frozen=True)
+class ExpertsCall:
+    """The call of a fused experts module, experts(hidden, index, weights), as an `experts.in` pre-hook sees
+    it (positional or by keyword, depending on the family)."""
+
+    args: tuple
+    kwargs: dict
+    index: torch.Tensor
+    weights: torch.Tensor
+    weights_at: int | str  # the position or keyword the weights came in
+
+    @classmethod
+    def of(cls, module, args, kwargs, who: str = "this") -> ExpertsCall:
+        """Read a pre-hook's (args, kwargs); `who` names the feature in the error (e.g. "attribution")."""
+        args, kwargs = tuple(args), dict(kwargs)
+        if len(args) >= 3:
+            return cls(args, kwargs, args[1], args[2], 2)
+        wname = next((n for n in _WEIGHT_NAMES if n in kwargs), None)
+        iname = next((n for n in _INDEX_NAMES if n in kwargs), None)
+        if wname is None or (len(args) < 2 and iname is None):
+            raise WorkbenchError(f"cannot find the routing weights in the call of {type(module).__name__}; "
+                                 f"{who} needs experts(hidden, index, weights)")
+        return cls(args, kwargs, args[1] if len(args) == 2 else kwargs[iname], kwargs[wname], wname)
+
+    def with_weights(self, weights: torch.Tensor) -> tuple[tuple, dict]:
+        """(args, kwargs) with the routing weights replaced: what the pre-hook returns."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        if isinstance(self.weights_at, int):
+            args[self.weights_at] = weights
+        else:
+            kwargs[self.weights_at] = weights
+        return tuple(args), kwargs
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench.models.hooks import RouterOut
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -62,8 +64,8 @@ def run_records(mm, texts: list[str], max_len: int = 512, batch_tokens: int = 40
     nll: list = [None] * len(enc)
     counts = np.zeros((len(enc), L, E), np.int32)
     captured: dict[int, torch.Tensor] = {}
-    hooks = [layer.router.register_forward_hook(lambda m, a, out, j=j: captured.__setitem__(j, out[2]))
-             for j, layer in enumerate(mm.layers)]
+    hooks = mm.hooks({f"L{layer.index}.router": lambda m, a, out, j=j: captured.__setitem__(j, RouterOut.of(out).index)
+                      for j, layer in enumerate(mm.layers)})
     batches, cur = [], []
     for i in order:
         if cur and (len(cur) + 1) * len(enc[i]) > batch_tokens:
@@ -91,8 +93,7 @@ def run_records(mm, texts: list[str], max_len: int = 512, batch_tokens: int = 40
                 n = len(enc[i])
                 nll[i] = (-lp[r, : n - 1]).numpy()
     finally:
-        for h in hooks:
-            h.remove()
+        hooks.remove()
     targets = [np.asarray(e[1:]) for e in enc]
     return nll, targets, counts
 

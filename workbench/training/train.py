@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench.models.hooks import RouterOut
+
 SEED = 0
 
 
@@ -86,7 +88,7 @@ def expert_load(model, data: torch.Tensor, seq: int, batch: int = 16) -> list[li
     hooks = []
     for i, layer in enumerate(model.model.layers):
         def hook(mod, args, out, i=i):
-            counts[i] += torch.bincount(out[2].reshape(-1), minlength=model.config.num_experts)
+            counts[i] += torch.bincount(RouterOut.of(out).index.reshape(-1), minlength=model.config.num_experts)
         hooks.append(layer.mlp.gate.register_forward_hook(hook))
     n = (data.numel() - 1) // seq
     with torch.no_grad():
