@@ -158,7 +158,9 @@ def test_sglang_dump_chunked_prefill_and_decode(captured, tmp_path):
                 "misc_objects": [], "global_physical_count": torch.zeros(4, 8, dtype=torch.int32)}
 
     c, d0, d1 = 4, n0 - 2, n1 - 2  # decode the last two tokens of each doc
-    records = [rec(0, [(0, 0, c), (1, 0, d1)], [c, d1]),
+    # the chunked request is the last one of its prefill batch (SGLang's PrefillAdder truncates the request it
+    # adds last) and resumes in the next prefill batch
+    records = [rec(0, [(1, 0, d1), (0, 0, c)], [d1, c]),
                rec(1, [(0, c, d0)], [d0 - c]),
                rec(2, [(0, d0, d0 + 1), (1, d1, d1 + 1)], None),
                rec(3, [(1, d1 + 1, d1 + 2), (0, d0 + 1, d0 + 2)], None)]  # batch order may change
@@ -172,9 +174,9 @@ def test_sglang_dump_chunked_prefill_and_decode(captured, tmp_path):
     key = ["pos", "layer", "experts"]
     got = imp.routing.sort("doc_id", "pos", "layer").collect()
     want = run.routing.sort("doc_id", "pos", "layer").collect()
-    for doc in (0, 1):
-        assert got.filter(pl.col("doc_id") == doc).select(key).equals(want.filter(pl.col("doc_id") == doc).select(key))
-    ph = imp.tokens.filter(pl.col("doc_id") == 0).sort("pos").collect()["phase"].to_list()
+    for seq, doc in ((0, 1), (1, 0)):  # sequences numbered as they appear: doc 1 is the first segment
+        assert got.filter(pl.col("doc_id") == seq).select(key).equals(want.filter(pl.col("doc_id") == doc).select(key))
+    ph = imp.tokens.filter(pl.col("doc_id") == 1).sort("pos").collect()["phase"].to_list()
     assert ph == ["prefill"] * d0 + ["decode"] * 2
 
 

@@ -4,16 +4,22 @@ Engines record expert ids only (no routing weights, logits or expert outputs), s
 `tokens/` and `routing/` with null weights (or, from an aggregated SGLang dump, only `expert_load/`
 counts). Every analysis that needs expert ids alone runs on it unchanged.
 
-Formats (read from the engines' source):
-- vLLM `enable_return_routed_experts`: `CompletionOutput.routed_experts` is an int array
-  [tokens, num_hidden_layers, top_k] covering prompt + output minus the last token (never fed
-  back); newer releases split it into `RequestOutput.prompt_routed_experts` and the completion's
-  generated part. Ids are logical (captured before the EPLB logical->physical mapping); the layer
-  axis is the decoder-layer index, dense layers left zero.
+Formats, per release, read from the engines' released source (docs/guides/engines.md has the table):
+- vLLM `enable_return_routed_experts` (0.14+): one array [prompt + output - 1 - prompt_start,
+  num_hidden_layers, top_k] per sample (`CompletionOutput.routed_experts`); 0.21.0 alone split it into
+  `RequestOutput.prompt_routed_experts` + the generated part. dtype int32 (..0.20), int16 (0.21), uint8 /
+  uint16 above 256 experts (0.22+). The OpenAI server sends it per choice, as nested lists before 0.22
+  and as base64 of `np.save` bytes from 0.22. Ids are logical, except 0.14-0.15 under EPLB (physical).
+  0.34 adds the request field `routed_experts_prompt_start` (the first rows are not sent).
 - SGLang `--enable-return-routed-experts`: `meta_info["routed_experts"]` is base64 of int32
-  [seqlen - 1, num_hidden_layers, top_k]; ids are captured after the EPLB mapping, so physical.
+  [seqlen - 1 - routed_experts_start_len, num_hidden_layers, top_k]; physical ids in 0.5.7-0.5.9,
+  logical from 0.5.10 (captured before the logical->physical remap).
 - SGLang expert distribution recorder (`.pt`): per-token records (`topk_ids_of_layer` [layers,
-  tokens, 8], -1 padded, physical ids, plus `last_physical_to_logical_map`) or counts.
+  tokens, 8], -1 padded, physical ids, plus `last_physical_to_logical_map`), per-pass counts, or
+  `stat` counts (a circular buffer of logical counts, summed over all ranks).
+
+Everything the input declares (counts, shapes, ids) is checked against the payload and the run's
+column types before anything is allocated or written: a refused import leaves no run folder.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from ..errors import WorkbenchError
 
@@ -118,6 +125,61 @@ def layer_columns(n_src: int, facts: dict) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Limits of the run's columns, and reading fields an engine (or a hand-edited file) declares
+
+INT16_MAX = 2**15 - 1  # routing.experts, routing.layer, expert_load.expert
+INT32_MAX = 2**31 - 1  # tokens.token_id, tokens.pos
+
+
+def whole(value, what: str, lo: int = 0, hi: int = INT32_MAX) -> int:
+    """A declared count or offset as an int in [lo, hi], or one sentence saying why not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise WorkbenchError(f"{what} must be a whole number, got {str(value)[:40]!r}")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise WorkbenchError(f"{what} must be a whole number, got {value!r}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise WorkbenchError(f"{what} is {v}, outside [{lo}, {hi}]")
+    return v
+
+
+def id_list(x, what: str) -> list[int]:
+    """Token ids (a list, array or tensor of whole numbers that fit the int32 token_id column)."""
+    if x is None:
+        return []
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    if isinstance(x, (str, bytes, dict)) or not hasattr(x, "__len__"):
+        raise WorkbenchError(f"{what} must be a list of token ids, got {type(x).__name__}")
+    if len(x) and (isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer)):
+        a = x.astype(np.int64).reshape(-1)
+    else:
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in x):
+            bad = next(t for t in x if isinstance(t, bool) or not isinstance(t, (int, np.integer)))
+            raise WorkbenchError(f"{what} must hold whole token ids, found {str(bad)[:40]!r}")
+        try:
+            a = np.asarray([int(t) for t in x], np.int64)
+        except OverflowError:
+            raise WorkbenchError(f"{what} holds a token id beyond 64 bits") from None
+    if a.size and (a.min() < 0 or a.max() > INT32_MAX):
+        v = int(a.min()) if a.min() < 0 else int(a.max())
+        raise WorkbenchError(f"{what} holds token id {v}, outside the stored range [0, {INT32_MAX}]")
+    return a.tolist()
+
+
+def parse_version(v) -> tuple | None:
+    """'0.5.10' / 'v0.22.1rc1' -> (0, 5, 10) / (0, 22, 1); None stays None."""
+    if v is None:
+        return None
+    import re
+
+    m = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", str(v).strip())
+    if not m:
+        raise WorkbenchError(f"--engine-version must look like 0.22.1, got {str(v)[:40]!r}")
+    return tuple(int(g) for g in m.groups(default="0"))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Physical -> logical expert ids
 
 
@@ -127,8 +189,8 @@ def load_physical_to_logical(src) -> np.ndarray:
         return None
     if isinstance(src, (str, Path)):
         p = Path(src)
-        if not p.exists():
-            raise WorkbenchError(f"expert-location file {p} does not exist")
+        if not p.is_file():
+            raise WorkbenchError(f"expert-location file {p} does not exist or is not a file")
         if p.suffix == ".pt":
             import torch
 
@@ -139,7 +201,7 @@ def load_physical_to_logical(src) -> np.ndarray:
         else:
             try:
                 data = json.loads(p.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise WorkbenchError(f"{p} is not valid JSON") from None
         src = data
     if isinstance(src, dict):
@@ -149,10 +211,76 @@ def load_physical_to_logical(src) -> np.ndarray:
                 break
         else:
             raise WorkbenchError("the expert-location data has no physical_to_logical_map")
-    arr = np.asarray(src.cpu().numpy() if hasattr(src, "cpu") else src, np.int64)
-    if arr.ndim != 2:
-        raise WorkbenchError(f"physical_to_logical_map must be [layers, physical experts], got shape {arr.shape}")
-    return arr
+    try:
+        arr = np.asarray(src.cpu().numpy() if hasattr(src, "cpu") else src)
+    except (ValueError, TypeError):
+        raise WorkbenchError("physical_to_logical_map must be a [layers, physical experts] table of ids") from None
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise WorkbenchError(f"physical_to_logical_map must be [layers, physical experts] of whole ids, got "
+                             f"shape {arr.shape} of {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def map_for_layers(m: np.ndarray, facts: dict) -> np.ndarray:
+    """The map's rows for the MoE layers, in `moe_layers` order (a map may list every decoder layer)."""
+    moe = list(facts["moe_layers"])
+    if m.shape[0] == facts["n_layers"]:
+        return m[moe]
+    if m.shape[0] == len(moe):
+        return m
+    raise WorkbenchError(f"physical_to_logical_map has {m.shape[0]} layers; the model has {facts['n_layers']} "
+                         f"decoder layers ({len(moe)} MoE)")
+
+
+def to_logical(m: np.ndarray, ex: np.ndarray, E: int) -> np.ndarray:
+    """ex [R, L, K] physical (all >= 0) -> logical through m [L, P]; a slot the map leaves empty (-1) or
+    sends past E must not be used: the map is not the one the engine ran."""
+    if ex.size == 0:
+        return ex
+    hi = int(ex.max())
+    if hi >= m.shape[1]:
+        raise WorkbenchError(f"expert id {hi} exceeds the {m.shape[1]} physical experts of the "
+                             "physical_to_logical_map: the map is not the one the engine ran")
+    out = m[np.arange(ex.shape[1])[None, :, None], ex]
+    bad = (out < 0) | (out >= E)
+    if bad.any():
+        r, layer, k = (int(v[0]) for v in np.nonzero(bad))
+        raise WorkbenchError(f"the physical_to_logical_map sends physical expert {int(ex[r, layer, k])} (MoE layer "
+                             f"{layer}) to {int(out[r, layer, k])}, not an expert below {E}, yet {int(bad.sum())} "
+                             "routed slots use such entries: the map is not the one the engine ran")
+    return out
+
+
+# Releases whose ids are physical (after the EPLB logical->physical remap); the rest report logical ids.
+PHYSICAL_RELEASES = {"vllm": ((0, 0, 0), (0, 16, 0)), "sglang": ((0, 0, 0), (0, 5, 10))}
+
+
+def resolve_ids(engine: str, version: tuple | None, p2l, max_raw: int, E: int, facts: dict):
+    """(map to apply or None, what the stored ids are) for responses of `engine` at `version`."""
+    name = {"vllm": "vLLM", "sglang": "SGLang"}[engine]
+    lo, hi = PHYSICAL_RELEASES[engine]
+    vs = None if version is None else ".".join(map(str, version))
+    if version is not None and not lo <= version < hi:  # logical ids
+        if p2l is not None:
+            raise WorkbenchError(f"{name} {vs} reports logical expert ids (captured before its EPLB remap): drop "
+                                 "--physical-to-logical")
+        return None, "logical"
+    if p2l is None:
+        if max_raw >= E:
+            raise WorkbenchError(
+                f"expert id {max_raw} is out of range for {E} experts: the engine ran with redundant (physical) "
+                "experts; pass the placement it used with --physical-to-logical (SGLang's expert-location JSON or "
+                "a recorder dump)" + ("" if version is not None else ", or --engine-version if the model differs"))
+        return None, "physical = logical (no EPLB)" if version is not None else "logical"
+    m = map_for_layers(p2l, facts)
+    if version is None and max_raw < E and max_raw >= 0:
+        ident = (m[:, : max_raw + 1] == np.arange(min(max_raw + 1, m.shape[1]))).all()
+        if not ident:
+            raise WorkbenchError(
+                f"every expert id is below {E}, so the ids may be logical ({name} "
+                f"{'0.16+' if engine == 'vllm' else '0.5.10+'} captures them before the remap) and the map would "
+                f"corrupt them: pass --engine-version (the {name} release that served) to say which they are")
+    return p2l, "logical (mapped from physical)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,60 +299,60 @@ def _experts_list(ex: np.ndarray) -> pa.Array:
 
 
 class _DocConverter:
-    """Engine layout -> rows in the run's layout (decoder-layer index, logical ids, valid tokens only)."""
+    """Engine layout -> rows in the run's layout (MoE layers in order, logical ids, valid tokens only)."""
 
-    def __init__(self, facts: dict, p2l: np.ndarray | None):
-        self.facts, self.p2l = facts, p2l
+    def __init__(self, facts: dict, p2l: np.ndarray | None = None):
+        self.facts = facts
         self.E, self.K = int(facts["n_experts"]), int(facts["top_k"])
+        self.p2l = None if p2l is None else map_for_layers(p2l, facts)
         self.layers = np.asarray(facts["moe_layers"], np.int16)
+        self.vocab = facts.get("vocab_size")
         self.dropped = 0  # tokens whose routing the engine left empty (zero-filled or -1)
         self.unrouted_tail = 0  # tokens after the last routed one (the last generated token)
 
-    def convert(self, doc: Doc):
+    def _moe(self, doc: Doc) -> np.ndarray:
         ex = np.asarray(doc.experts)
         if ex.ndim != 3:
             raise WorkbenchError(f"routed experts must be [tokens, layers, top_k], got shape {ex.shape}")
         if ex.shape[2] < self.K:
             raise WorkbenchError(f"routed experts hold {ex.shape[2]} experts a token, the model's top_k is {self.K}")
         cols = layer_columns(ex.shape[1], self.facts)
-        ex = ex[:, :, : self.K].astype(np.int64) if ex.shape[2] > self.K else ex.astype(np.int64)
-        if self.p2l is not None:
-            ex = self._to_logical(ex)
-        ex = ex[:, cols, :]  # [R, L_moe, K]
-        r = min(len(ex), len(doc.token_ids))
-        self.unrouted_tail += len(doc.token_ids) - r
-        ex = ex[:r]
+        return ex[:, cols, : self.K].astype(np.int64)
+
+    def _bad(self, ex: np.ndarray) -> np.ndarray:
         bad = (ex < 0).any(axis=(1, 2))
         if self.K > 1:  # a real top-k never repeats an expert; a zero-filled slot does
             bad |= (ex == ex[:, :, :1]).all(axis=2).any(axis=1)
-        if (ex[~bad] >= self.E).any():
-            hi = int(ex[~bad].max())
-            raise WorkbenchError(
-                f"expert id {hi} is out of range for {self.E} experts: the engine ran with redundant (physical) "
-                "experts; pass the placement it used with --physical-to-logical (SGLang's expert-location JSON "
-                "or a recorder dump)")
+        return bad
+
+    def raw_max(self, doc: Doc) -> int:
+        ex = self._moe(doc)
+        ok = ex[~self._bad(ex)]
+        return int(ok.max()) if ok.size else -1
+
+    def convert(self, doc: Doc):
+        ex = self._moe(doc)
+        n_ids = len(doc.token_ids)
+        if len(ex) > n_ids:
+            raise WorkbenchError(f"{len(ex)} routing rows for {n_ids} tokens")
+        if doc.start + n_ids - 1 > INT32_MAX:
+            raise WorkbenchError(f"position {doc.start + n_ids - 1} is beyond the stored range (int32)")
+        self.unrouted_tail += n_ids - len(ex)
+        bad = self._bad(ex)
         keep = np.flatnonzero(~bad)
+        good = ex[keep]
+        if self.p2l is not None:
+            good = to_logical(self.p2l, good, self.E)
+        if good.size and good.max() >= self.E:
+            raise WorkbenchError(f"expert id {int(good.max())} is out of range for {self.E} experts")
+        ids = np.asarray(doc.token_ids, np.int64)[keep]
+        if ids.size and (ids.max() > INT32_MAX or ids.min() < -1):
+            raise WorkbenchError(f"token id {int(ids.max())} is beyond the stored range (int32)")
+        if self.vocab and ids.size and ids.max() >= int(self.vocab):
+            raise WorkbenchError(f"token id {int(ids.max())} is out of range for the model's {self.vocab}-token "
+                                 "vocabulary: the trace is not from this model")
         self.dropped += int(bad.sum())
-        return keep, ex[keep]
-
-    def _to_logical(self, ex: np.ndarray) -> np.ndarray:
-        m = self.p2l
-        if m.shape[0] != ex.shape[1]:
-            if m.shape[0] == len(self.layers) and ex.shape[1] == self.facts["n_layers"]:
-                full = np.tile(np.arange(m.shape[1]) % self.E, (ex.shape[1], 1))
-                full[self.layers] = m
-                m = full
-            else:
-                raise WorkbenchError(f"physical_to_logical_map has {m.shape[0]} layers, the routing {ex.shape[1]}")
-        if ex.max(initial=0) >= m.shape[1]:
-            raise WorkbenchError(f"expert id {int(ex.max())} exceeds the {m.shape[1]} physical experts of the map")
-        return _map_ids(m, ex)
-
-
-def _map_ids(m: np.ndarray, ex: np.ndarray) -> np.ndarray:
-    """ex [R, L, K] physical -> logical through m [L, P] (negative ids stay negative)."""
-    lidx = np.arange(ex.shape[1])[None, :, None]
-    return np.where(ex >= 0, m[lidx, np.maximum(ex, 0)], ex)
+        return keep, good, ids
 
 
 def _hash_docs(docs, h) -> None:
@@ -237,39 +365,122 @@ def _hash_docs(docs, h) -> None:
         h.update(json.dumps([d.n_prompt, d.start, d.cached, d.labels], sort_keys=True, default=str).encode())
 
 
+def _scan(docs_factory, facts: dict, engine: str):
+    """Pass 1 over the input: its hash, and the largest raw expert id (everything `iter_docs` refuses
+    is refused here, before a run folder exists)."""
+    h = hashlib.sha256()
+    probe = _DocConverter(facts)
+    hi = -1
+    n = 0
+    for d in docs_factory():
+        n += 1
+        _hash_docs([d], h)
+        if isinstance(d, Counts):
+            continue
+        hi = max(hi, probe.raw_max(d))
+    if not n:
+        raise WorkbenchError(f"nothing to import: the {engine} input holds no request")
+    return h.hexdigest(), hi
+
+
+def _check_counts(docs_factory, facts: dict, p2l) -> None:
+    for d in docs_factory():
+        if isinstance(d, Counts):
+            _load_table(d, facts, p2l)
+
+
 def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray | None = None,
               source_desc: dict | None = None, resume: bool = False, overwrite: bool = False,
-              part_tokens: int = 65536, progress: bool = True, id_kind: str = "logical"):
+              part_tokens: int = 65536, progress: bool = True, id_kind: str = "logical",
+              engine_version: tuple | None = None, sha: str | None = None):
     """Write the Docs (or Counts) that `docs_factory()` yields into the run folder `out`.
 
-    `docs_factory` is called twice (a hash for the run's identity, then the write), so resume can
-    check that it continues the same input. A part holds whole documents; `batch_end` counts them."""
+    `docs_factory` is called more than once: a dry pass converts and checks everything (so a refused
+    input leaves no run folder, and the manifest's counts cover every row, also after --resume), then
+    the write, which on resume skips the documents already written. A part holds whole documents."""
     from ..pipeline import TokenDecoder as _Decoder, progress_bar as _progress, versions as _versions
     from ..store import RunWriter, open_run
 
-    h = hashlib.sha256()
-    _hash_docs(docs_factory(), h)
     facts = model_info["facts"]
-    identity = {"source": engine, "sha256": h.hexdigest(), "model": facts.get("spec"),
+    for key, hi in (("n_experts", INT16_MAX + 1), ("n_layers", INT16_MAX + 1), ("top_k", 1024)):
+        whole(facts[key], f"the model's {key}", 1, hi)
+    if sha is None:
+        sha = _scan(docs_factory, facts, engine)[0]
+    # dry pass: every refusal happens here, and the counts cover all rows
+    conv = _DocConverter(facts, p2l)
+    n_docs = n_tokens = 0
+    counts_meta: dict = {}
+    labels_all: list[str] = []
+    for d in docs_factory():
+        if isinstance(d, Counts):
+            _load_table(d, facts, p2l)
+            counts_meta.update(d.meta, windows=int(d.counts.shape[0]), window=d.window)
+            continue
+        keep, _, _ = conv.convert(d)
+        labels_all.extend(k for k in d.labels if k not in labels_all)
+        n_docs += 1
+        n_tokens += len(keep)
+    if not n_tokens and not counts_meta:
+        raise WorkbenchError(f"nothing to import: no token of the {engine} input carries routing")
+    stats = dict(counts_meta)
+    if n_docs:
+        stats.update(documents=n_docs, tokens=n_tokens, dropped_empty_routing=conv.dropped,
+                     tokens_without_routing=conv.unrouted_tail)
+    identity = {"source": engine, "sha256": sha, "model": facts.get("spec"), "expert_ids": id_kind,
                 "physical_to_logical": None if p2l is None else hashlib.sha256(p2l.tobytes()).hexdigest()[:16]}
+    settings = {"import": engine, "expert_ids": id_kind}
+    if engine_version is not None:
+        settings["engine_version"] = ".".join(map(str, engine_version))
     manifest = {"identity": identity, "source": engine, "model": facts,
                 "dataset": {"name": f"{engine} import", **(source_desc or {})},
                 "label_columns": [], "probes": {"routing": {"weights": False, "logits": False}},
-                "settings": {"import": engine, "expert_ids": id_kind}, "interventions": {},
+                "settings": settings, "interventions": {},
                 "dtype": None, "device": None, "versions": _versions()}
+    fresh = not Path(out).exists()
     w = RunWriter(out, manifest, resume=resume, overwrite=overwrite)
     if w.already_complete:
         return open_run(out)
+    try:
+        _write(w, docs_factory, engine, model_info, facts, p2l, part_tokens, progress, _Decoder, _progress)
+    except WorkbenchError:
+        if fresh and not w.manifest.get("parts"):
+            _remove_fresh(w, Path(out))
+        raise
+    w.finish(label_columns=labels_all, **{"import": stats})
+    return open_run(out)
+
+
+def _remove_fresh(w, out: Path) -> None:
+    """A refusal after the folder was made (should the dry pass miss one): leave nothing that blocks a retry."""
+    from ..store import LOCK, MANIFEST
+
+    w.discard_uncommitted()
+    w.release()
+    for name in (MANIFEST, LOCK):
+        f = out / name
+        if f.is_file() and not f.is_symlink():
+            f.unlink()
+    for d in out.iterdir() if out.is_dir() else []:
+        if d.is_dir() and not d.is_symlink():
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    try:
+        out.rmdir()
+    except OSError:
+        pass
+
+
+def _write(w, docs_factory, engine, model_info, facts, p2l, part_tokens, progress, _Decoder, _progress):
     conv = _DocConverter(facts, p2l)
     tok = model_info.get("tokenizer")
     decode = _Decoder(tok) if tok is not None else None
     buf_tok, buf_rt, buf_load = [], [], []
     n_buf = 0
-    labels_seen: list[str] = list(w.manifest.get("label_columns", []))
-    stats = dict(w.manifest.get("import", {}) or {})
-    n_docs = n_tokens = 0
     start = w.next_batch
     bar = _progress(None, 0, progress, f"import {engine}")
+    L = len(conv.layers)
 
     def flush(batch_end):
         nonlocal buf_tok, buf_rt, buf_load, n_buf
@@ -289,17 +500,18 @@ def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray 
         if index < start:
             continue
         if isinstance(d, Counts):
-            buf_load.append(_load_table(d, facts, p2l))
-            stats["windows"] = int(d.counts.shape[0])
-            stats["window"] = d.window
-            stats.update(d.meta)
+            t = _load_table(d, facts, p2l)
+            buf_load.append(t)
+            # a counts part's `tokens`: the tokens its counts route (slots / (top_k x MoE layers)), at least
+            # one a window, so the store's row bound (windows x layers x experts) holds
+            W = len(t) // max(1, L * int(facts["n_experts"]))
+            n_buf = max(W, int(round(pa.compute.sum(t["count"]).as_py() or 0) / max(1, conv.K * L)))
             flush(index + 1)
             continue
-        keep, ex = conv.convert(d)
+        keep, ex, ids = conv.convert(d)
         n = len(keep)
         if n:
             pos = (d.start + keep).astype(np.int32)
-            ids = np.asarray(d.token_ids, np.int64)[keep]
             cols = {"doc_id": pa.array(np.full(n, index, np.int64)), "pos": pa.array(pos),
                     "token_id": pa.array(ids.astype(np.int32)),
                     "token": decode(np.maximum(ids, 0)) if decode is not None and (ids >= 0).all()
@@ -308,10 +520,7 @@ def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray 
                     "cached": pa.array(keep < d.cached)}
             for k, v in d.labels.items():
                 cols[k] = pa.array([v] * n)
-                if k not in labels_seen:
-                    labels_seen.append(k)
             buf_tok.append(pa.table(cols))
-            L = len(conv.layers)
             buf_rt.append(pa.table({
                 "doc_id": pa.array(np.full(n * L, index, np.int64)),
                 "pos": pa.array(np.repeat(pos, L)),
@@ -319,32 +528,55 @@ def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray 
                 "experts": _experts_list(ex.reshape(n * L, -1)),
                 "weights": _null_weights(n * L, conv.K)}))
             n_buf += n
-            n_tokens += n
-        n_docs += 1
         bar.update(n)
         if n_buf >= part_tokens:
             flush(index + 1)
     flush(index + 1)
     bar.close()
-    for k, v in (("documents", n_docs), ("tokens", n_tokens), ("dropped_empty_routing", conv.dropped),
-                 ("tokens_without_routing", conv.unrouted_tail)):
-        stats[k] = int(stats.get(k, 0)) + int(v)
-    w.finish(label_columns=labels_seen, **{"import": stats})
-    if not any(p["files"] for p in w.manifest["parts"]):
-        raise WorkbenchError(f"nothing to import: no token of the {engine} input carries routing")
-    return open_run(out)
 
 
 def _load_table(c: Counts, facts: dict, p2l) -> pa.Table:
-    cnt = np.asarray(c.counts, np.int64)
+    cnt = np.asarray(c.counts)
+    if cnt.ndim != 3 or not (np.issubdtype(cnt.dtype, np.integer) or cnt.size == 0):
+        raise WorkbenchError(f"expert counts must be whole numbers [windows, layers, experts], got shape "
+                             f"{cnt.shape} of {cnt.dtype}")
+    cnt = cnt.astype(np.int64)
+    if cnt.size and cnt.min() < 0:
+        raise WorkbenchError(f"expert counts hold {int(cnt.min())}: counts cannot be negative")
     cols = layer_columns(cnt.shape[1], facts)
     cnt = cnt[:, cols, :]
-    W, L, E = cnt.shape
+    E = int(facts["n_experts"])
+    if p2l is not None:
+        cnt = physical_to_logical_counts(cnt, map_for_layers(p2l, facts), E)
+    elif cnt.shape[2] != E:
+        raise WorkbenchError(f"the counts cover {cnt.shape[2]} experts for {E} logical ones and no "
+                             "physical_to_logical_map is known: pass --physical-to-logical")
+    W, L, _ = cnt.shape
     layers = np.asarray(facts["moe_layers"], np.int16)
     return pa.table({"window": pa.array(np.repeat(np.arange(W, dtype=np.int64), L * E)),
                      "layer": pa.array(np.tile(np.repeat(layers, E), W)),
                      "expert": pa.array(np.tile(np.arange(E, dtype=np.int16), W * L)),
                      "count": pa.array(cnt.reshape(-1))})
+
+
+def physical_to_logical_counts(phys: np.ndarray, m: np.ndarray, E: int) -> np.ndarray:
+    """[W, L, P] physical counts -> [W, L, E] logical (replicas of one expert add up). A slot the map
+    leaves empty (-1) or sends past E may hold no count: the map is not the engine's otherwise."""
+    W, L, P = phys.shape
+    if m.shape[1] != P:
+        raise WorkbenchError(f"the counts cover {P} physical experts, the physical_to_logical_map {m.shape[1]}")
+    invalid = (m < 0) | (m >= E)  # [L, P]
+    lost = phys[:, invalid].sum() if invalid.any() else 0
+    if lost:
+        layer, p = (int(v[0]) for v in np.nonzero(invalid & (phys.sum(0) > 0)))
+        raise WorkbenchError(f"the physical_to_logical_map sends physical expert {p} (MoE layer {layer}) to "
+                             f"{int(m[layer, p])}, not an expert below {E}, yet {int(lost)} counts fall there: "
+                             "the map is not the one the engine ran")
+    out = np.zeros((W, L, E), np.int64)
+    for layer in range(L):
+        ok = ~invalid[layer]
+        np.add.at(out[:, layer, :], (slice(None), m[layer][ok]), phys[:, layer, ok])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,18 +585,22 @@ def _load_table(c: Counts, facts: dict, p2l) -> pa.Table:
 
 def import_routed_experts(outputs, out, engine: str | None = None, model=None, tokens=None,
                           physical_to_logical=None, n_experts: int | None = None, resume: bool = False,
-                          overwrite: bool = False, part_tokens: int = 65536, progress: bool = True):
+                          overwrite: bool = False, part_tokens: int = 65536, progress: bool = True,
+                          engine_version: str | None = None, routed_start: int | None = None):
     """Write an engine's recorded routing as a workbench run and open it.
 
-    outputs: vLLM `RequestOutput`s (or dicts with the same fields, e.g. the OpenAI server's JSON),
-    SGLang `/generate` response dicts, a SGLang recorder dump (`.pt` file or folder), or a file of
-    them (`.jsonl` / `.json`). engine: vllm, sglang or sglang-dump (guessed when None).
-    model: the served model (`demo`, a folder, a config.json, a hub id in the local cache): gives
-    decoder layers, MoE layers, E and top-k; without it they are inferred from the routing.
+    outputs: vLLM `RequestOutput`s or OpenAI-server responses (completions, chat; objects or JSON),
+    SGLang `/generate` responses (a batch or n > 1 answer is a list of them), a SGLang recorder dump
+    (`.pt` file or folder), or a file of them (`.jsonl` / `.json`). engine: vllm, sglang or
+    sglang-dump (guessed when None). model: the served model (`demo`, a folder, a config.json, a hub
+    id in the local cache): decoder layers, MoE layers, E and top-k; without it they are inferred.
     tokens: per-request token ids / labels when the engine output lacks them (list of dicts or a
-    .jsonl path; fields `input_ids`, `output_ids`, anything else becomes a label column).
-    physical_to_logical: SGLang's placement ([layers, physical] array or its JSON / `.pt`) when it
-    ran with EPLB; vLLM already reports logical ids.
+    .jsonl path; `input_ids`, `output_ids`, anything else becomes a label column).
+    physical_to_logical: the placement ([layers, physical] array or SGLang's JSON / `.pt`) for
+    releases that report physical ids (SGLang 0.5.7-0.5.9, vLLM 0.14-0.15 under EPLB).
+    engine_version: the release that served ("0.5.10"): says whether ids are physical or logical.
+    routed_start: rows skipped at the front (vLLM `routed_experts_prompt_start`, SGLang
+    `routed_experts_start_len`) when the responses do not carry it.
     """
     from . import sglang, vllm
 
@@ -373,25 +609,29 @@ def import_routed_experts(outputs, out, engine: str | None = None, model=None, t
         raise WorkbenchError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if part_tokens < 1:
         raise WorkbenchError("part_tokens must be at least 1")
+    if n_experts is not None:
+        n_experts = whole(n_experts, "--experts", 1, INT16_MAX + 1)
+    if routed_start is not None:
+        routed_start = whole(routed_start, "--routed-start")
+    version = parse_version(engine_version)
     tok_rows = vllm.read_tokens(tokens)
     p2l = load_physical_to_logical(physical_to_logical)
     mi = model_facts(model) if model is not None else None
     desc = {"path": str(outputs)} if isinstance(outputs, (str, Path)) else {"objects": True}
-    if engine == "vllm":
-        factory, mi = vllm.docs(outputs, tok_rows, mi, n_experts)
-        id_kind = "logical"
-        if p2l is not None:
-            raise WorkbenchError("vLLM reports logical expert ids (before its EPLB mapping): drop --physical-to-logical")
-    elif engine == "sglang":
-        factory, mi = sglang.docs(outputs, tok_rows, mi, n_experts)
-        id_kind = "logical (mapped)" if p2l is not None else "as reported (physical = logical without EPLB)"
+    if engine in ("vllm", "sglang"):
+        mod = vllm if engine == "vllm" else sglang
+        factory, mi = mod.docs(outputs, tok_rows, mi, n_experts, routed_start)
+        facts = mi["facts"]
+        sha, max_raw = _scan(factory, facts, engine)
+        p2l, id_kind = resolve_ids(engine, version, p2l, max_raw, int(facts["n_experts"]), facts)
     else:
         factory, mi, dump_p2l = sglang.dump_docs(outputs, mi, n_experts)
         if p2l is None:
             p2l = dump_p2l
-        id_kind = "logical (mapped)" if p2l is not None else "as reported"
+        id_kind = "logical (mapped from physical)" if p2l is not None else "as recorded"
+        sha = None
     return write_run(factory, out, engine, mi, p2l=p2l, source_desc=desc, resume=resume, overwrite=overwrite,
-                     part_tokens=part_tokens, progress=progress, id_kind=id_kind)
+                     part_tokens=part_tokens, progress=progress, id_kind=id_kind, engine_version=version, sha=sha)
 
 
 def _guess_engine(outputs) -> str:
@@ -400,7 +640,12 @@ def _guess_engine(outputs) -> str:
         if p.suffix == ".pt" or (p.is_dir() and any(p.glob("*.pt"))):
             return "sglang-dump"
         raise WorkbenchError(f"cannot tell which engine wrote {p}: name it (vllm, sglang or sglang-dump)")
-    first = next(iter(outputs), None) if isinstance(outputs, (list, tuple)) else outputs
+    first = outputs
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
     if isinstance(first, dict):
-        return "sglang" if "meta_info" in first else "vllm"
+        if "meta_info" in first:
+            return "sglang"
+        if "records" in first or "logical_count" in first:
+            return "sglang-dump"
     return "vllm"
