@@ -404,4 +404,26 @@ def test_stat_dump_drops_empty_buffer_slots(cap, tmp_path):
     torch.save({"rank": 0, "logical_count": filled}, tmp_path / "full.pt")  # every slot written: maybe wrapped
     imp2 = import_routed_experts(str(tmp_path / "full.pt"), tmp_path / "imp2", model=str(model), progress=False)
     assert imp2.manifest["import"]["window_order"].startswith("unknown")
-    assert "order" in analyze("placement", imp2, ep=2, redundant=2).summary
+    assert "window order is unknown" in analyze("placement", imp2, ep=2, redundant=2).summary
+    assert "window order" not in res.summary
+
+
+def test_placement_skips_empty_windows_of_older_imports(cap, tmp_path):
+    """A run imported before empty slots were dropped keeps them in expert_load: placement ignores them
+    (it fitted and judged on 967 empty windows of 1,000, '1.000 -> 1.000')."""
+    from workbench.analysis import analyze
+    from workbench.importers import Counts, model_facts, write_run
+
+    model, _, _ = cap
+    rng = np.random.default_rng(2)
+    c = np.zeros((12, NL, E), np.int64)
+    c[:4, 1:] = rng.integers(1, 60, (4, NL - 1, E))
+    mi = model_facts(str(model))
+    old = write_run(lambda: iter([Counts(counts=c, window="recorder step")]), tmp_path / "old", "sglang-dump", mi,
+                    progress=False)
+    new = write_run(lambda: iter([Counts(counts=c[:4], window="recorder step")]), tmp_path / "new", "sglang-dump",
+                    mi, progress=False)
+    a = analyze("placement", old, ep=2, redundant=2, fit_fraction=0.5)
+    b = analyze("placement", new, ep=2, redundant=2, fit_fraction=0.5)
+    assert a.tables["balance"]["window"].max() == 3
+    assert a.tables["layers"].equals(b.tables["layers"])

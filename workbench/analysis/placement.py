@@ -55,6 +55,11 @@ def window_loads(run, window: int = 1024) -> tuple[np.ndarray, list[int], int, s
         counts = np.zeros((W, len(layers), E), np.int64)
         counts[df["window"].to_numpy(), [li[int(x)] for x in df["layer"].to_numpy()], df["expert"].to_numpy()] = \
             df["count"].to_numpy()
+        # a recorder window with no count is an unused slot of its circular buffer (runs imported before
+        # the importer dropped them), not an idle step: fitting or judging on it says nothing
+        counts = counts[counts.reshape(W, -1).any(axis=1)]
+        if not len(counts):
+            raise WorkbenchError(f"run {run.path} holds no expert load: every recorded window is empty")
         return counts, layers, 1, run.manifest.get("import", {}).get("window", "window")
     raise WorkbenchError(f"run {run.path} has neither routing nor expert_load counts")
 
@@ -160,6 +165,10 @@ def analyze(run, ep: int = 8, redundant: int | None = None, window: int = 1024, 
                f"{unit} (fit on {n_fit}, judged on {int(held.sum())}{' held out' if n_fit < W else ''}): "
                f"mean balancedness contiguous {mb:.3f} -> eplb {ma:.3f}; max/mean GPU load "
                f"{lay['max_over_mean_contiguous'].mean():.3f} -> {lay['max_over_mean_eplb'].mean():.3f}")
+    order = (run.manifest.get("import") or {}).get("window_order", "")
+    if order.startswith("unknown"):
+        summary += ("\nthe recorder's buffer was full, so it may have wrapped: window order is unknown and the "
+                    "held-out windows are not necessarily the later ones")
     res = AnalysisResult("placement", {"balance": balance, "layers": lay, "placement": placement, "experts": experts},
                          main="balance", summary=summary,
                          meta={"ep": ep, "redundant": redundant, "n_layers": int(run.model_info.get("n_layers") or
