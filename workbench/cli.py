@@ -10,47 +10,14 @@ import errno
 import os
 import sys
 
+from .analysis.registry import ANALYSES as _SPECS, cli_analyses
 from .errors import WorkbenchError
 
 from . import options as opt
 
-# Analysis subcommands: a one-line help and a description each. Kept here (not in the modules) so
-# `workbench --help` does not import numpy/polars/numba; a module's options load only when named.
-ANALYSES = {
-    "stats": ("expert usage: load, balance, co-activation, transitions, top tokens",
-              "Routing statistics of a run: how often each expert is chosen per layer (all tokens and per "
-              "value of each label column), load balance, dead and always-on experts, the tokens that "
-              "choose each expert, co-activation within a layer and transitions between layers. "
-              "Needs the routing probe."),
-    "super-experts": ("super experts: extreme down_proj outputs that make attention sinks",
-                      "Super experts (Su et al., ICLR 2026): experts in the first 75% of layers whose maximum "
-                      "|down_proj output| exceeds the 99.5th percentile and max/10; massive activations per "
-                      "layer; with --prune, perplexity and attention-sink decay with them zeroed against random "
-                      "experts. Needs the experts probe (hidden and attention for the full picture)."),
-    "lrc": ("local routing consistency: how well a model suits expert offloading and caching",
-            "Local routing consistency (Liang et al., ICLR 2026): segment routing best performance SRP for "
-            "windows of m tokens, per expert, per layer and for the model, and the hit rate of an expert cache "
-            "of every size (SCH) next to LRU, LFU and Belady. Needs the routing probe."),
-    "multilingual": ("multilingual routing alignment: where languages share experts",
-                     "Multilingual routing alignment (Bandarkar et al., ICLR 2026): per layer, the divergence of "
-                     "each language's expert importance from the reference language on parallel text (a key "
-                     "label aligns translations, a lang label names the language), the middle layers where "
-                     "languages converge, language-specific experts, and with --steer the perplexity change "
-                     "when middle-layer task experts are promoted."),
-    "behavior": ("behaviour maps: experts that separate one class of prompts from the rest",
-                 "fTRI-style behaviour maps (Dahlke et al.): which experts light up on prompts of a target class "
-                 "against the others, a permutation test with FDR control and bootstrap stability, and with "
-                 "--intervene N the behaviour score on held-out prompts with the top N experts switched off "
-                 "or on, against random experts of the same layers."),
-    "atlas": ("expert and token atlas: 2-D maps of experts and tokens by routing",
-              "Expert atlas: seeded UMAP maps of experts by what selects them (label values, frequent tokens) "
-              "and of tokens by their routing weights, with the labels the app colours by."),
-    "placement": ("expert placement: GPU load balance for expert parallelism, EPLB suggestion",
-                  "Expert placement: per layer and window of tokens, the GPU load balance (mean/max load, the "
-                  "engines' balancedness) of an expert-parallel deployment, and a DeepSeek-EPLB-style placement "
-                  "with replicated hot experts, fitted on early windows and judged on later ones; --export-json "
-                  "writes it as SGLang's --init-expert-location file. Runs on captured and imported runs."),
-}
+# Analysis subcommands: (help, description), from the registry (which imports nothing heavy, so
+# `workbench --help` does not import numpy/polars/numba; a module's options load only when named).
+ANALYSES = {name: (spec.summary, spec.description) for name, spec in cli_analyses().items()}
 
 _EXAMPLES = {
     "workbench": """examples:
@@ -79,18 +46,6 @@ with a warning; --seq-len packs the text into sequences instead, so nothing is c
   workbench analyze super-experts runs/cal --figures figs/
   workbench analyze lrc runs/cal --m 4,16,64 --seq-len 512
   workbench analyze ANALYSIS --help      the options of one analysis""",
-    "stats": "examples:\n  workbench analyze stats runs/cal\n  workbench analyze stats runs/cal --labels domain "
-             "--top-n 20 --out stats.parquet --figures figs/",
-    "super-experts": "examples:\n  workbench analyze super-experts runs/cal\n  workbench analyze super-experts "
-                     "runs/cal --prune --prune-max-tokens 4096",
-    "lrc": "examples:\n  workbench analyze lrc runs/cal\n  workbench analyze lrc runs/cal --m 4,16 --seq-len 512 "
-           "--n-boot 0",
-    "multilingual": "examples:\n  workbench analyze multilingual runs/ml\n  workbench analyze multilingual runs/ml "
-                    "--reference en --tau 0.3 --steer",
-    "behavior": "examples:\n  workbench analyze behavior runs/beh --label class --target refusal\n  workbench "
-                "analyze behavior runs/beh --intervene 10 --seeds 3",
-    "atlas": "examples:\n  workbench analyze atlas runs/cal --labels domain\n  workbench analyze atlas runs/cal "
-             "--what experts",
     "steer": """examples:
   workbench steer demo --prompt "def fib(n):" --ban L3:E5,L4:E1
   workbench steer demo --prompt "Once upon a time" --boost L2:E7=1.0 --json
@@ -118,8 +73,6 @@ SPEC: L<layer>:E<expert>[,...] (E-1 = the shared expert); --boost and --scale ta
     "attribute": """examples:
   workbench attribute demo --data calibration --where domain=code --max-tokens 512
   workbench attribute demo --data calibration --control calibration --control-where domain=prose --exact 5""",
-    "placement": "examples:\n  workbench analyze placement runs/cal --ep 8\n  workbench analyze placement runs/cal "
-                 "--ep 4 --redundant 4 --export-json placement.json",
 }
 
 _FMT = argparse.RawDescriptionHelpFormatter
@@ -229,7 +182,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     asub = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     named = argv[1] if argv and len(argv) > 1 and argv[0] == "analyze" else None
     for name, (short, desc) in ANALYSES.items():
-        ap_an = _sub(asub, name, short, desc)
+        ap_an = asub.add_parser(name, help=short, description=desc, epilog=_SPECS[name].epilog(), formatter_class=_FMT)
         ap_an.add_argument("run", metavar="RUN", help="run folder")
         ap_an.add_argument("--out", help="main table (.parquet, .csv or .json)")
         ap_an.add_argument("--figures", metavar="DIR", help="write figures as HTML (PNG too with kaleido)")

@@ -95,7 +95,7 @@ def add_evaluate(p) -> None:
     p.add_argument("--out", help="the models table (.parquet, .csv or .json)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--dtype", type=opt.dtype,
-                   help="float32, bfloat16, ... (default: the model's; float32 for demo on CPU)")
+                   help="float32, bfloat16, ... (default: float32 on CPU, the model's own on a GPU)")
 
 
 ADD = {"prune": add_prune, "merge": add_merge, "evaluate": add_evaluate}

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import WorkbenchError
 
-_REF_BYTES = 1 << 30  # the first model's fp16 log-probs are kept for the KL only below this size
+_REF_BYTES = 1 << 30  # the first model's fp32 log-probs are kept for the KL only below this size
 
 
 def origins(info: dict | None, n_experts: int, moe_layers) -> dict[int, list[list[int]]]:
@@ -80,6 +80,8 @@ def _load(spec, device, dtype):
 
     if isinstance(spec, MoEModel):
         return spec
+    if dtype is None and (device is None or str(device) == "cpu"):
+        dtype = "float32"  # one precision for every model: a bf16 checkpoint beside the fp32 demo would add noise
     return load_model(str(spec), device=device, dtype=dtype)
 
 
@@ -127,7 +129,7 @@ def evaluate(models, data, max_tokens: int | None = 8192, seq_len: int | None = 
             batches = make_batches(mm, data, None, seq_len, max_tokens, batch_size)
             n_pred = sum(int(b.mask[:, 1:].sum()) for b in batches)
             vocab = int(mm.model.config.vocab_size)
-            ref = {"mm_layers": list(mm.moe_layers), "argmax": [], "logp": [] if n_pred * vocab * 2 < _REF_BYTES else None,
+            ref = {"mm_layers": list(mm.moe_layers), "argmax": [], "logp": [] if n_pred * vocab * 4 < _REF_BYTES else None,
                    "sel": [], "w": [], "orig": origins(info, mm.n_experts, mm.moe_layers), "vocab": vocab}
         elif int(mm.model.config.vocab_size) != ref["vocab"]:
             raise WorkbenchError(f"{names[i]} has a vocabulary of {mm.model.config.vocab_size} tokens, the first model "
@@ -152,11 +154,11 @@ def evaluate(models, data, max_tokens: int | None = 8192, seq_len: int | None = 
                 if i == 0:
                     ref["argmax"].append(top)
                     if ref["logp"] is not None:
-                        ref["logp"].append(lp.to(torch.float16).cpu())
+                        ref["logp"].append(lp.cpu())
                 else:
                     agree += float((top == ref["argmax"][bi]).sum())
                     if kl is not None:
-                        p_log = ref["logp"][bi].to(lp.device).float()
+                        p_log = ref["logp"][bi].to(lp.device)
                         kl += float((p_log.exp() * (p_log - lp)).sum().double())
                 real = b.mask.reshape(-1).bool()
                 if i == 0:
