@@ -40,6 +40,7 @@ class Section:
     requires_labels: tuple = ()  # label columns (any of) the analysis needs
     loop: Loop | None = None
 
+    page: str = ""  # the path of the page it is on (for links from other runs)
     @property
     def variant(self) -> str | None:
         return f"{self.analysis}:loop" if self.loop else None
@@ -53,15 +54,24 @@ def section(key, analysis, render, requires=(), requires_labels=(), loop=None) -
     return SECTIONS[key]
 
 
-def _precheck(data, sec: Section) -> Unavailable | None:
-    for t in sec.requires:
-        if not data.run.has(t):
-            return Unavailable(f"This run has no `{t}` table, which the {sec.analysis} analysis needs.",
-                               TABLE_HINTS.get(t, CAPTURE_HINTS.get(sec.analysis, "")))
-    if sec.requires_labels and not set(sec.requires_labels) & set(data.run.label_columns):
-        need = " or ".join(f"`{c}`" for c in sec.requires_labels)
-        return Unavailable(f"This run's records have no {need} label, which the {sec.analysis} analysis needs.",
-                           CAPTURE_HINTS.get(sec.analysis, ""))
+# What a run must hold for an analysis to apply: every table of the first, a label of the second.
+NEEDS = {"stats": (("routing",), ()), "super-experts": (("expert_stats",), ()), "lrc": (("routing",), ()),
+         "multilingual": (("routing",), ("lang",)), "behavior": (("routing",), ("class",)),
+         "atlas": (("routing",), ())}
+
+
+def why_not(run, analysis: str, requires=(), requires_labels=()) -> Unavailable | None:
+    """Why `analysis` cannot run on `run` (a missing table or label, with what to capture), or None."""
+    tables, labels = NEEDS.get(analysis, ((), ()))
+    for t in dict.fromkeys((*requires, *tables)):
+        if not run.has(t):
+            return Unavailable(f"This run has no `{t}` table, which the {analysis} analysis needs.",
+                               TABLE_HINTS.get(t, CAPTURE_HINTS.get(analysis, "")))
+    labels = tuple(requires_labels) or labels
+    if labels and not set(labels) & set(run.label_columns):
+        need = " or ".join(f"`{c}`" for c in labels)
+        return Unavailable(f"This run's records have no {need} label, which the {analysis} analysis needs.",
+                           CAPTURE_HINTS.get(analysis, ""))
     return None
 
 
@@ -73,6 +83,35 @@ def _model_check(app_ctx) -> Unavailable | None:
     mm = app_ctx.service.mm
     if list(mm.moe_layers) != list(run.moe_layers) or mm.n_experts != run.n_experts:
         return Unavailable(f"The live model ({mm.spec}) is not the model this run captured "
+def _precheck(data, sec: Section) -> Unavailable | None:
+    return why_not(data.run, sec.analysis, sec.requires, sec.requires_labels)
+
+
+def runs_it_applies_to(app_ctx, sec: Section) -> list[tuple[str, str]]:
+    """(run name, link to this page of it) for the other served runs this section's analysis applies to."""
+    apps = getattr(app_ctx.app.server, "workbench_apps", None) or {}
+    out = []
+    for name, other in list(apps.items()):
+        run = getattr(getattr(other, "workbench", None), "run", None)
+        if run is None or str(run.path) == str(app_ctx.run.path):
+            continue
+        if why_not(run, sec.analysis, sec.requires, sec.requires_labels) is None:
+            out.append((name, other.get_relative_path(sec.page or "/")))
+    return out
+
+
+def _missing(app_ctx, sec: Section, why: Unavailable):
+    """The notice, led by links to the served runs this page does apply to (the demo's matching run)."""
+    others = runs_it_applies_to(app_ctx, sec)
+    if not others:
+        return notice(why)
+    links = []
+    for i, (name, href) in enumerate(others):
+        links += ([html.Span(" · ")] if i else []) + [html.A(name, href=href)]
+    return html.Div([html.Div(["Open this page on a run it applies to: ", *links, "."], className="notice"),
+                     html.Details([html.Summary("why not on this run", style={"fontSize": "13px"}), notice(why)])])
+
+
                            f"({run.model_info.get('spec')}): its MoE layers or expert count differ.",
                            f"workbench app {run.path} --model {run.model_info.get('spec') or 'MODEL'}")
     return None
@@ -83,7 +122,7 @@ def _body(app_ctx, sec: Section):
     data = app_ctx.data
     pre = _precheck(data, sec)
     if pre is not None:
-        return notice(pre), True
+        return _missing(app_ctx, sec, pre), True
     if sec.loop:
         pre = _model_check(app_ctx)
         if pre is not None:
@@ -99,7 +138,8 @@ def _body(app_ctx, sec: Section):
         figs = data.figures(sec.analysis)
     if res is None:
         key = sec.variant or sec.analysis
-        busy = computing(sec.analysis + (" closed-loop" if sec.loop else ""), data.started(key))
+        busy = computing(sec.analysis + (" closed-loop" if sec.loop else ""), data.started(key), data.running(key),
+                         model=bool(sec.loop))
         return html.Div([busy, progress_bar(data.progress(key))]), False
     if isinstance(res, Unavailable):
         return notice(res), True
@@ -107,18 +147,21 @@ def _body(app_ctx, sec: Section):
 
 
 def progress_bar(p: dict | None):
-    """The running pass over the run: a bar and 'stats: 41% read (12 chunks)'; nothing before the first chunk."""
+    """The running step: a bar and 'stats: 41% read (12 chunks)' for a pass over the run, 'interventions: 5 of
+    20 done' for counted steps (reported with chunks == done); nothing before the first report."""
     if not p or not p.get("total"):
         return html.Span()
     frac = min(1.0, p["done"] / p["total"])
     return html.Div([html.Progress(value=f"{frac:.3f}", max="1", style={"width": "240px", "marginRight": "8px"}),
-                     html.Span(f"{p['desc']}: {100 * frac:.0f}% read ({p['chunks']} chunk"
-                               f"{'s' if p['chunks'] != 1 else ''})")],
-                    className="progress", style={"fontSize": "13px"})
+                     html.Span(text)], className="progress", style={"fontSize": "13px"})
 
 
 def async_section(app_ctx, key: str) -> html.Div:
     sec = SECTIONS[key]
+    if p["chunks"] == p["done"]:
+        text = f"{p['desc']}: {p['done']:,} of {p['total']:,} done ({100 * frac:.0f}%)"
+    else:
+        text = f"{p['desc']}: {100 * frac:.0f}% read ({p['chunks']} chunk{'s' if p['chunks'] != 1 else ''})"
     if not sec.loop and _precheck(app_ctx.data, sec) is None:
         app_ctx.data.analysis(sec.analysis, wait=FIRST_WAIT)
     body, done = _body(app_ctx, sec)
@@ -232,9 +275,9 @@ def _generic(**kw):
 
 def analysis_page(path, title, intro, key, analysis, render=None, requires=(), requires_labels=(), loop=None,
                   loop_title=None, register=None, extra=None) -> Page:
-    section(key, analysis, render or _generic(), requires, requires_labels)
+    section(key, analysis, render or _generic(), requires, requires_labels).page = path
     if loop:
-        section(f"{key}-loop", analysis, _generic(only_new_of=analysis), requires, requires_labels, loop)
+        section(f"{key}-loop", analysis, _generic(only_new_of=analysis), requires, requires_labels, loop).page = path
 
     def layout(app_ctx):
         parts = [html.H2(title), html.P(intro), async_section(app_ctx, key)]

@@ -1,28 +1,33 @@
 """Analyses: pure functions from a run to tidy polars DataFrames, plus plotly figures made from them.
 
-Every analysis module `workbench/analysis/<name>.py` exposes:
+Every analysis has a row in `registry.ANALYSES` (name, module, help, what it needs) and a module
+`workbench/analysis/<module>.py` that exposes:
 
     analyze(run, **options) -> AnalysisResult    # tables (polars DataFrames), main table name, summary
     figures(result) -> dict[str, plotly Figure]  # built only from result.tables
     add_arguments(parser)                        # its CLI options (workbench analyze <name> RUN ...)
     options_from_args(args) -> dict              # CLI namespace -> analyze() keyword arguments
+    after(result, options)                       # optional: side effects of the options (files it writes)
 
-plus the individual functions a notebook user calls directly. Analyses never touch hooks; those
-that evaluate an intervention load the model through `workbench.steering`.
+plus the individual functions a notebook user calls directly. `analyze(name, run, ...)` below is the one
+entry that runs an analysis and stores its result in the run. Analyses never touch hooks; those that
+evaluate an intervention load the model through `workbench.steering`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import polars as pl
+from typing import TYPE_CHECKING
 
 from ..errors import WorkbenchError
+from .registry import ANALYSES
 
-MODULES = {"stats": "stats", "super-experts": "super_experts", "lrc": "lrc", "multilingual": "multilingual",
-           "behavior": "behavior", "atlas": "atlas", "compare": "compare", "attribution": "attribution",
-           "placement": "placement"}
+if TYPE_CHECKING:
+    import polars as pl
+
+# name -> module (kept for callers of the old table; the registry is the source)
+MODULES = {name: s.module for name, s in ANALYSES.items()}
 
 
 @dataclass
@@ -45,29 +50,33 @@ class AnalysisResult:
 def module(name: str):
     import importlib
 
-    if name not in MODULES:
-        raise WorkbenchError(f"unknown analysis {name!r}; choose from {', '.join(MODULES)}")
-    return importlib.import_module(f"workbench.analysis.{MODULES[name]}")
+    if name not in ANALYSES:
+        raise WorkbenchError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
+    return importlib.import_module(f"workbench.analysis.{ANALYSES[name].module}")
 
 
-def analyze(name: str, run, reuse: bool = True, **options) -> AnalysisResult:
+def analyze(name: str, run, reuse: bool = True, *, store_key: dict | None = None, **options) -> AnalysisResult:
     """`analyze("lrc", run, m=[4, 16])` — `workbench.analysis.lrc.analyze(run, m=[4, 16])`, computed once:
     the result is stored in `RUN/analyses/` and reused while the run and the options are unchanged
-    (`reuse=False` recomputes and stores again; see workbench.analysis.persist)."""
+    (`reuse=False` recomputes and stores again; see workbench.analysis.persist). The module's `after`
+    runs on every result, computed or reused (e.g. placement's --export-json, a file the stored result
+    does not hold). store_key: what identifies the result when options hold objects (a loaded model)."""
     from ..store import Run, open_run
     from .persist import cached
 
     if not isinstance(run, Run):
         run = open_run(run)
     mod = module(name)
-    result = cached(name, run, lambda **o: mod.analyze(run, **o), options, reuse=reuse)
-    if result.meta.get("reused") and hasattr(mod, "after"):
-        mod.after(result, options)  # e.g. placement's --export-json: a file the stored result does not hold
+    result = cached(name, run, lambda **o: mod.analyze(run, **o), options, reuse=reuse, key=store_key)
+    if hasattr(mod, "after"):
+        mod.after(result, options)
     return result
 
 
 def write_table(df: pl.DataFrame, path: str | Path) -> None:
     """Write a table in the format its extension names (.parquet, .csv, .json)."""
+    import polars as pl
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
@@ -113,12 +122,7 @@ def run_cli(name: str, args) -> None:
     run = open_run(args.run)
     run.read_note()  # incomplete or repaired runs say so, on one line
     options = mod.options_from_args(args) if hasattr(mod, "options_from_args") else {}
-    from .persist import cached
-
-    result = cached(name, run, lambda **o: mod.analyze(run, **o), options,
-                    reuse=not getattr(args, "recompute", False))
-    if result.meta.get("reused") and hasattr(mod, "after"):
-        mod.after(result, options)
+    result = analyze(name, run, reuse=not getattr(args, "recompute", False), **options)
     if result.meta.get("reused"):
         print(f"(reused the stored result in {run.path}/analyses/{name}/; --recompute to redo it)")
     if args.out:
