@@ -12,6 +12,7 @@ from pathlib import Path
 from dash import Input, Output, State, dcc, html, no_update
 
 from ..analysis import MODULES, write_table
+from ..analysis.registry import ANALYSES
 from ..errors import WorkbenchError
 from .state import analysis_available
 from .ui import Page
@@ -20,7 +21,8 @@ MAX_RAW_ROWS = 2_000_000  # bigger raw tables go through `workbench export` (str
 FORMATS = ("csv", "parquet", "json")
 # need more than this run (a second run, the live model): made by `workbench compare` / `workbench attribute`,
 # never by the "compute them now" button, so never listed as pending here
-NOT_FROM_ONE_RUN = {"compare": "workbench compare A B", "attribution": "workbench attribute"}
+NOT_FROM_ONE_RUN = {n: f"workbench {s.command}" + (" A B" if s.runs == 2 else "")
+                    for n, s in ANALYSES.items() if not s.from_one_run}
 
 
 def computable(app_ctx) -> list[str]:

@@ -20,20 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from ..analysis.registry import ANALYSES
 from ..errors import WorkbenchError
 from ..store import TABLES, Run, open_run
 
 log = logging.getLogger("workbench.app")
 
 # What a user must capture or pass for each analysis; shown instead of an error when it cannot run.
-CAPTURE_HINTS = {
-    "stats": "workbench capture MODEL --data DATA --out RUN  (the routing probe is on by default)",
-    "super-experts": "workbench capture MODEL --data calibration --out RUN --probes routing,experts,hidden,attention",
-    "lrc": "workbench capture MODEL --data calibration --out RUN --seq-len 512  (long sequences)",
-    "multilingual": "workbench capture MODEL --data multilingual --out RUN  (records with `lang` and `key` labels)",
-    "behavior": "workbench capture MODEL --data behavior --out RUN  (records with a `class` label, target vs control)",
-    "atlas": "workbench capture MODEL --data DATA --out RUN  (labels such as `lang` or `class` colour the map)",
-}
+CAPTURE_HINTS = {name: s.capture_hint for name, s in ANALYSES.items() if s.capture_hint}
 TABLE_HINTS = {
     "expert_stats": "add `experts` to --probes (workbench capture ... --probes routing,experts)",
     "hidden": "add `hidden` to --probes (workbench capture ... --probes routing,hidden)",
@@ -206,12 +200,11 @@ class RunData:
     def _compute(self, name: str, key: str, options: dict, lock):
         t0 = time.perf_counter()
         try:
-            from ..analysis import module
+            from ..analysis import analyze, module
 
             mod = module(name)
             opts = {**self.analysis_options.get(name, {}), **options}
             from ..analysis.common import report_progress
-            from ..analysis.persist import cached
 
             job = self._jobs.get(key)
 
@@ -228,9 +221,9 @@ class RunData:
             with report_progress(on_progress):
                 if lock is not None:
                     with lock:
-                        result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=pkey)
+                        result = analyze(name, self.run, store_key=pkey, **opts)
                 else:
-                    result = cached(name, self.run, lambda **o: mod.analyze(self.run, **o), opts, key=pkey)
+                    result = analyze(name, self.run, store_key=pkey, **opts)
             try:
                 figs = mod.figures(result) if hasattr(mod, "figures") else {}
             except WorkbenchError:

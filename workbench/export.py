@@ -90,7 +90,7 @@ def _rows(path: Path, fmt: str) -> int:
 
 
 def _selection(what: str) -> tuple[list[str], list[str]]:
-    from .analysis import MODULES
+    from .analysis.registry import ANALYSES as MODULES
 
     items = [w.strip() for w in (what or "all").split(",") if w.strip()]
     raw, analyses = [], []
@@ -239,15 +239,15 @@ def _export(run: Run, out: Path, fmt: str, raw: list[str], analyses: list[str], 
         files.append(_describe(path, fmt, "raw", name, lf.collect_schema(), _rows(path, fmt), out))
     for name in tqdm(analyses, desc="export analyses", disable=not progress, dynamic_ncols=True):
         try:
-            mod = module(name)
+            module(name)  # importable? (an optional dependency may be missing)
         except ImportError as e:
             skipped[name] = f"not available ({e})"
             continue
         try:
-            from .analysis.persist import cached
+            from .analysis import analyze
 
             # computed once and stored in the run folder (reused by a later export, the CLI and the app)
-            result = cached(name, run, lambda _m=mod, **o: _m.analyze(run, **o), dict((options or {}).get(name, {})))
+            result = analyze(name, run, **dict((options or {}).get(name, {})))
         except DamagedRun:
             raise  # damage is not "does not apply": the export fails as a whole
         except WorkbenchError as e:
