@@ -33,7 +33,13 @@ class AnalysisPlan:
     analysis: str
     run: str
     options: dict = field(default_factory=dict)
-    title: str = ""
+    title: str = ""  # default: the analysis' title in workbench.analysis.registry
+
+    @property
+    def heading(self) -> str:
+        from .analysis.registry import ANALYSES
+
+        return self.title or ANALYSES[self.analysis].title or self.analysis
     model: bool = False  # pass the loaded model (closed-loop analyses) instead of reloading it
 
 
@@ -47,16 +53,16 @@ def plans(quick: bool) -> tuple[list[RunPlan], list[AnalysisPlan]]:
         RunPlan("code", "behavior", where={"set": ["code"]}, limit=80 if quick else 320),
     ]
     analyses = [
-        AnalysisPlan("stats", "calibration", title="Routing statistics"),
+        AnalysisPlan("stats", "calibration"),
         AnalysisPlan("super-experts", "calibration", title="Super experts: profile, prune, perplexity",
                      options={"prune": not quick, "prune_max_tokens": 4096, "n_random": 2}, model=True),
-        AnalysisPlan("lrc", "calibration", title="Local routing consistency"),
-        AnalysisPlan("multilingual", "multilingual", title="Multilingual routing"),
+        AnalysisPlan("lrc", "calibration"),
+        AnalysisPlan("multilingual", "multilingual"),
         AnalysisPlan("behavior", "behavior", title="fTRI behaviour map: refusal vs benign requests"),
         AnalysisPlan("behavior", "code", title="fTRI behaviour map: code vs prose, closed loop",
                      options={"intervene": 0 if quick else 8, "score": "text", "seeds": 2, "max_heldout": 24},
                      model=True),
-        AnalysisPlan("atlas", "calibration", title="Expert atlas"),
+        AnalysisPlan("atlas", "calibration"),
     ]
     return runs, analyses
 
@@ -117,14 +123,14 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
                             opts, key=key)
             figs = mod.figures(result)
             an.write_table(result.table, tables_dir / f"{ap.analysis}-{ap.run}.parquet")
-            sections.append(Section(ap.title or ap.analysis, summary=result.summary, figures=figs,
+            sections.append(Section(ap.heading, summary=result.summary, figures=figs,
                                     tables=dict(list(result.tables.items())[:4])))
             print(f"[demo]   done in {time.time() - t:.1f}s")
         except WorkbenchError as e:
-            sections.append(Section(ap.title or ap.analysis, note=f"skipped: {e}"))
+            sections.append(Section(ap.heading, note=f"skipped: {e}"))
             print(f"[demo]   skipped: {e}")
         except Exception as e:  # one broken analysis must not cost the user the whole report
-            sections.append(Section(ap.title or ap.analysis, note=f"failed: {type(e).__name__}: {e}"))
+            sections.append(Section(ap.heading, note=f"failed: {type(e).__name__}: {e}"))
             print(f"[demo]   FAILED: {type(e).__name__}: {e}")
             traceback.print_exc(limit=3)
     if "code" in runs:  # compare: the same code/prose prompts with the top-8 code experts banned
