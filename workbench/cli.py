@@ -143,6 +143,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=opt.layer_list, metavar="LAYERS",
                    help="record only these MoE layers (decoder-layer indices), e.g. 1,3 or 0-2 (default: all)")
     p.add_argument("--logits", action="store_true", help="also store fp32 router logits [E] per token and layer")
+    p.add_argument("--margin", action="store_true", help="also store each decision's router margin (k-th minus "
+                                                         "(k+1)-th score): how close it was to a tie")
     p.add_argument("--where", action="append", type=opt.where, metavar="COL=V[,V]",
                    help="keep records whose label COL is one of the values (repeatable: all must hold)")
     p.add_argument("--limit", type=opt.at_least(1), metavar="N", help="keep the first N records (after --where)")
@@ -263,7 +265,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="MODEL_OR_CONFIG", help="the served model: 'demo', a folder, a config.json "
                                                               "(gives dense/MoE layers, experts, top-k)")
     p.add_argument("--tokens", metavar="JSONL", help="per-request input_ids/output_ids and labels when SOURCE lacks them")
-    p.add_argument("--physical-to-logical", metavar="FILE", help="SGLang's expert-location JSON/.pt when it ran EPLB")
+    p.add_argument("--physical-to-logical", metavar="FILE", help="the placement (SGLang's expert-location JSON/.pt) "
+                   "for releases that report physical ids: SGLang 0.5.7-0.5.9, vLLM 0.14-0.15 under EPLB")
+    p.add_argument("--engine-version", metavar="X.Y.Z", help="the engine release that served (e.g. 0.5.10): says "
+                   "whether its expert ids are physical or logical")
+    p.add_argument("--routed-start", type=opt.at_least(0), metavar="N", help="rows the engine skipped at the front "
+                   "(the request's routed_experts_prompt_start / routed_experts_start_len) when SOURCE lacks it")
     p.add_argument("--experts", type=opt.at_least(1), help="routed experts per layer when no --model is given")
     p.add_argument("--resume", action="store_true", help="finish a killed import of the same input")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -311,6 +318,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, float16 or auto")
 
     _sub(sub, "datasets", "list the bundled datasets", "List the bundled datasets with their sizes and label columns.")
+    from .fidelity import commands as _fid  # [fidelity]: replay, stability (arguments live there)
+
+    p = sub.add_parser("replay", help=_fid.REPLAY_HELP, description=_fid.REPLAY_DESCRIPTION,
+                       epilog=_fid.REPLAY_EXAMPLES, formatter_class=_FMT)
+    _fid.add_replay_arguments(p)
+    p = sub.add_parser("stability", help=_fid.STABILITY_HELP, description=_fid.STABILITY_DESCRIPTION,
+                       epilog=_fid.STABILITY_EXAMPLES, formatter_class=_FMT)
+    _fid.add_stability_arguments(p)
     from .compress import commands as _compress  # [compress]: prune, merge, evaluate (arguments live there)
 
     for name in ("prune", "merge", "evaluate"):
@@ -352,10 +367,15 @@ def cmd_capture(args) -> None:
         opts["dump_hidden"] = args.dump_hidden
     if args.layers is not None:
         opts["layers"] = args.layers
+    if getattr(args, "margin", False):
+        opts["margin"] = True
     _precheck_layers(args.model, args)
+    _say(f"loading the model {args.model} ...")  # torch and the weights: seconds before the progress bar
     _import_torch_holding_sigint()
-    from .capture import capture
+    from .capture import capture, check_probe_options
     from .models.loading import load_model
+
+    check_probe_options([s.strip() for s in args.probes.split(",") if s.strip()], args.logits, **opts)  # before loading
 
     from .distributed import local_device
 
@@ -452,13 +472,22 @@ def cmd_steer(args) -> None:
     if not _interventions(args):  # before torch loads: this needs no model
         raise WorkbenchError("give at least one intervention: --ban, --force, --boost, --zero or --scale")
     _precheck_layers(args.model, args)
+    _say(f"loading the model {args.model} ...")
     _import_torch_holding_sigint()
     from .steering import steer_cli
 
     steer_cli(args, _interventions(args))
 
 
+def _say(msg: str) -> None:
+    """A status line for a person waiting at a terminal ("loading the model ..."), shown at once on stderr
+    (stdout stays the command's output); not written to a pipe or file, where errors stay one line."""
+    if sys.stderr.isatty():
+        print(f"workbench: {msg}", file=sys.stderr, flush=True)
+
+
 def cmd_app(args) -> None:
+    _say("starting the dashboard" + (f" and loading the model {args.model}" if args.model else "") + " ...")
     from .app import serve
 
     if (args.device or args.dtype) and not args.model:
@@ -480,6 +509,7 @@ def cmd_check(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    _say("starting the demo (importing torch) ...")
     _import_torch_holding_sigint()
     from .demo import run_demo
 
@@ -512,7 +542,8 @@ def cmd_import(args) -> None:
 
     run = import_routed_experts(args.source, args.out, engine=args.engine, model=args.model, tokens=args.tokens,
                                 physical_to_logical=args.physical_to_logical, n_experts=args.experts,
-                                resume=args.resume, overwrite=args.overwrite)
+                                resume=args.resume, overwrite=args.overwrite, engine_version=args.engine_version,
+                                routed_start=args.routed_start)
     info = run.manifest.get("import", {})
     print(f"imported {info.get('tokens', 0)} tokens of {info.get('documents', 0)} sequences x "
           f"{len(run.moe_layers)} MoE layers from {args.engine} into {run.path}")
@@ -541,6 +572,16 @@ def cmd_compress(args) -> None:
 
 COMMANDS.update(prune=cmd_compress, merge=cmd_compress, evaluate=cmd_compress)
 COMMANDS.update(docs=cmd_docs)
+
+
+def cmd_fidelity(args) -> None:
+    _import_torch_holding_sigint()
+    from .fidelity import commands
+
+    (commands.replay_cli if args.command == "replay" else commands.stability_cli)(args)
+
+
+COMMANDS.update(replay=cmd_fidelity, stability=cmd_fidelity)
 
 
 def main(argv=None) -> int:
