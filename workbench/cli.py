@@ -143,8 +143,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=opt.layer_list, metavar="LAYERS",
                    help="record only these MoE layers (decoder-layer indices), e.g. 1,3 or 0-2 (default: all)")
     p.add_argument("--logits", action="store_true", help="also store fp32 router logits [E] per token and layer")
-    p.add_argument("--margin", action="store_true", help="also store each decision's router margin (k-th minus "
-                                                         "(k+1)-th score): how close it was to a tie")
     p.add_argument("--where", action="append", type=opt.where, metavar="COL=V[,V]",
                    help="keep records whose label COL is one of the values (repeatable: all must hold)")
     p.add_argument("--limit", type=opt.at_least(1), metavar="N", help="keep the first N records (after --where)")
@@ -318,14 +316,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, float16 or auto")
 
     _sub(sub, "datasets", "list the bundled datasets", "List the bundled datasets with their sizes and label columns.")
-    from .fidelity import commands as _fid  # [fidelity]: replay, stability (arguments live there)
-
-    p = sub.add_parser("replay", help=_fid.REPLAY_HELP, description=_fid.REPLAY_DESCRIPTION,
-                       epilog=_fid.REPLAY_EXAMPLES, formatter_class=_FMT)
-    _fid.add_replay_arguments(p)
-    p = sub.add_parser("stability", help=_fid.STABILITY_HELP, description=_fid.STABILITY_DESCRIPTION,
-                       epilog=_fid.STABILITY_EXAMPLES, formatter_class=_FMT)
-    _fid.add_stability_arguments(p)
     from .compress import commands as _compress  # [compress]: prune, merge, evaluate (arguments live there)
 
     for name in ("prune", "merge", "evaluate"):
@@ -367,15 +357,10 @@ def cmd_capture(args) -> None:
         opts["dump_hidden"] = args.dump_hidden
     if args.layers is not None:
         opts["layers"] = args.layers
-    if getattr(args, "margin", False):
-        opts["margin"] = True
     _precheck_layers(args.model, args)
-    _say(f"loading the model {args.model} ...")  # torch and the weights: seconds before the progress bar
     _import_torch_holding_sigint()
-    from .capture import capture, check_probe_options
+    from .capture import capture
     from .models.loading import load_model
-
-    check_probe_options([s.strip() for s in args.probes.split(",") if s.strip()], args.logits, **opts)  # before loading
 
     from .distributed import local_device
 
@@ -472,22 +457,13 @@ def cmd_steer(args) -> None:
     if not _interventions(args):  # before torch loads: this needs no model
         raise WorkbenchError("give at least one intervention: --ban, --force, --boost, --zero or --scale")
     _precheck_layers(args.model, args)
-    _say(f"loading the model {args.model} ...")
     _import_torch_holding_sigint()
     from .steering import steer_cli
 
     steer_cli(args, _interventions(args))
 
 
-def _say(msg: str) -> None:
-    """A status line for a person waiting at a terminal ("loading the model ..."), shown at once on stderr
-    (stdout stays the command's output); not written to a pipe or file, where errors stay one line."""
-    if sys.stderr.isatty():
-        print(f"workbench: {msg}", file=sys.stderr, flush=True)
-
-
 def cmd_app(args) -> None:
-    _say("starting the dashboard" + (f" and loading the model {args.model}" if args.model else "") + " ...")
     from .app import serve
 
     if (args.device or args.dtype) and not args.model:
@@ -509,7 +485,6 @@ def cmd_check(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    _say("starting the demo (importing torch) ...")
     _import_torch_holding_sigint()
     from .demo import run_demo
 
@@ -572,16 +547,6 @@ def cmd_compress(args) -> None:
 
 COMMANDS.update(prune=cmd_compress, merge=cmd_compress, evaluate=cmd_compress)
 COMMANDS.update(docs=cmd_docs)
-
-
-def cmd_fidelity(args) -> None:
-    _import_torch_holding_sigint()
-    from .fidelity import commands
-
-    (commands.replay_cli if args.command == "replay" else commands.stability_cli)(args)
-
-
-COMMANDS.update(replay=cmd_fidelity, stability=cmd_fidelity)
 
 
 def main(argv=None) -> int:
