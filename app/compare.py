@@ -8,6 +8,7 @@ Results are cached per (run A, run B, matching), so switching back and forth is 
 from __future__ import annotations
 
 import threading
+import time
 
 import polars as pl
 from dash import Input, Output, dash_table, dcc, html
@@ -18,6 +19,7 @@ from .ui import Page, graph, notice, table_page
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
+_STARTED: dict = {}  # key -> when its background computation started
 ROWS = 10  # rows per table page
 MATCHES = {"none": "same expert ids", "routing": "match by co-routing (same tokens)",
            "weights": "match by weights (checkpoints)"}
@@ -32,6 +34,48 @@ def served_runs(app_ctx) -> dict:
     return runs
 
 
+def pair_for(me, runs: dict) -> str | None:
+    """The served run that pairs with `me`: the same data (and model) captured another way, e.g. the demo's
+    code prompts with the code experts banned against the same prompts as they are; else the same
+    dataset name; else the first other run."""
+    def ident(r):
+        i = r.manifest.get("identity") or {}
+        return i.get("data"), (i.get("model") or {}).get("spec"), (r.manifest.get("dataset") or {}).get("name")
+
+    others = {n: r for n, r in runs.items() if str(r.path) != str(me.path)}
+    if not others:
+        return None
+    data, spec, ds = ident(me)
+    for rank in ((lambda i: i[0] == data and data is not None and i[1] == spec),
+                 (lambda i: i[0] == data and data is not None), (lambda i: i[2] == ds and ds is not None)):
+        hit = [n for n, r in others.items() if rank(ident(r))]
+        if hit:
+            return hit[0]
+    return next(iter(others))
+
+
+def remember(run_a, run_b, match: str, res, figs: dict) -> None:
+    """Hand in a comparison computed elsewhere (the demo's), so the page shows it without recomputing."""
+    with _LOCK:
+        _CACHE[(str(run_a.path), str(run_b.path), match)] = (res, figs)
+
+
+def cached_result(run_a, run_b, match: str):
+    """(result, figures) if computed, else None (then `start` computes it in the background)."""
+    return _CACHE.get((str(run_a.path), str(run_b.path), match))
+
+
+def start(run_a, run_b, match: str) -> float:
+    """Compute the comparison on a background thread (once); returns when it started."""
+    key = (str(run_a.path), str(run_b.path), match)
+    with _LOCK:
+        if key not in _STARTED:
+            _STARTED[key] = time.time()
+            threading.Thread(target=result_for, args=(run_a, run_b, match), name="workbench-compare",
+                             daemon=True).start()
+        return _STARTED[key]
+
+
 def result_for(run_a, run_b, match: str):
     """The comparison (cached), or Unavailable with the reason in one sentence."""
     from ..analysis import compare
@@ -44,7 +88,10 @@ def result_for(run_a, run_b, match: str):
                 _CACHE[key] = (res, compare.figures(res))
             except WorkbenchError as e:
                 _CACHE[key] = (Unavailable(str(e)), {})
-    return _CACHE[key]
+            except Exception as e:  # on a background thread: say it on the page rather than lose it
+                _CACHE[key] = (Unavailable(f"The comparison failed: {type(e).__name__}: {e}", kind="failed"), {})
+        _STARTED.pop(key, None)  # done: if evicted later, a new request starts it again
+        return _CACHE[key]
 
 
 def _full(df: pl.DataFrame, limit: int = 5000) -> tuple[list, list]:
@@ -87,32 +134,51 @@ def layout(app_ctx):
                    "changed, top-k overlap and routing JSD, the load shift of every expert, and each changed "
                    "decision; runs of different data are compared on load, balance and specialisation. Checkpoints "
                    "with shuffled expert ids: match experts first (workbench compare RUN_A RUN_B --match weights).")
+    waiting = _pending(app_ctx)
+    note = html.Div(f"Still being captured, and listed here when ready: {', '.join(waiting)}.",
+                    className="computing") if waiting else html.Div()
     if not others:
-        return html.Div([html.H2("Compare"), intro, notice(Unavailable(
+        return html.Div([html.H2("Compare"), intro, note, notice(Unavailable(
             "Only one run is served, so there is nothing to compare it with.",
             f"workbench app {me.path} OTHER_RUN   (or a folder of runs, e.g. demo_out/runs)"))])
     return html.Div([
-        html.H2("Compare"), intro,
+        html.H2("Compare"), intro, note,
         html.Div([
             html.Div([html.Label("A (this run)"), html.Div(me.path.name, style={"padding": "6px 0"})]),
-            html.Div([html.Label("B"), dcc.Dropdown(id="cmp-other", options=others, value=others[0], clearable=False)],
+            html.Div([html.Label("B (default: the run of the same data)"),
+                      dcc.Dropdown(id="cmp-other", options=others, value=pair_for(me, runs), clearable=False)],
                      style={"minWidth": "260px"}),
             html.Div([html.Label("experts"), dcc.RadioItems(id="cmp-match", value="none", inline=True,
                                                            options=[{"label": v, "value": k}
                                                                     for k, v in MATCHES.items()])]),
         ], className="controls"),
-        dcc.Loading(html.Div(id="cmp-body")),
+        dcc.Interval(id="cmp-poll", interval=1000, disabled=True),
+        html.Div(id="cmp-body"),
     ])
 
 
+def _pending(app_ctx) -> list[str]:
+    """Runs a growing dashboard (the demo's) will add later."""
+    live = getattr(app_ctx.app.server, "workbench_live", None)
+    return live.pending() if live is not None else []
+
+
 def register(app, app_ctx) -> None:
-    @app.callback(Output("cmp-body", "children"), Input("cmp-other", "value"), Input("cmp-match", "value"))
-    def show(other, match):
+    @app.callback(Output("cmp-body", "children"), Output("cmp-poll", "disabled"), Input("cmp-other", "value"),
+                  Input("cmp-match", "value"), Input("cmp-poll", "n_intervals"))
+    def show(other, match, _n):
         runs = served_runs(app_ctx)
-        if other not in runs:
-            return notice(Unavailable(f"run {other!r} is not served here"))
-        res, figs = result_for(app_ctx.run, runs[other], match or "none")
-        return render(res, figs)
+        if not isinstance(other, str) or other not in runs:
+            return notice(Unavailable(f"run {str(other)[:80]!r} is not served here")), True
+        if match is not None and match not in MATCHES:  # a request's own string must not become a cache key
+            return notice(Unavailable(f"unknown matching {str(match)[:40]!r}; choose from {', '.join(MATCHES)}")), True
+        got = cached_result(app_ctx.run, runs[other], match or "none")
+        if got is None:
+            since = start(app_ctx.run, runs[other], match or "none")
+            return html.Div(f"Comparing {app_ctx.run.path.name} with {other} ({time.time() - since:.0f} s so far): "
+                            "routing decisions token by token, load and balance per layer. This fills in when "
+                            "it is ready.", className="computing"), False
+        return render(*got), True
 
 
 PAGE = Page("/compare", "Compare", layout, register)

@@ -25,10 +25,18 @@ NOT_FROM_ONE_RUN = {n: f"workbench {s.command}" + (" A B" if s.runs == 2 else ""
                     for n, s in ANALYSES.items() if not s.from_one_run}
 
 
+def applicable(app_ctx) -> list[str]:
+    """Analyses that apply to this run alone (it holds the tables and labels they read)."""
+    from .analyses import why_not
+
+    return [n for n in MODULES if n not in NOT_FROM_ONE_RUN and analysis_available(n)
+            and why_not(app_ctx.run, n) is None]
+
+
 def computable(app_ctx) -> list[str]:
     """Analyses this page can compute from the run alone and has not yet."""
     done = app_ctx.data.computed_analyses()
-    return [n for n in MODULES if n not in NOT_FROM_ONE_RUN and analysis_available(n) and n not in done]
+    return [n for n in applicable(app_ctx) if n not in done]
 
 
 def exportable(app_ctx) -> list[dict]:
@@ -113,7 +121,7 @@ def register(app, app_ctx):
     @app.callback(Output("exp-table", "options"), Output("exp-refresh", "disabled"), Input("exp-warm", "n_clicks"),
                   Input("exp-refresh", "n_intervals"), prevent_initial_call=True)
     def warm(clicks, _n):
-        names = [n for n in MODULES if n not in NOT_FROM_ONE_RUN and analysis_available(n)]
+        names = applicable(app_ctx)
         if clicks:
             app_ctx.data.warm(names)
         pending = [n for n in names if app_ctx.data.analysis(n) is None] if clicks else []

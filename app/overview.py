@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from dash import dcc, html
 
 from .analyses import async_section, section
@@ -23,11 +21,29 @@ section("overview-load", "stats", _load_figure)
 
 
 def _fmt(v) -> str:
+    """A manifest value as a person reads it: 'seq_len 256 · batch_size 8', 'ban L0:E4, L1:E7'; unset
+    options (None, empty) are left out."""
     if isinstance(v, (list, tuple)):
-        return ", ".join(str(x) for x in v) if v else "-"
+        return ", ".join(_fmt(x) for x in v) if v else "-"
     if isinstance(v, dict):
-        return json.dumps(v, default=str) if v else "-"
+        parts = [f"{k.replace('_', ' ')} {_fmt(x)}" if not isinstance(x, bool) else (k.replace("_", " ") if x else "")
+                 for k, x in v.items() if x not in (None, "", [], {})]
+        parts = [p for p in parts if p]
+        return " · ".join(parts) if parts else "-"
     return "-" if v is None else str(v)
+
+
+def _probe_items(probes: dict) -> list:
+    """One line per probe: its table name, then its options in words ('routing: with router logits')."""
+    words = {"logits": "with router logits", "margin": "with router margins"}
+    out = []
+    for name, opts in (probes or {}).items():
+        opts = {k: x for k, x in (opts or {}).items() if x not in (None, "", [], {}, False)}
+        said = [words[k] for k in opts if k in words and opts[k] is True]
+        rest = _fmt({k: x for k, x in opts.items() if k not in words})
+        detail = ", ".join(said + ([rest] if rest != "-" else []))
+        out.append(html.Div(f"{name}" + (f": {detail}" if detail else "")))
+    return out or "-"
 
 
 def layout(app_ctx):
@@ -49,7 +65,7 @@ def layout(app_ctx):
         ("status", f"{m.get('status')} (created {m.get('created', '-')}, finished {m.get('finished', '-')})"),
     ])
     probes = card("Probes and interventions", [
-        ("probes", ", ".join(f"{k}{' ' + json.dumps(v) if v else ''}" for k, v in (m.get("probes") or {}).items())),
+        ("probes", _probe_items(m.get("probes"))),
         ("interventions", _fmt(m.get("interventions"))),
         ("settings", _fmt({k: v for k, v in (m.get("settings") or {}).items() if k != "probes" and v is not None})),
     ])

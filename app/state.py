@@ -51,6 +51,7 @@ class Job:
     future: Future
     started: float = field(default_factory=time.time)
     progress: dict | None = None  # the latest streaming pass: desc, done, total, chunks (common.report_progress)
+    running: float | None = None  # when the worker took it up (until then it waits behind other jobs)
 
 
 def analysis_available(name: str) -> bool:
@@ -74,6 +75,7 @@ class RunData:
         self._guard = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._pool = Worker("workbench-analysis")
+        self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
 
     # -- small cached aggregates, computed on the calling thread ------------------------------------
     def _cached(self, key, fn):
@@ -178,7 +180,10 @@ class RunData:
             if job is None:
                 if not start:
                     return None
-                job = self._jobs[key] = Job(self._pool.submit(self._compute, name, key, options or {}, lock))
+                pool = self._pool
+                if lock is not None:  # a closed-loop job waits for the model, not for the CPU analyses
+                    pool = self._model_pool = self._model_pool or Worker("workbench-model")
+                job = self._jobs[key] = Job(pool.submit(self._compute, name, key, options or {}, lock))
         if wait > 0:
             try:
                 job.future.result(timeout=wait)
@@ -191,6 +196,16 @@ class RunData:
     def started(self, key: str) -> float | None:
         job = self._jobs.get(key)
         return job.started if job else None
+
+    def running(self, key: str) -> float | None:
+        """When the job for `key` started running (None while it waits in the queue, or with no job)."""
+        job = self._jobs.get(key)
+        return job.running if job else None
+
+    def put(self, key: str, result, figures: dict | None = None) -> None:
+        """Hand in a result computed elsewhere (the demo's comparison), shown as if computed here."""
+        self._cache[("figures", key)] = figures or {}
+        self._cache[("analysis", key)] = result
 
     def progress(self, key: str) -> dict | None:
         """How far a running computation's current pass over the run is: desc, done, total, chunks, fraction."""
@@ -206,7 +221,12 @@ class RunData:
             opts = {**self.analysis_options.get(name, {}), **options}
             from ..analysis.common import report_progress
 
-            job = self._jobs.get(key)
+            with self._guard:  # the submitter stores the Job under this lock after submit(): wait for it
+                job = self._jobs.get(key)
+
+            def began():  # for a closed-loop job: once it holds the model
+                if job is not None:
+                    job.running = time.time()
 
             def on_progress(desc, done, total, chunks):
                 if job is not None:
@@ -221,8 +241,10 @@ class RunData:
             with report_progress(on_progress):
                 if lock is not None:
                     with lock:
+                        began()
                         result = analyze(name, self.run, store_key=pkey, **opts)
                 else:
+                    began()
                     result = analyze(name, self.run, store_key=pkey, **opts)
             try:
                 figs = mod.figures(result) if hasattr(mod, "figures") else {}
@@ -259,6 +281,8 @@ class RunData:
 
     def close(self) -> None:
         self._pool.shutdown()
+        if self._model_pool is not None:
+            self._model_pool.shutdown()
 
 
 def _parquet_rows(path) -> int:

@@ -88,8 +88,14 @@ def notice(u: Unavailable) -> html.Div:
     return html.Div(body, className=f"notice {u.kind}")
 
 
-def computing(what: str, started: float | None) -> html.Div:
-    secs = f" ({time.time() - started:.0f} s so far)" if started else ""
+def computing(what: str, started: float | None, running: float | None = None, model: bool = False) -> html.Div:
+    """The notice of a section still being computed: queued (and how long) or running (and for how long)."""
+    if started and running is None:
+        ahead = ("the live model is busy (a capture or another closed-loop job); this starts when it is free"
+                 if model else "it waits for the analyses queued before it on this run")
+        return html.Div(f"Queued: the {what} analysis ({time.time() - started:.0f} s so far); {ahead}. "
+                        "This page fills in when it is ready.", className="computing")
+    secs = f" ({time.time() - (running or started):.0f} s so far)" if (running or started) else ""
     return html.Div(f"Computing the {what} analysis{secs}. It is computed once per run and cached; "
                     "this page fills in when it is ready.", className="computing")
 

@@ -9,34 +9,67 @@ import pytest
 from workbench.demo import plans
 
 
+def _get(url: str) -> tuple[int, str, str]:
+    """(status, Location, body) without following redirects."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    c.request("GET", u.path or "/", headers={"Host": f"127.0.0.1:{u.port}"})
+    r = c.getresponse()
+    return r.status, r.getheader("Location") or "", r.read().decode("utf-8", "replace")
+
+
 @pytest.mark.slow
-def test_quick_demo_writes_a_full_report_serves_every_run_and_reuses_captures(tmp_path, monkeypatch):
-    import workbench.app as wa
+def test_quick_demo_serves_after_the_first_capture_writes_a_full_report_and_reuses_captures(tmp_path, monkeypatch,
+                                                                                              capsys):
+    import workbench.demo as demo
     from workbench.cli import main
 
     served = []
-    monkeypatch.setattr(wa, "serve", lambda runs, model=None, port=8050, **kw: served.append((runs, model, port)))
+    monkeypatch.setattr(demo, "_serve_forever", served.append)  # return instead of serving until Ctrl-C
     out = tmp_path / "demo"
-    main(["demo", "--quick", "--out", str(out), "--port", "8123"])
+    main(["demo", "--quick", "--out", str(out), "--port", "0"])
+    said = capsys.readouterr().out.splitlines()
+    (live,) = served
+    try:
+        # the dashboard was up right after the first capture, before the second began
+        at = {key: next(i for i, line in enumerate(said) if key in line)
+              for key in ("[demo] dashboard: http://", "[demo] capture multilingual", "[demo] report:")}
+        assert at["[demo] dashboard: http://"] < at["[demo] capture multilingual"] < at["[demo] report:"]
+        url = re.search(r"(http://\S+/)", said[at["[demo] dashboard: http://"]]).group(1)
 
-    run_plans, analysis_plans = plans(quick=True)
-    html = (out / "report.html").read_text()
-    for ap in analysis_plans:
-        assert ap.title in html.replace("&amp;", "&")
-    # every analysis ran: no section says it failed or was skipped, and each wrote its main table
-    notes = re.findall(r"<p class='note'>(.*?)</p>", html)
-    assert not [n for n in notes if n.startswith(("failed:", "skipped:"))], notes
-    for ap in analysis_plans:
-        assert (out / "tables" / f"{ap.analysis}-{ap.run}.parquet").exists()
-    assert len(re.findall(r'class="plotly-graph-div"', html)) >= len(analysis_plans)
-    assert "<script src=" not in html and "<link " not in html  # self-contained: plotly inlined, nothing fetched
-    # the dashboard gets every run and the model
-    (runs, model, port), = served
-    # (plus the comparison's run: the code prompts with the top code experts banned)
-    assert sorted(p.split("/")[-1] for p in runs) == sorted([rp.name + "-quick" for rp in run_plans]
-                                                            + ["code-banned-quick"])
-    assert "Comparison: code prompts with the top-8 code experts banned" in html
-    assert model == "demo" and port == 8123
+        run_plans, analysis_plans = plans(quick=True)
+        html = (out / "report.html").read_text()
+        for ap in analysis_plans:
+            assert ap.title in html.replace("&amp;", "&")
+        # every analysis ran: no section says it failed or was skipped, and each wrote its main table
+        notes = re.findall(r"<p class='note'>(.*?)</p>", html)
+        assert not [n for n in notes if n.startswith(("failed:", "skipped:"))], notes
+        for ap in analysis_plans:
+            assert (out / "tables" / f"{ap.analysis}-{ap.run}.parquet").exists()
+        assert len(re.findall(r'class="plotly-graph-div"', html)) >= len(analysis_plans)
+        assert "<script src=" not in html and "<link " not in html  # self-contained: plotly inlined, nothing fetched
+        assert "Comparison: code prompts with the top-8 code experts banned" in html
+
+        # the dashboard serves every run (the comparison's banned run too), `/` goes to the first
+        names = [rp.name + "-quick" for rp in run_plans] + ["code-banned-quick"]
+        assert list(live.apps) == names and not live.pending()
+        status, where, _ = _get(url)
+        assert status == 302 and where.endswith("/calibration-quick/")
+        for name in names:
+            status, _, body = _get(f"{url}{name}/")
+            assert status == 200 and "_dash-config" in body, name
+            assert live.apps[name].workbench.service is not None  # the Steering lab has the model
+        # the pages hold the demo's results: the code run's closed loop and the comparison need no button
+        code = live.apps["code-quick"].workbench.data
+        assert code.analysis("behavior", variant="behavior:loop", start=False) is not None
+        from workbench.app.compare import cached_result
+
+        assert cached_result(code.run, live.apps["code-banned-quick"].workbench.run, "none") is not None
+    finally:
+        live.http.close()
 
     # a second demo reuses the completed captures: their manifests are not rewritten
     manifests = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/manifest.json")}

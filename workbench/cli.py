@@ -358,6 +358,7 @@ def cmd_capture(args) -> None:
     if args.layers is not None:
         opts["layers"] = args.layers
     _precheck_layers(args.model, args)
+    _say(f"loading the model {args.model} ...")  # torch and the weights: seconds before the progress bar
     _import_torch_holding_sigint()
     from .capture import capture
     from .models.loading import load_model
@@ -457,13 +458,22 @@ def cmd_steer(args) -> None:
     if not _interventions(args):  # before torch loads: this needs no model
         raise WorkbenchError("give at least one intervention: --ban, --force, --boost, --zero or --scale")
     _precheck_layers(args.model, args)
+    _say(f"loading the model {args.model} ...")
     _import_torch_holding_sigint()
     from .steering import steer_cli
 
     steer_cli(args, _interventions(args))
 
 
+def _say(msg: str) -> None:
+    """A status line for a person waiting at a terminal ("loading the model ..."), shown at once on stderr
+    (stdout stays the command's output); not written to a pipe or file, where errors stay one line."""
+    if sys.stderr.isatty():
+        print(f"workbench: {msg}", file=sys.stderr, flush=True)
+
+
 def cmd_app(args) -> None:
+    _say("starting the dashboard" + (f" and loading the model {args.model}" if args.model else "") + " ...")
     from .app import serve
 
     if (args.device or args.dtype) and not args.model:
@@ -485,6 +495,7 @@ def cmd_check(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    _say("starting the demo (importing torch) ...")
     _import_torch_holding_sigint()
     from .demo import run_demo
 

@@ -7,7 +7,6 @@ and settings is not redone), so a second `workbench demo` goes straight to the a
 from __future__ import annotations
 
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,9 +80,24 @@ def _model(out: Path):
     return load_model(str(tiny)), note
 
 
-def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050, quick: bool = False) -> Path:
+def say(msg: str) -> None:
+    """One line of the demo's progress, shown at once (stdout may be a pipe, which buffers)."""
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050, quick: bool = False,
+             host: str = "127.0.0.1") -> Path:
+    """Capture, analyse, report; with `serve`, the dashboard is up as soon as the first run is captured.
+
+    Serving early: the other captures follow on this thread (they hold the model's lock, so the
+    Steering lab waits for them rather than running the model at the same time), and each analysis
+    runs on its run's dashboard worker (closed-loop ones on the model worker), so every page shows
+    its own progress and fills in when its result lands. The report is written when all are done.
+    """
+    import threading
+
     from . import analysis as an
-    from .analysis.persist import cached
+    from .app.state import Unavailable
     from .capture import capture
     from .data import load_dataset, subset
     from .report import Section, write_report
@@ -91,71 +105,170 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    say("loading the demo model ...")
     mm, note = _model(out)
-    print(f"[demo] model: {mm.spec} ({mm.model.config.model_type}, {mm.n_layers} layers, {mm.n_experts} experts, "
-          f"top-{mm.top_k})")
+    say(f"model: {mm.spec} ({mm.model.config.model_type}, {mm.n_layers} layers, {mm.n_experts} experts, "
+        f"top-{mm.top_k}) loaded in {time.time() - t0:.0f}s")
     run_plans, analysis_plans = plans(quick)
-    runs, data = {}, {}
+    suffix = "-quick" if quick else ""
+    names = [rp.name + suffix for rp in run_plans] + (["code-banned" + suffix] if any(rp.name == "code" for rp in run_plans)
+                                                        else [])
+    live = None
+    service = _service(mm, host) if serve else None
+    # one lock for the model: captures here and closed-loop jobs on the run workers take turns
+    lock = service.lock if service is not None else threading.Lock()
+    runs, data, datas = {}, {}, {}
     for rp in run_plans:
         ds = data[rp.name] = load_dataset(rp.dataset)
         if rp.where or rp.first_keys or rp.limit or rp.interleave:
             ds = data[rp.name] = subset(ds, where=rp.where, first_keys=rp.first_keys, limit=rp.limit,
                                         interleave=rp.interleave)
-        print(f"[demo] capture {rp.name}: {ds.name}, {len(ds.records)} records, probes {','.join(rp.probes)}")
-        path = out / "runs" / (rp.name + ("-quick" if quick else ""))
+        say(f"capture {rp.name}: {ds.name}, {len(ds.records)} records, probes {','.join(rp.probes)}")
+        path = out / "runs" / (rp.name + suffix)
         kw = dict(probes=rp.probes, logits=rp.logits, seq_len=rp.seq_len, max_tokens=rp.max_tokens, batch_size=8)
-        try:
-            runs[rp.name] = capture(mm, ds, path, resume=True, **kw)
-        except RunMismatch:  # the demo's plan changed (a newer workbench): the demo folder is ours to redo
-            print(f"[demo]   {path} holds an older demo capture; capturing again")
-            runs[rp.name] = capture(mm, ds, path, overwrite=True, **kw)
-    sections = [Section("Model and runs", summary=_overview(mm, runs), note=note or "")]
-    tables_dir = out / "tables"
-    for ap in analysis_plans:
-        print(f"[demo] analyze {ap.analysis} on {ap.run}")
-        t = time.time()
-        try:
-            mod = an.module(ap.analysis)
-            # computed once, stored in the run folder: a second demo (and the app) reuse it
-            opts = {**ap.options, **({"model": mm} if ap.model else {})}
-            key = {**ap.options, "model": runs[ap.run].model_info.get("spec")} if ap.model else None
-            result = cached(ap.analysis, runs[ap.run], lambda _m=mod, _r=runs[ap.run], **o: _m.analyze(_r, **o),
-                            opts, key=key)
-            figs = mod.figures(result)
-            an.write_table(result.table, tables_dir / f"{ap.analysis}-{ap.run}.parquet")
-            sections.append(Section(ap.heading, summary=result.summary, figures=figs,
-                                    tables=dict(list(result.tables.items())[:4])))
-            print(f"[demo]   done in {time.time() - t:.1f}s")
-        except WorkbenchError as e:
-            sections.append(Section(ap.heading, note=f"skipped: {e}"))
-            print(f"[demo]   skipped: {e}")
-        except Exception as e:  # one broken analysis must not cost the user the whole report
-            sections.append(Section(ap.heading, note=f"failed: {type(e).__name__}: {e}"))
-            print(f"[demo]   FAILED: {type(e).__name__}: {e}")
-            traceback.print_exc(limit=3)
+        if live is not None:
+            live.set_state(rp.name + suffix, f"capturing {len(ds.records)} records of {ds.name}")
+        with lock:
+            try:
+                runs[rp.name] = capture(mm, ds, path, resume=True, **kw)
+            except RunMismatch:  # the demo's plan changed (a newer workbench): the demo folder is ours to redo
+                say(f"  {path} holds an older demo capture; capturing again")
+                runs[rp.name] = capture(mm, ds, path, overwrite=True, **kw)
+        if serve and live is None:
+            live, url = _serve(names, service, host, port)
+            for n in names[1:]:
+                live.set_state(n, "queued: captured after " + names[0])
+        datas[rp.name] = _run_data(live, rp.name + suffix, runs[rp.name])
+        _queue(datas[rp.name], rp.name, analysis_plans, mm, lock)  # they start while the next capture runs
+        if live is not None and len(live.apps) == 1:
+            say(f"dashboard: {url}  (up {time.time() - t0:.0f}s after the start; the other runs and analyses "
+                "are computed in the background, each page shows its progress and fills in when ready)")
+    compared, tables_dir = None, out / "tables"
     if "code" in runs:  # compare: the same code/prose prompts with the top-8 code experts banned
-        print("[demo] compare code prompts: as is vs top-8 code experts banned")
+        say("compare code prompts: as is vs top-8 code experts banned (captures them again with the experts banned)")
+        name = "code-banned" + suffix
+        if live is not None:
+            live.set_state(name, "capturing the code prompts with the top-8 code experts banned")
         try:
             from .analysis import compare as cmp
 
-            path = out / "runs" / ("code-banned" + ("-quick" if quick else ""))
-            runs["code-banned"], result, banned = cmp.demo_comparison(mm, runs["code"], data["code"], path)
+            with lock:
+                runs["code-banned"], result, banned = cmp.demo_comparison(mm, runs["code"], data["code"],
+                                                                          out / "runs" / name)
+            figs = cmp.figures(result)
             an.write_table(result.table, tables_dir / "compare-code-banned.parquet")
-            sections.append(Section("Comparison: code prompts with the top-8 code experts banned",
-                                    summary=result.summary, figures=cmp.figures(result),
-                                    tables=dict(list(result.tables.items())[:4])))
+            compared = Section("Comparison: code prompts with the top-8 code experts banned", summary=result.summary,
+                               figures=figs, tables=dict(list(result.tables.items())[:4]))
+            if live is not None:
+                live.add(name, runs["code-banned"].path, warm=())
+                from .app.compare import remember
+
+                remember(runs["code"], runs["code-banned"], "none", result, figs)
         except WorkbenchError as e:
-            sections.append(Section("Comparison", note=f"skipped: {e}"))
+            compared = Section("Comparison", note=f"skipped: {e}")
+            say(f"  skipped: {e}")
+    sections = [Section("Model and runs", summary=_overview(mm, runs), note=note or "")]
+    for ap in analysis_plans:
+        t = time.time()
+        say(f"analyze {ap.analysis} on {ap.run}" + (" (waiting for the background worker)" if live else ""))
+        res, figs = _result(datas, ap, mm, lock)
+        if isinstance(res, Unavailable):
+            word = "failed" if res.kind == "failed" else "skipped"
+            sections.append(Section(ap.heading, note=f"{word}: {res.message}"))
+            say(f"  {word}: {res.message}")
+            continue
+        an.write_table(res.table, tables_dir / f"{ap.analysis}-{ap.run}.parquet")
+        sections.append(Section(ap.heading, summary=res.summary, figures=figs,
+                                tables=dict(list(res.tables.items())[:4])))
+        say(f"  ready ({time.time() - t:.1f}s waited here)" if live else f"  done in {time.time() - t:.1f}s")
+    if compared is not None:
+        sections.append(compared)
+    say("writing the report ...")
     report = write_report(out / "report.html", "MoE Workbench demo",
                           f"{mm.spec}: {mm.model.config.model_type}, {mm.n_layers} layers, {mm.n_experts} experts, "
                           f"top-{mm.top_k}", sections)
-    print(f"[demo] report: {report.resolve()}  ({time.time() - t0:.0f}s)")
-    if serve:
-        from .app import serve as serve_app
-
-        print(f"[demo] serving the dashboard on http://127.0.0.1:{port} (Ctrl-C to stop)")
-        serve_app([str(r.path) for r in runs.values()], model=mm.spec if mm.spec == "demo" else mm.path, port=port)
+    say(f"report: {report.resolve()}  (everything done {time.time() - t0:.0f}s after the start)")
+    if live is not None:
+        say(f"still serving the dashboard on {url} (Ctrl-C to stop)")
+        _serve_forever(live)
     return report
+
+
+def _service(mm, host):
+    """The Steering lab's model service; its lock is the model's lock for the whole demo."""
+    from .app.main import check_serve_options
+    from .app.service import ModelService
+
+    check_serve_options(host)  # before any work: a refused --host costs nothing
+    return ModelService(mm)
+
+
+def _serve(names, service, host, port):
+    """Start serving (no run yet: the caller adds them); returns (LiveDashboard, url)."""
+    from .app import live as lv
+
+    dash = lv.LiveDashboard(names, service=service)
+    _srv, url = lv.start(dash, host=host, port=port)
+    return dash, url
+
+
+def _serve_forever(live) -> None:
+    """Until Ctrl-C (the server runs on a daemon thread)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        live.http.close()
+        say("stopped")
+
+
+# Background jobs report to the pages (common.report_progress), not to the console, where their bars
+# would interleave with the demo's own lines; `progress` is not part of a stored result's key.
+QUIET = {name: {"progress": False} for name in ("stats", "super-experts", "lrc", "multilingual", "behavior", "atlas")}
+
+
+def _run_data(live, name, run):
+    """The run's analysis state: its dashboard's (so pages see the demo's jobs) or a standalone one."""
+    if live is not None:
+        return live.add(name, run.path, warm=(), analysis_options=QUIET).workbench.data
+    from .app.state import RunData
+
+    return RunData(run, QUIET)
+
+
+def _job(ap: AnalysisPlan, mm):
+    """(cache slot, options, uses the model) of a planned analysis: a model-backed one is the page's
+    closed-loop variant ('<name>:loop'), as the dashboard's button would start it."""
+    if ap.model:
+        return f"{ap.analysis}:loop", {**ap.options, "model": mm}, True
+    return ap.analysis, dict(ap.options), False
+
+
+def _queue(data, run_name, analysis_plans, mm, lock) -> None:
+    """Start every planned analysis of `run_name` on its run's workers (CPU ones in plan order on one
+    worker, model ones on the model worker, which takes `lock` around each)."""
+    for ap in analysis_plans:
+        if ap.run != run_name:
+            continue
+        key, opts, model = _job(ap, mm)
+        if model:  # the page's plain section (profile, maps) too, so the loop section shows only what it adds
+            data.analysis(ap.analysis)
+        data.analysis(ap.analysis, variant=key if model else None, options=opts, lock=lock if model else None)
+
+
+def _result(datas, ap: AnalysisPlan, mm, lock):
+    """Wait for a planned analysis: (AnalysisResult or Unavailable, figures)."""
+    from .app.state import Unavailable
+
+    data = datas.get(ap.run)
+    if data is None:
+        return Unavailable(f"the {ap.run} run was not captured"), {}
+    key, opts, model = _job(ap, mm)
+    res = None
+    while res is None:
+        res = data.analysis(ap.analysis, variant=key if model else None, options=opts, wait=5.0,
+                            lock=lock if model else None)
+    return res, data.figures(key)
 
 
 def _overview(mm, runs) -> str:

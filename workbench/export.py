@@ -237,7 +237,9 @@ def _export(run: Run, out: Path, fmt: str, raw: list[str], analyses: list[str], 
         lf = run.table(name)
         _write(lf, path, fmt)
         files.append(_describe(path, fmt, "raw", name, lf.collect_schema(), _rows(path, fmt), out))
-    for name in tqdm(analyses, desc="export analyses", disable=not progress, dynamic_ncols=True):
+    bar = tqdm(analyses, desc="export analyses", disable=not progress, dynamic_ncols=True)
+    for name in bar:
+        bar.set_description(f"export analyses: {name} (computed if not stored yet)")  # one can take a minute
         try:
             module(name)  # importable? (an optional dependency may be missing)
         except ImportError as e:
@@ -295,8 +297,12 @@ def _schema_md(schema: dict) -> str:
 
 
 def export_cli(args) -> None:
+    import sys
+
     run = open_run(args.run)
     run.read_note()
+    if sys.stderr.isatty():  # the checksums of every part are read before the first progress bar
+        print(f"workbench: verifying the parts of {run.path.name} ...", file=sys.stderr, flush=True)
     schema = export_run(run, args.out, fmt=args.format, what=args.what)
     n = len(schema["files"])
     print(f"exported {n} tables ({args.format}) to {args.out}; schema in {Path(args.out) / 'SCHEMA.md'}")

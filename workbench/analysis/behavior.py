@@ -414,16 +414,25 @@ def close_loop(mm, experts, prompts: dict[str, list[str]], score=None, continuat
     rows = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(prompts) * (1 + len(actions) * len(sets)), disable=not progress, desc="intervene", leave=False)
+    from .common import progress_update
+
+    total = len(prompts) * (1 + len(actions) * len(sets))
+    bar = tqdm(total=total, disable=not progress, desc="intervene", leave=False)
+    done = 0
+    progress_update("interventions scored", 0, total, 0)  # the dashboard's progress bar (counted steps)
     for cls, ps in prompts.items():
         base = float(measure(mm, ps, None))
         bar.update(1)
+        done += 1
+        progress_update("interventions scored", done, total, done)
         for action in actions:
             kind = ACTIONS[action]
             for which, seed, exps in sets:
                 use = _cap_force(mm, exps) if kind == "force" else _cap_ban(mm, exps) if kind == "ban" else exps
                 val = float(measure(mm, ps, {kind: format_spec(use)}))
                 bar.update(1)
+                done += 1
+                progress_update("interventions scored", done, total, done)
                 rows.append({"class": cls, "action": action, "experts_from": which, "seed": seed,
                              "experts": format_spec(use), "n_experts": len(use), "n_prompts": len(ps),
                              "baseline": base, "score": val, "change": val - base})
@@ -600,4 +609,3 @@ def options_from_args(a) -> dict:
                 alternative=a.alternative, intervene=a.intervene, heldout=a.heldout, model=a.model,
                 heldout_data=a.heldout_data, max_heldout=a.max_heldout, continuations=conts, seeds=a.seeds,
                 score=a.score, rank_by=getattr(a, "rank_by", "frequency"))
-

@@ -293,9 +293,12 @@ def prune_evaluation(mm, experts, texts, n_random: int = 3, seed: int = 0, seq_l
     for s in range(n_random):
         conds.append((f"random_{s}", random_experts_like(mm, experts, seed=seed + s)))
     rows, decay = [], []
+    from .common import progress_update
+
     with tempfile.TemporaryDirectory(prefix="wb_prune_") as tmp:
         base_att = None
-        for name, ex in conds:
+        for i, (name, ex) in enumerate(conds):
+            progress_update("pruning conditions evaluated", i, len(conds), i)  # the dashboard's progress bar
             inter = {"zero": ex} if ex else None
             res = perplexity(mm, texts, interventions=inter, seq_len=seq_len, batch_size=batch_size,
                              max_tokens=max_tokens, progress=progress)
@@ -308,6 +311,7 @@ def prune_evaluation(mm, experts, texts, n_random: int = 3, seed: int = 0, seq_l
                     base_att = _sink_means(run)
                 else:
                     decay.append(sink_decay(base_att, _sink_means(run)).with_columns(pl.lit(name).alias("condition")))
+        progress_update("pruning conditions evaluated", len(conds), len(conds), len(conds))
     prune = pl.DataFrame(rows)
     base = prune.filter(pl.col("condition") == "baseline")["ppl"][0]
     prune = prune.with_columns((pl.col("ppl") / base).alias("ppl_ratio"))
