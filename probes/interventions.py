@@ -788,7 +788,9 @@ class ForcedRoutes:
                 force = torch.zeros(len(rows), flat.shape[-1], dtype=torch.bool, device=dev).scatter_(1, idx, True)
                 pp = p if bias is None else replace(p, correction_bias=bias)
                 orig = (flat[rows], w0[rows], i0[rows])
-                z, w_new, i_new = merge_with_original(pp, orig, route(pp, orig[0], force=force), False)
+                z, w_r, i_r = route(pp, orig[0], force=force)
+                dense = torch.zeros(len(rows), flat.shape[-1], dtype=w_r.dtype, device=dev).scatter_(1, i_r, w_r)
+                z, w_new, i_new = merge_with_original(pp, orig, (z, dense.gather(1, idx), idx), False)  # given order
                 new_i[rows], new_w[rows] = i_new.to(i0.dtype), w_new.to(w0.dtype)
             else:
                 new_i[rows], new_w[rows] = idx, w.to(dev, w0.dtype)

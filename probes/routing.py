@@ -14,7 +14,8 @@ import torch
 from .base import BatchMeta, Probe, ProbeDidNotFire, list_array, to_ctx
 
 MARGIN_DOC = ("router margin of each decision: the k-th minus the (k+1)-th selection score in the family's score "
-              "space (softmax probability, logit, or sigmoid + bias); small = a near-tie that rounding can flip")
+              "space (logit, i.e. log-probability, for softmax routers; sigmoid + bias for DeepSeek-V3); small = a "
+              "near-tie that rounding can flip")
 
 
 class RoutingProbe(Probe):

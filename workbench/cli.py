@@ -143,6 +143,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=opt.layer_list, metavar="LAYERS",
                    help="record only these MoE layers (decoder-layer indices), e.g. 1,3 or 0-2 (default: all)")
     p.add_argument("--logits", action="store_true", help="also store fp32 router logits [E] per token and layer")
+    p.add_argument("--margin", action="store_true", help="also store each decision's router margin (k-th minus "
+                                                         "(k+1)-th score): how close it was to a tie")
     p.add_argument("--where", action="append", type=opt.where, metavar="COL=V[,V]",
                    help="keep records whose label COL is one of the values (repeatable: all must hold)")
     p.add_argument("--limit", type=opt.at_least(1), metavar="N", help="keep the first N records (after --where)")
@@ -316,6 +318,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=opt.dtype, help="float32, bfloat16, float16 or auto")
 
     _sub(sub, "datasets", "list the bundled datasets", "List the bundled datasets with their sizes and label columns.")
+    from .fidelity import commands as _fid  # [fidelity]: replay, stability (arguments live there)
+
+    p = sub.add_parser("replay", help=_fid.REPLAY_HELP, description=_fid.REPLAY_DESCRIPTION,
+                       epilog=_fid.REPLAY_EXAMPLES, formatter_class=_FMT)
+    _fid.add_replay_arguments(p)
+    p = sub.add_parser("stability", help=_fid.STABILITY_HELP, description=_fid.STABILITY_DESCRIPTION,
+                       epilog=_fid.STABILITY_EXAMPLES, formatter_class=_FMT)
+    _fid.add_stability_arguments(p)
     from .compress import commands as _compress  # [compress]: prune, merge, evaluate (arguments live there)
 
     for name in ("prune", "merge", "evaluate"):
@@ -357,6 +367,8 @@ def cmd_capture(args) -> None:
         opts["dump_hidden"] = args.dump_hidden
     if args.layers is not None:
         opts["layers"] = args.layers
+    if getattr(args, "margin", False):
+        opts["margin"] = True
     _precheck_layers(args.model, args)
     _say(f"loading the model {args.model} ...")  # torch and the weights: seconds before the progress bar
     _import_torch_holding_sigint()
@@ -558,6 +570,16 @@ def cmd_compress(args) -> None:
 
 COMMANDS.update(prune=cmd_compress, merge=cmd_compress, evaluate=cmd_compress)
 COMMANDS.update(docs=cmd_docs)
+
+
+def cmd_fidelity(args) -> None:
+    _import_torch_holding_sigint()
+    from .fidelity import commands
+
+    (commands.replay_cli if args.command == "replay" else commands.stability_cli)(args)
+
+
+COMMANDS.update(replay=cmd_fidelity, stability=cmd_fidelity)
 
 
 def main(argv=None) -> int:

@@ -10,16 +10,30 @@
 torch loads on first use, so `workbench --help` stays fast.
 """
 
+import sys
+import types
+
 __all__ = ["replay", "stability"]
 
 
 def __getattr__(name: str):
-    if name == "replay":
-        from .replay import replay
+    if name in __all__:
+        import importlib
 
-        return replay
-    if name == "stability":
-        from .stability import stability
-
-        return stability
+        value = getattr(importlib.import_module(f".{name}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'workbench.fidelity' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `fidelity.replay` must not replace the function `fidelity.replay` (the same
+    for stability)."""
+
+    def __setattr__(self, name, value):
+        if name in __all__ and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
