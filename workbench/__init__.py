@@ -21,7 +21,8 @@ except PackageNotFoundError:  # a plain checkout that was never installed
 
 # torch, transformers and polars load on first use, so `workbench --help` and argument errors stay fast.
 _LAZY = {"capture": ".capture", "capture_generate": ".capture", "MoEModel": ".models.loading",
-         "load_model": ".models.loading", "wrap_model": ".models.loading", "Run": ".store", "open_run": ".store"}
+         "load_model": ".models.loading", "wrap_model": ".models.loading", "Run": ".store", "open_run": ".store",
+         "replay": ".fidelity", "stability": ".fidelity"}
 
 
 def __getattr__(name: str):
@@ -50,7 +51,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = ["MoEModel", "Run", "WorkbenchError", "capture", "capture_generate", "dataset", "load_model", "open_run",
-           "tiny", "wrap_model"]
+           "replay", "stability", "tiny", "wrap_model"]
 
 
 def dataset(data, where: dict | None = None, first_keys: int | None = None, limit: int | None = None):
