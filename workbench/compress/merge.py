@@ -30,7 +30,7 @@ import torch
 
 from ..errors import WorkbenchError
 from ..probes.interventions import format_spec
-from .prune import _router_facts, n_remove_for, protected_experts, rewrite_experts, save_checkpoint
+from .prune import router_facts, n_remove_for, protected_experts, rewrite_experts, save_checkpoint
 
 SIMILARITY = ("output", "weight")
 ROUTER = ("dominant", "average")
@@ -129,7 +129,7 @@ def merge(model, run, ratio: float, similarity: str = "output", router: str = "d
         raise WorkbenchError(f"unknown router rule {router!r}; choose dominant or average")
     run = run if isinstance(run, Run) else open_run(run)
     mm = model if isinstance(model, MoEModel) else load_model(str(model), dtype=dtype, device=device)
-    facts = _router_facts(mm)
+    facts = router_facts(mm)
     if facts["n_group"] > 1:
         raise WorkbenchError("merging would mix experts of different groups of group-limited routing (n_group > 1); "
                              "prune instead, which removes the same number from every group")

@@ -75,7 +75,7 @@ def exactness(rule: str, norm_topk_prob: bool, n_group: int = 1) -> tuple[bool, 
     return False, f"routing rule {rule!r}: no exactness claim"
 
 
-def _router_facts(mm) -> dict:
+def router_facts(mm) -> dict:
     cfg = mm.model.config
     rule = mm.family.rule
     r = mm.layers[0].router
@@ -286,7 +286,7 @@ def save_checkpoint(mm, out, info: dict, overwrite: bool = False) -> Path:
 
 def plan(run, by: str, ratio: float, n_experts: int, top_k: int, model=None, protect=None, per_layer: str = "uniform",
          seed: int = 0, exact: bool = False, max_tokens: int | None = 2048, n_group: int = 1, topk_group: int = 1,
-         progress: bool = False) -> dict:
+         progress: bool = False, scores: pl.DataFrame | None = None) -> dict:
     """Scores, protected experts and the removal per layer (no weights touched)."""
     from .saliency import scores as saliency
 
@@ -294,7 +294,8 @@ def plan(run, by: str, ratio: float, n_experts: int, top_k: int, model=None, pro
         raise WorkbenchError(f"run {run.path} has {run.n_experts} experts per layer, the model {n_experts}: "
                              "it is not a run of this model")
     prot = protected_experts(protect, run)
-    sc = saliency(run, by, model=model, seed=seed, exact=exact, max_tokens=max_tokens, progress=progress)
+    sc = scores if scores is not None else saliency(run, by, model=model, seed=seed, exact=exact,
+                                                    max_tokens=max_tokens, progress=progress)
     removed = choose(sc, ratio, n_experts, top_k, prot, per_layer, n_group, topk_group,
                      normalise=by != "attribution")
     return {"scores": sc, "protected": prot, "removed": removed}
@@ -302,24 +303,28 @@ def plan(run, by: str, ratio: float, n_experts: int, top_k: int, model=None, pro
 
 def prune(model, run, ratio: float, by: str = "reap", out=None, protect=None, per_layer: str = "uniform",
           seed: int = 0, exact: bool = False, max_tokens: int | None = 2048, dtype="auto", device=None,
-          overwrite: bool = False, progress: bool = True):
+          overwrite: bool = False, progress: bool = True, scores: pl.DataFrame | None = None):
     """Prune `model` (spec or MoEModel, rewritten in place when given) by the run's saliency; with `out`,
-    save the checkpoint and pruning.json. Returns (MoEModel pruned, info dict)."""
+    save the checkpoint and pruning.json. Returns (MoEModel pruned, info dict).
+
+    scores: a saliency table of criterion `by` computed before (saliency.scores), reused instead of
+    computing it again (attribution runs the model)."""
     from ..models.loading import MoEModel, load_model
     from ..store import Run, open_run
 
     run = run if isinstance(run, Run) else open_run(run)
     mm = model if isinstance(model, MoEModel) else load_model(str(model), dtype=dtype, device=device)
-    facts = _router_facts(mm)
+    facts = router_facts(mm)
     E, K = mm.n_experts, mm.top_k
     if list(mm.moe_layers) != list(run.moe_layers):
         raise WorkbenchError(f"run {run.path} covers MoE layers {run.moe_layers}, the model has {mm.moe_layers}: "
                              "capture the whole model")
     scorer = None
-    if by == "attribution":
+    if by == "attribution" and scores is None:
         scorer = mm if mm.model.dtype == torch.float32 or not isinstance(model, str) else load_model(str(model))
     p = plan(run, by, ratio, E, K, model=scorer, protect=protect, per_layer=per_layer, seed=seed, exact=exact,
-             max_tokens=max_tokens, n_group=facts["n_group"], topk_group=facts["topk_group"], progress=progress)
+             max_tokens=max_tokens, n_group=facts["n_group"], topk_group=facts["topk_group"], progress=progress,
+             scores=scores)
     removed = p["removed"]
     n_phys = min(len(v) for v in removed.values())  # one expert count for every layer (module docstring)
     score_of = {(int(a), int(b)): float(s) for a, b, s in p["scores"].iter_rows()}
@@ -354,6 +359,24 @@ def prune(model, run, ratio: float, by: str = "reap", out=None, protect=None, pe
     return mm, info
 
 
+def predicted_cost(run, removed: dict[int, list[int]]) -> pl.DataFrame:
+    """Per MoE layer, the share of the run's routing weight that fell on the removed experts (what a
+    capture predicts a pruning costs before any checkpoint exists); columns layer, removed_mass."""
+    rows = []
+    for layer, rem in removed.items():
+        rows += [(int(layer), int(e)) for e in rem]
+    gone = pl.DataFrame(rows, schema={"layer": pl.Int16, "expert": pl.Int16}, orient="row").with_columns(
+        pl.lit(True).alias("gone"))
+    d = (run.routing.select("doc_id", "pos", "layer", "experts", "weights").explode("experts", "weights")
+         .rename({"experts": "expert", "weights": "weight"})
+         .join(gone.lazy(), on=["layer", "expert"], how="left")
+         .group_by("doc_id", "pos", "layer")
+         .agg((pl.col("weight").filter(pl.col("gone").fill_null(False)).sum() / pl.col("weight").sum())
+              .alias("removed_mass"))
+         .group_by("layer").agg(pl.col("removed_mass").mean()).sort("layer").collect())
+    return d.cast({"layer": pl.Int16, "removed_mass": pl.Float64})
+
+
 def load_info(path) -> dict | None:
     """pruning.json or merging.json of a compressed checkpoint folder (None for an ordinary model)."""
     p = Path(path)
@@ -366,5 +389,5 @@ def load_info(path) -> dict | None:
     return None
 
 
-__all__ = ["choose", "exactness", "load_info", "plan", "protected_experts", "prune", "rewrite_experts",
+__all__ = ["choose", "exactness", "load_info", "plan", "predicted_cost", "protected_experts", "prune", "rewrite_experts",
            "save_checkpoint", "selection", "super_experts"]
