@@ -126,6 +126,77 @@ def install_host_check(server, allowed=LOOPBACK_NAMES) -> None:
                 403, {"Content-Type": "text/plain; charset=utf-8"})
 
 
+MAX_REQUEST_BYTES = 8 << 20  # every request body: Dash callbacks send kilobytes; waitress allowed 1 GB
+
+
+def _text(msg: str, code: int):
+    return msg.rstrip() + "\n", code, {"Content-Type": "text/plain; charset=utf-8"}
+
+
+def install_request_limits(server, max_bytes: int = MAX_REQUEST_BYTES) -> None:
+    """Cap request bodies (Flask answers 413 before reading more) and answer malformed requests with a
+    4xx and one sentence instead of an HTML error page or a 500 (waitress caps bodies too: wsgi_server)."""
+    if getattr(server, "_workbench_limits", False):
+        return
+    server._workbench_limits = True
+    server.config["MAX_CONTENT_LENGTH"] = max_bytes
+    server.register_error_handler(413, lambda e: _text(
+        f"Request refused: its body is larger than the dashboard accepts ({max_bytes >> 20} MB).", 413))
+    server.register_error_handler(400, lambda e: _text(
+        "Bad request: the body is not valid JSON of a dashboard callback.", 400))
+    server.register_error_handler(415, lambda e: _text(
+        "Unsupported request: dashboard callbacks send application/json.", 415))
+    server.register_error_handler(405, lambda e: _text("This address does not accept that method.", 405))
+
+
+def _dash_body_problem(body, callback_map) -> str | None:
+    """Why a POST to _dash-update-component is not a callback request of this app, or None."""
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    out = body.get("output")
+    if not isinstance(out, str) or out not in callback_map:
+        return "it names no callback of this dashboard"
+    if not isinstance(body.get("outputs"), (dict, list)):
+        return "its outputs are malformed"
+    for key in ("inputs", "state", "changedPropIds"):
+        v = body.get(key, [])
+        if not isinstance(v, list):
+            return f"its {key} is not a list"
+    for item in body.get("inputs", []) + body.get("state", []):
+        rows = item if isinstance(item, list) else [item]  # pattern-matching inputs come as lists
+        if not all(isinstance(r, dict) and "id" in r and isinstance(r.get("property"), str) for r in rows):
+            return "an input or state entry is malformed"
+    if not all(isinstance(c, str) for c in body.get("changedPropIds", [])):
+        return "its changedPropIds are malformed"
+    return None
+
+
+def guard_callbacks(app) -> None:
+    """Wrap the app's callback endpoint: a request that is not one of its callbacks (wrong shape, unknown
+    output) gets 400 and a sentence; an error in Dash's own dispatch (malformed values it trips on) too.
+    Errors inside a callback are not affected: `_on_callback_error` shows them on the page."""
+    from flask import request
+
+    endpoint = app.config.routes_pathname_prefix + "_dash-update-component"
+    view = app.server.view_functions.get(endpoint)
+    if view is None or getattr(view, "_workbench_guarded", False):
+        return
+
+    def guarded(*args, **kwargs):
+        body = request.get_json(silent=True)  # None for invalid JSON; 413 raised for an oversized body
+        why = _dash_body_problem(body, app.callback_map)
+        if why:
+            return _text(f"Bad request: {why}.", 400)
+        try:
+            return view(*args, **kwargs)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            log.warning("malformed dashboard request: %s: %s", type(e).__name__, e)
+            return _text(f"Bad request: the callback's values are malformed ({type(e).__name__}).", 400)
+
+    guarded._workbench_guarded = True
+    app.server.view_functions[endpoint] = guarded
+
+
 def _on_callback_error(err: Exception):
     """Any exception in a page callback: show one sentence in the page's error bar instead of HTTP 500.
 
@@ -179,6 +250,7 @@ def make_app(run, model=None, analysis_options: dict | None = None, warm=("stats
                update_title=None, on_error=_on_callback_error, **dash_kwargs)
     if "server" not in dash_kwargs:  # a shared server gets its check from whoever made it
         install_host_check(app.server, allowed_hosts)
+    install_request_limits(app.server)
     ctx = AppContext(app=app, data=RunData(run, analysis_options), service=service)
     app.workbench = ctx  # tests and notebooks reach the caches through this
     pages = _pages()
@@ -200,6 +272,7 @@ def make_app(run, model=None, analysis_options: dict | None = None, warm=("stats
 
     @app.callback(Output("wb-page", "children"), Output("wb-nav", "children"), Input("url", "pathname"))
     def route(pathname):
+        pathname = pathname if isinstance(pathname, str) else "/"  # a malformed request's value: the overview
         rel = "/" + (app.strip_relative_path(pathname or "/") or "").strip("/")
         page = by_path.get(rel)
         set_props("wb-error", {"children": "", "style": {"display": "none"}})  # an old error: gone on navigation
@@ -225,6 +298,7 @@ def make_app(run, model=None, analysis_options: dict | None = None, warm=("stats
     from .analyses import register_async
 
     register_async(app, ctx)
+    guard_callbacks(app)
     if warm:
         ctx.data.warm([w for w in warm])
     return app
@@ -279,6 +353,7 @@ def make_multi_app(runs, model=None, analysis_options: dict | None = None, warm=
     paths = _run_names(resolve_runs(runs))
     server = Flask("workbench")
     install_host_check(server, allowed_hosts)
+    install_request_limits(server)
     service = ModelService(_model(model)) if model is not None else None
     prefixes = {name: f"/{name}/" for name in paths}
     apps = {name: make_app(path, analysis_options=analysis_options, warm=warm, service=service, siblings=prefixes,
@@ -309,7 +384,8 @@ def wsgi_server(server, host: str = "127.0.0.1", port: int = 8050, threads: int 
     from waitress import create_server
 
     return create_server(server, host=host, port=port, threads=threads, ident="workbench",
-                         connection_limit=200, channel_timeout=60, clear_untrusted_proxy_headers=True)
+                         connection_limit=200, channel_timeout=60, clear_untrusted_proxy_headers=True,
+                         max_request_body_size=MAX_REQUEST_BYTES)
 
 
 def serve(run_path, model=None, host: str = "127.0.0.1", port: int = 8050, debug: bool = False,

@@ -26,16 +26,53 @@ MAX_PROMPT_CHARS = 2000
 MAX_PROMPT_TOKENS = 256
 MAX_NEW_TOKENS = 64
 MODES = ("ban", "force", "boost", "zero")
+MAX_ITEMS = 4096  # steering rows accepted without a model to size them by (with one: its layers x experts)
 
 
 def spec_of(items) -> str:
     return ",".join(f"L{int(layer)}:E{int(expert)}" for layer, expert in items)
 
 
-def interventions_from_state(items: list) -> dict:
+def clean_items(items, mm=None) -> list[list]:
+    """Steering state rows [layer, expert, mode, value] as a browser sent them, checked before any work: a
+    list of at most one row per (layer, expert) cell of the model (a later row replaces an earlier one), so a
+    request cannot make the map, the chips or the queue do more than the model's size of work. Malformed or
+    out-of-range rows are refused in one sentence."""
+    import math
+
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise WorkbenchError("the steering selection is malformed (not a list of [layer, expert, mode] rows)")
+    layers = list(getattr(mm, "moe_layers", []) or []) if mm is not None else None
+    n_exp = int(getattr(mm, "n_experts", 0) or 0) if mm is not None else None
+    cap = len(layers) * (n_exp + 1) if layers else MAX_ITEMS
+    if len(items) > cap:
+        raise WorkbenchError(f"the steering selection has {len(items)} rows; at most {cap} fit this model "
+                             "(one per layer and expert)")
+    out: dict = {}
+    for row in items:
+        if not isinstance(row, (list, tuple)) or not 3 <= len(row) <= 4:
+            raise WorkbenchError("the steering selection is malformed (each row is [layer, expert, mode, value])")
+        layer, expert, mode = row[0], row[1], row[2]
+        value = row[3] if len(row) > 3 else None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (layer, expert)):
+            raise WorkbenchError("the steering selection is malformed (layer and expert must be whole numbers)")
+        if mode not in MODES:
+            raise WorkbenchError(f"unknown intervention {str(mode)[:20]!r}; choose from {', '.join(MODES)}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise WorkbenchError("the steering selection is malformed (a boost value must be a finite number)")
+        if layers is not None and (layer not in layers or not -1 <= expert < n_exp):
+            raise WorkbenchError(f"L{layer}:E{expert} is not an expert of this model's MoE layers")
+        out[(layer, expert)] = [layer, expert, mode, value]
+    return [out[k] for k in sorted(out)]
+
+
+def interventions_from_state(items: list, mm=None) -> dict:
     """Steering state rows [layer, expert, mode, value] -> the interventions dict `compare` takes."""
     out: dict = {}
-    for row in items or []:
+    for row in clean_items(items, mm):
         layer, expert, mode = int(row[0]), int(row[1]), str(row[2])
         if mode not in MODES:
             raise WorkbenchError(f"unknown intervention {mode!r}; choose from {', '.join(MODES)}")
@@ -108,7 +145,7 @@ class ModelService:
         """Queue a comparison for `session`, superseding (cancelling) whatever that session still has queued
         or running; refused in one sentence when `max_queued` jobs of other sessions already wait."""
         prompt = self.check_prompt(prompt)
-        inter = interventions_from_state(items)
+        inter = interventions_from_state(items, self.mm)
         n_new = max(1, min(int(max_new_tokens or 1), MAX_NEW_TOKENS))
         session = str(session or "anon")[:64]
         job = _Job(uuid.uuid4().hex, session, (prompt, inter, n_new, bool(sample), int(seed or 0)))

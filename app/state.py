@@ -54,6 +54,118 @@ class Job:
     running: float | None = None  # when the worker took it up (until then it waits behind other jobs)
 
 
+def approx_bytes(obj, _depth: int = 0) -> int:
+    """Rough memory held by a cached value: frames, arrays, analysis results, plotly figures, containers."""
+    if _depth > 6 or obj is None:
+        return 0
+    if isinstance(obj, (pl.DataFrame, pl.Series)):
+        return int(obj.estimated_size())
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, (str, bytes)):
+        return len(obj)
+    if isinstance(obj, (int, float, bool)):
+        return 8
+    tables = getattr(obj, "tables", None)
+    if isinstance(tables, dict):  # AnalysisResult
+        return sum(approx_bytes(t, _depth + 1) for t in tables.values()) + approx_bytes(getattr(obj, "meta", None), _depth + 1)
+    data = getattr(obj, "data", None)
+    if data is not None and hasattr(obj, "layout") and isinstance(data, tuple):  # a plotly figure: its traces' arrays
+        total = 0
+        for tr in data:
+            for attr in ("x", "y", "z", "text", "customdata", "hovertext", "values", "labels"):
+                v = getattr(tr, attr, None) if attr in getattr(tr, "_valid_props", ()) else None
+                total += _seq_bytes(v)
+        return total
+    if isinstance(obj, dict):
+        return sum(approx_bytes(k, _depth + 1) + approx_bytes(v, _depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(approx_bytes(v, _depth + 1) for v in obj)
+    return 64
+
+
+def _seq_bytes(v) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, np.ndarray):
+        return int(v.nbytes)
+    if isinstance(v, (list, tuple)):
+        return sum(_seq_bytes(x) if isinstance(x, (list, tuple, np.ndarray)) else 16 for x in v)
+    return 16
+
+
+class BoundedCache:
+    """A thread-safe LRU mapping bounded by entries and by (approximate) bytes, for everything the dashboard
+    keeps per request-chosen key: a client choosing new keys (a Compare matching, placement options, a
+    document) can only displace older entries, never grow the server's memory. `on_evict(key, value)` is told."""
+
+    def __init__(self, max_entries: int, max_bytes: int, sizeof=approx_bytes, on_evict=None):
+        from collections import OrderedDict
+
+        self.max_entries, self.max_bytes = int(max_entries), int(max_bytes)
+        self._sizeof, self._on_evict = sizeof, on_evict
+        self._d: OrderedDict = OrderedDict()
+        self._sizes: dict = {}
+        self._lock = threading.RLock()
+        self.nbytes = 0
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._d
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._d)
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._d:
+                return default
+            self._d.move_to_end(key)
+            return self._d[key]
+
+    def __getitem__(self, key):
+        with self._lock:
+            self._d.move_to_end(key)
+            return self._d[key]
+
+    def __setitem__(self, key, value) -> None:
+        size = self._sizeof(value)
+        evicted = []
+        with self._lock:
+            if key in self._d:
+                self.nbytes -= self._sizes.pop(key)
+                del self._d[key]
+            self._d[key] = value
+            self._sizes[key] = size
+            self.nbytes += size
+            # the newest entry stays even when alone over the byte budget (it is what was just asked for)
+            while len(self._d) > 1 and (len(self._d) > self.max_entries or self.nbytes > self.max_bytes):
+                k, v = self._d.popitem(last=False)
+                self.nbytes -= self._sizes.pop(k)
+                evicted.append((k, v))
+        if self._on_evict is not None:
+            for k, v in evicted:
+                self._on_evict(k, v)
+
+    def pop(self, key, default=None):
+        with self._lock:
+            if key not in self._d:
+                return default
+            self.nbytes -= self._sizes.pop(key)
+            return self._d.pop(key)
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._d)
+
+
+# Bounds of the per-run caches whose keys a request chooses (documents, analysis variants such as placement
+# options); the fixed aggregates and one result per analysis are bounded by the analyses there are.
+MAX_DOCS, MAX_DOC_BYTES = 64, 256 << 20
+MAX_VARIANTS, MAX_VARIANT_BYTES = 8, 512 << 20
+
+
 def analysis_available(name: str) -> bool:
     from ..analysis import MODULES
 
@@ -75,6 +187,8 @@ class RunData:
         self._guard = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._pool = Worker("workbench-analysis")
+        self._doc_cache = BoundedCache(MAX_DOCS, MAX_DOC_BYTES)
+        self._variants = BoundedCache(MAX_VARIANTS, MAX_VARIANT_BYTES, on_evict=self._forget_variant)
         self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
 
     # -- small cached aggregates, computed on the calling thread ------------------------------------
@@ -112,7 +226,7 @@ class RunData:
                 labels[c] = [(str(v), int(n)) for v, n in vc.iter_rows()]
             except Exception:  # a label column a part lacks: skip, the overview is best-effort
                 continue
-        return {"tokens": sum(p["tokens"] for p in m.get("parts", [])), "docs": n_docs, "tables": sizes,
+        return {"tokens": self.run.n_tokens, "docs": n_docs, "tables": sizes,
                 "labels": labels}
 
     def docs(self) -> pl.DataFrame:
@@ -135,8 +249,9 @@ class RunData:
         Returns (tokens frame sorted by pos, {layer: (experts [T,K] int, weights [T,K] float)}).
         """
         key = ("doc", int(doc_id))
-        if key in self._cache:
-            return self._cache[key]
+        hit = self._doc_cache.get(key)
+        if hit is not None:
+            return hit
         run = self.run
         toks = (run.tokens.filter(pl.col("doc_id") == int(doc_id)).select("pos", "token", "token_id", "phase")
                 .sort("pos").collect())
@@ -154,11 +269,7 @@ class RunData:
             w[idx[ok]] = g["weights"].list.to_array(k).to_numpy()[ok]
             per_layer[int(layer)] = (ex, w)
         out = (toks, per_layer)
-        with self._guard:
-            docs_cached = [c for c in self._cache if isinstance(c, tuple) and c[0] == "doc"]
-            if len(docs_cached) > 64:  # documents are cheap to reload; keep memory bounded
-                self._cache.pop(docs_cached[0], None)
-            self._cache[key] = out
+        self._doc_cache[key] = out  # documents are cheap to reload: a bounded LRU (entries and bytes)
         return out
 
     # -- analyses, computed on the background worker ---------------------------------------------------
@@ -259,7 +370,19 @@ class RunData:
             self._cache[("analysis", key)] = Unavailable(f"The {name} analysis failed: {type(e).__name__}: {e}",
                                                          kind="failed")
         self._cache[("seconds", key)] = time.perf_counter() - t0
-        return self._cache[("analysis", key)]
+        out = self._cache[("analysis", key)]
+        if key != name:  # a variant chosen by a request (e.g. placement options): bounded, oldest dropped
+            self._variants[key] = (out, self._cache.get(("figures", key)))
+        return out
+
+    def _forget_variant(self, key, _value) -> None:
+        """An evicted variant: its result, figures, timing and finished job go (a later request recomputes)."""
+        with self._guard:
+            for k in (("analysis", key), ("figures", key), ("seconds", key)):
+                self._cache.pop(k, None)
+            job = self._jobs.get(key)
+            if job is not None and job.future.done():
+                self._jobs.pop(key, None)
 
     def figures(self, name: str) -> dict:
         return self._cache.get(("figures", name), {})

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, ctx as dash_ctx, dash_table, dcc, html, no_update
 
 from ..errors import WorkbenchError
-from .service import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MODES, spec_of
+from .service import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MODES, clean_items, spec_of
 from .state import Unavailable
 from .ui import GRAPH_CONFIG, Page, notice, table_page
 
@@ -155,6 +155,13 @@ def _chips(items):
     return html.Div(out, id="steer-chip-list")
 
 
+def _state_items(state, mm) -> list:
+    """The steering rows of the browser's state store, checked (service.clean_items): one per model cell."""
+    if state is not None and not isinstance(state, dict):
+        raise WorkbenchError("the steering selection is malformed (not an object with items)")
+    return clean_items((state or {}).get("items", []), mm)
+
+
 def _toggle(items, layer, expert, mode, value):
     items = [list(it) for it in items or []]
     same = [it for it in items if int(it[0]) == layer and int(it[1]) == expert]
@@ -175,7 +182,10 @@ def register(app, app_ctx):
     def edit(click, _add, _clear, mode, lam, spec, state):
         if svc is None:
             return no_update, no_update, None
-        items = list((state or {}).get("items", []))
+        try:
+            items = _state_items(state, svc.mm)
+        except WorkbenchError as e:
+            return {"items": []}, str(e), None
         lam = float(lam) if lam is not None else 0.5
         trig = dash_ctx.triggered_id
         if trig == "steer-clear":
@@ -205,7 +215,10 @@ def register(app, app_ctx):
     def show(state, _mode):
         if svc is None:
             return no_update, no_update
-        items = (state or {}).get("items", [])
+        try:
+            items = _state_items(state, svc.mm)
+        except WorkbenchError as e:
+            return _map_figure(svc.mm, [], run_share(app_ctx)), html.Span(str(e), className="error")
         return _map_figure(svc.mm, items, run_share(app_ctx)), _chips(items)
 
     @app.callback(Output("steer-job", "data"), Output("steer-poll", "disabled"), Output("steer-status", "children"),
@@ -215,8 +228,8 @@ def register(app, app_ctx):
     def submit(state, _blur, _run, n_new, sample, seed, prompt, session):
         if svc is None:
             return no_update, True, ""
-        items = (state or {}).get("items", [])
         try:
+            items = _state_items(state, svc.mm)
             job = svc.submit(session or "anon", prompt, items, max_new_tokens=n_new or 16,
                              sample="sample" in (sample or []), seed=seed or 0)
         except WorkbenchError as e:

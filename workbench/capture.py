@@ -30,6 +30,18 @@ __all__ = ["capture", "capture_generate", "make_probes", "only_layers", "Sequenc
 _batch_context = batch_context  # the name older scripts and tests imported
 
 
+def check_probe_options(names, logits: bool = False, **options) -> None:
+    """Refuse, in one sentence, an option whose probe is not selected (it would be silently ignored)."""
+    names = set(names)
+    needs = [("dump_experts", "experts", "--dump-experts"), ("dump_hidden", "hidden", "--dump-hidden"),
+             ("logits", "routing", "--logits"), ("margin", "routing", "--margin")]
+    given = dict(options, logits=logits)
+    for opt, probe, flag in needs:
+        if given.get(opt) and probe not in names:
+            raise WorkbenchError(f"{flag} needs the {probe} probe, which is not selected: add it to --probes "
+                                 f"(e.g. --probes {','.join(sorted(names | {probe}))})")
+
+
 def make_probes(names, logits: bool = False, model: MoEModel | None = None, **options) -> list:
     """The probes `names` with their options; with `model`, each checks its settings against it
     (before a capture touches its run folder)."""
@@ -39,6 +51,7 @@ def make_probes(names, logits: bool = False, model: MoEModel | None = None, **op
     bad = [n for n in names if n not in PROBE_NAMES]
     if bad:
         raise WorkbenchError(f"unknown probe {bad[0]!r}; choose from {', '.join(PROBE_NAMES)}")
+    check_probe_options(names, logits, **options)
     probes = []
     for n in names:
         if n == "routing":

@@ -372,8 +372,10 @@ def cmd_capture(args) -> None:
     _precheck_layers(args.model, args)
     _say(f"loading the model {args.model} ...")  # torch and the weights: seconds before the progress bar
     _import_torch_holding_sigint()
-    from .capture import capture
+    from .capture import capture, check_probe_options
     from .models.loading import load_model
+
+    check_probe_options([s.strip() for s in args.probes.split(",") if s.strip()], args.logits, **opts)  # before loading
 
     from .distributed import local_device
 
@@ -390,7 +392,7 @@ def cmd_capture(args) -> None:
                   logits=args.logits, batch_size=args.batch_size, max_tokens=args.max_tokens, seq_len=args.seq_len,
                   resume=args.resume, overwrite=args.overwrite, interventions=_interventions(args) or None,
                   progress=not args.no_progress, part_tokens=args.part_tokens, **opts)
-    n = sum(p["tokens"] for p in run.manifest["parts"])
+    n = run.n_tokens
     print(f"captured {n} tokens x {len(run.moe_layers)} MoE layers of {run.model_info['model_type']} into {run.path}")
 
 

@@ -31,6 +31,23 @@ class RoutingArrays:
         return np.concatenate([[0], change, [len(self.doc)]])
 
 
+def nonfinite_note(run, n: int, where: str) -> str:
+    """One sentence about routing weights that are NaN or infinite (a diverged model or a damaged import):
+    said once per run and process, so sums and means that come out NaN/inf do not do so silently."""
+    import sys
+
+    msg = (f"note: run {run.path} holds {n} NaN or infinite routing weight(s) ({where}); expert counts are "
+           "unaffected, weight sums and means that include them are NaN or inf")
+    key = (str(run.path), run.manifest.get("created"))
+    if key not in _NONFINITE_SAID:
+        _NONFINITE_SAID.add(key)
+        print(msg, file=sys.stderr)
+    return msg
+
+
+_NONFINITE_SAID: set = set()
+
+
 def weights_note(run) -> str | None:
     """None when the run's routing carries weights; otherwise one sentence naming where it came from
     (serving engines record expert ids only, so an imported run's `weights` are null)."""
@@ -60,6 +77,9 @@ def routing_arrays(run, phase: str | None = None, docs=None) -> RoutingArrays:
     k = run.top_k
     ex = df["experts"].list.to_array(k).to_numpy().reshape(t, nl, k).astype(np.int16)
     w = df["weights"].list.to_array(k).to_numpy().reshape(t, nl, k).astype(np.float32)
+    bad = int(w.size - np.isfinite(w).sum())
+    if bad and not np.isnan(w).all():  # all-NaN: an imported run without weights (weights_note says so)
+        nonfinite_note(run, bad, "in its routing table")
     doc = df["doc_id"].to_numpy()[::nl]
     pos = df["pos"].to_numpy()[::nl]
     return RoutingArrays(doc=doc, pos=pos, layers=layers, experts=ex, weights=w, n_experts=run.n_experts)
@@ -222,6 +242,7 @@ def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chu
     if need_tok:
         run.files("tokens")
     total = sum(int(p.get("tokens", 0)) for p in parts)
+    no_weights = weights_note(run) is not None
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     done = n_chunks = 0
     progress_update(desc, 0, total, 0)
@@ -240,6 +261,8 @@ def iter_routing(run, phase: str | None = None, docs=None, token_columns=(), chu
                 raise WorkbenchError(f"run {run.path}: routing rows must each hold top_k={k} experts")
             ex = np.asarray(ex_col.flatten().to_numpy(zero_copy_only=False), np.int16).reshape(-1, k)
             w = np.asarray(w_col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, k)
+            if w.size and not np.isfinite(w).all() and not (no_weights or np.isnan(w).all()):
+                nonfinite_note(run, int(w.size - np.isfinite(w).sum()), f"first in {part['files']['routing']}")
             if not _sorted_rows(doc, pos, lay):  # captures write sorted parts: check in one pass, sort if not
                 order = np.lexsort((lay, pos, doc))
                 doc, pos, lay, ex, w = doc[order], pos[order], lay[order], ex[order], w[order]
