@@ -275,7 +275,7 @@ def _overview(mm, runs) -> str:
     lines = [f"model {mm.spec}  family {mm.family.model_type}  rule {mm.family.rule}  "
              f"MoE layers {mm.moe_layers}  experts {mm.n_experts}  top-{mm.top_k}"]
     for name, run in runs.items():
-        n = sum(p["tokens"] for p in run.manifest["parts"])
+        n = run.n_tokens
         lines.append(f"run {name:14s} {n:8d} tokens  data {run.manifest['dataset']['name']}  "
                      f"probes {','.join(run.manifest['probes'])}")
     return "\n".join(lines)

@@ -30,10 +30,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import manifest as _manifest
 from .errors import RunMismatch, WorkbenchError
 from .safefs import is_inside, refuse_links_out, remove_file, remove_tree
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = _manifest.SCHEMA_VERSION
 MANIFEST = "manifest.json"
 LOCK = ".workbench.lock"
 READERS = ".workbench.readers"  # readers hold it shared; replacing a run (overwrite, repair) holds it exclusive
@@ -145,6 +146,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def n_tokens(manifest: dict) -> int:
+    """Tokens in a manifest's committed parts."""
+    return sum(p["tokens"] for p in manifest["parts"])
+
+
 def write_manifest(path: Path, manifest: dict) -> None:
     _atomic_write_bytes(Path(path) / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
     _fsync_dir(Path(path))
@@ -171,23 +177,8 @@ def read_manifest(path: str | Path, validate: bool = True) -> dict:
 
 
 def manifest_problem(m) -> str | None:
-    """Why a manifest's structure cannot be trusted, or None."""
-    if not isinstance(m, dict):
-        return "not a JSON object"
-    parts = m.get("parts")
-    if parts is None:
-        return "it lists no parts"
-    if not isinstance(parts, list):
-        return "its parts entry is not a list"
-    for i, part in enumerate(parts):
-        if not (isinstance(part, dict) and isinstance(part.get("files"), dict)
-                and all(isinstance(v, str) for v in part["files"].values())
-                and isinstance(part.get("tokens"), int) and isinstance(part.get("batch_end"), int)):
-            return f"part {i} is malformed"
-        bad = [v for v in part["files"].values() if Path(v).is_absolute() or ".." in Path(v).parts]
-        if bad:
-            return f"part {i} points outside the run ({bad[0]})"
-    return None
+    """Why a manifest's structure cannot be trusted, or None (workbench.manifest holds the contract)."""
+    return _manifest.problem(m)
 
 
 def _lock_holder(f) -> str:
@@ -541,7 +532,7 @@ class RunWriter:
 
     @property
     def tokens_done(self) -> int:
-        return sum(p["tokens"] for p in self.manifest["parts"])
+        return n_tokens(self.manifest)
 
     def write_part(self, tables: dict[str, pa.Table], batch_end: int, n_tokens: int) -> None:
         idx = self.reserve_part()
@@ -631,7 +622,7 @@ class Run:
     def note(self) -> str | None:
         """One line for analyses of a run that is incomplete or was repaired, else None."""
         m = self.manifest
-        parts, tokens = len(m["parts"]), sum(p["tokens"] for p in m["parts"])
+        parts, tokens = len(m["parts"]), self.n_tokens
         repairs = m.get("repairs") or []
         if repairs:
             dropped = sum(len(r.get("dropped_parts", [])) for r in repairs)
@@ -694,6 +685,16 @@ class Run:
         return self.manifest["model"]
 
     @property
+    def n_tokens(self) -> int:
+        """Tokens in the run's committed parts."""
+        return n_tokens(self.manifest)
+
+    @property
+    def info(self) -> _manifest.Manifest:
+        """The manifest, typed (workbench.manifest.Manifest); `manifest` stays the JSON object."""
+        return _manifest.Manifest.from_json(self.manifest)
+
+    @property
     def moe_layers(self) -> list[int]:
         return list(self.manifest["model"]["moe_layers"])
 
@@ -717,7 +718,7 @@ class Run:
         m = self.manifest
         tables = [t for t in TABLES if self.has(t)]
         return (f"Run({str(self.path)!r}, model={m['model']['spec']!r}, status={m.get('status')}, "
-                f"tokens={sum(p['tokens'] for p in m['parts'])}, tables={tables})")
+                f"tokens={self.n_tokens}, tables={tables})")
 
 
 def open_run(path: str | Path) -> Run:
