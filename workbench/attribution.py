@@ -429,7 +429,10 @@ def _exact_arg(v):
     return v
 
 
-def attribute_cli(args) -> None:
+def attribute_command(model: str, data: str, where=None, control: str | None = None, control_where=None,
+                      limit: int | None = None, exact: str | None = None, max_tokens: int | None = 1024,
+                      seq_len: int | None = 128, batch_size: int = 4, out: str | None = None,
+                      device: str | None = None, dtype: str | None = None) -> None:
     """`workbench attribute MODEL --data DATA [--control DATA] [--exact N|all|SPEC] [--out FILE]`."""
     from .analysis import write_table
     from .data import load_dataset, parse_where, subset
@@ -437,22 +440,22 @@ def attribute_cli(args) -> None:
 
     def data_of(name, where):
         ds = load_dataset(name)
-        if where or args.limit:
-            ds = subset(ds, where=parse_where(where), limit=args.limit)
+        if where or limit:
+            ds = subset(ds, where=parse_where(where), limit=limit)
         return ds
 
-    data = data_of(args.data, args.where)
-    control = data_of(args.control, args.control_where) if args.control else None
-    if args.max_tokens is not None and args.max_tokens < 2:
+    target = data_of(data, where)
+    contrast = data_of(control, control_where) if control else None
+    if max_tokens is not None and max_tokens < 2:
         raise WorkbenchError("--max-tokens must be at least 2")
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    mm = load_model(args.model, device=device, dtype=args.dtype)
-    res = attribute(mm, data, control, _exact_arg(args.exact), seq_len=args.seq_len or None,
-                    max_tokens=args.max_tokens, batch_size=args.batch_size)
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    mm = load_model(model, device=device, dtype=dtype)
+    res = attribute(mm, target, contrast, _exact_arg(exact), seq_len=seq_len or None,
+                    max_tokens=max_tokens, batch_size=batch_size)
     print(res.summary)
-    if args.out:
-        write_table(res.table, args.out)
-        print(f"wrote {res.table.height} rows to {args.out}")
+    if out:
+        write_table(res.table, out)
+        print(f"wrote {res.table.height} rows to {out}")
 
 
 __all__ = ["Batch", "analyze", "attribute", "estimate", "exact", "figures", "make_batches", "objective",

@@ -87,25 +87,26 @@ def _drop(root: Path, m: dict, first: int, why: dict, report: dict) -> None:
                 remove_file(root, rel)  # regular files inside the run only, never through a link
 
 
-def check_cli(args) -> None:
-    report = check_run(args.run, repair=args.repair)
+def check_command(run: str, repair: bool = False) -> None:
+    """`workbench check RUN [--repair]`: the report on stdout; DamagedRun when damage is found and not repaired."""
+    report = check_run(run, repair=repair)
     if report["manifest"]:
-        if args.repair:
-            print(f"repaired {args.run}: its manifest was damaged ({report['manifest']}); every part was "
+        if repair:
+            print(f"repaired {run}: its manifest was damaged ({report['manifest']}); every part was "
                   "unlisted, so `workbench capture ... --resume` captures the whole run again")
             return
-        raise DamagedRun(f"{Path(args.run) / MANIFEST} is damaged ({report['manifest']}); "
-                         f"`workbench check {args.run} --repair` resets it so --resume captures the run again")
+        raise DamagedRun(f"{Path(run) / MANIFEST} is damaged ({report['manifest']}); "
+                         f"`workbench check {run} --repair` resets it so --resume captures the run again")
     for d in report["damaged"]:
         print(f"damaged: part {d['part']}: {d['file']} {d['why']}")
     if not report["damaged"]:
-        print(f"ok: {args.run}: {report['parts']} parts, {report['files']} files verified")
+        print(f"ok: {run}: {report['parts']} parts, {report['files']} files verified")
         return
-    if args.repair:
-        print(f"repaired {args.run}: dropped parts {report['dropped'][0]}..{report['dropped'][-1]} "
+    if repair:
+        print(f"repaired {run}: dropped parts {report['dropped'][0]}..{report['dropped'][-1]} "
               f"({len(report['dropped'])} parts: a capture resumes after its last intact part); "
               "run the same `workbench capture ... --resume` to capture them again")
         return
     d = report["damaged"][0]
-    raise DamagedRun(f"run {args.run} has {len(report['damaged'])} damaged part file(s), first {d['file']} "
-                     f"which {d['why']}; `workbench check {args.run} --repair` drops them so --resume captures them again")
+    raise DamagedRun(f"run {run} has {len(report['damaged'])} damaged part file(s), first {d['file']} "
+                     f"which {d['why']}; `workbench check {run} --repair` drops them so --resume captures them again")

@@ -417,13 +417,16 @@ def cmd_datasets(args) -> None:
 def cmd_analyze(args) -> None:
     if not _analysis_available(args.analysis):
         raise WorkbenchError(f"the {args.analysis} analysis is not available in this version")
-    from .analysis import common, run_cli
+    from .analysis import analyze_command, common, module
 
     before = common._chunk_tokens  # main() may run in a notebook or a test: leave the process as it was
     if getattr(args, "chunk_tokens", None) is not None:
         common.set_chunk_tokens(args.chunk_tokens)
     try:
-        run_cli(args.analysis, args)
+        mod = module(args.analysis)
+        options = mod.options_from_args(args) if hasattr(mod, "options_from_args") else {}
+        analyze_command(args.analysis, args.run, options, out=args.out, figures=args.figures,
+                        recompute=getattr(args, "recompute", False))
     finally:
         common.set_chunk_tokens(before)
 
@@ -474,9 +477,11 @@ def cmd_steer(args) -> None:
     _precheck_layers(args.model, args)
     _say(f"loading the model {args.model} ...")
     _import_torch_holding_sigint()
-    from .steering import steer_cli
+    from .steering import steer_command
 
-    steer_cli(args, _interventions(args))
+    steer_command(args.model, args.prompt, _interventions(args), max_new_tokens=args.max_new_tokens,
+                  sample=args.sample, seed=args.seed, temperature=args.temperature, device=args.device,
+                  dtype=args.dtype, as_json=args.json)
 
 
 def _say(msg: str) -> None:
@@ -497,15 +502,15 @@ def cmd_app(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_cli
+    from .export import export_command
 
-    export_cli(args)
+    export_command(args.run, args.out, fmt=args.format, what=args.what)
 
 
 def cmd_check(args) -> None:
-    from .check import check_cli
+    from .check import check_command
 
-    check_cli(args)
+    check_command(args.run, repair=args.repair)
 
 
 def cmd_demo(args) -> None:
@@ -517,16 +522,21 @@ def cmd_demo(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .analysis.compare import compare_cli
+    from .analysis.compare import compare_command, options_from_args
 
-    compare_cli(args)
+    args.other = args.run_b
+    options = options_from_args(args)
+    del options["other"]
+    compare_command(args.run_a, args.run_b, out=args.out, **options)
 
 
 def cmd_attribute(args) -> None:
     _import_torch_holding_sigint()  # attribution imports torch at once
-    from .attribution import attribute_cli
+    from .attribution import attribute_command
 
-    attribute_cli(args)
+    attribute_command(args.model, args.data, where=args.where, control=args.control, control_where=args.control_where,
+                      limit=args.limit, exact=args.exact, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                      batch_size=args.batch_size, out=args.out, device=args.device, dtype=args.dtype)
 
 
 def _device(d):

@@ -296,15 +296,17 @@ def _schema_md(schema: dict) -> str:
     return "\n".join(lines)
 
 
-def export_cli(args) -> None:
+def export_command(run: str, out: str, fmt: str = "parquet", what: str = "all") -> None:
+    """`workbench export RUN --out DIR [--format F] [--what W]`: export, then list the files and what was skipped."""
     import sys
 
-    run = open_run(args.run)
+    path = out
+    run = open_run(run)
     run.read_note()
     if sys.stderr.isatty():  # the checksums of every part are read before the first progress bar
         print(f"workbench: verifying the parts of {run.path.name} ...", file=sys.stderr, flush=True)
-    schema = export_run(run, args.out, fmt=args.format, what=args.what)
+    schema = export_run(run, path, fmt=fmt, what=what)
     n = len(schema["files"])
-    print(f"exported {n} tables ({args.format}) to {args.out}; schema in {Path(args.out) / 'SCHEMA.md'}")
+    print(f"exported {n} tables ({fmt}) to {path}; schema in {Path(path) / 'SCHEMA.md'}")
     for k, v in schema["skipped"].items():
         print(f"  skipped {k}: {v}")

@@ -193,20 +193,22 @@ def compare(mm, prompt: str, interventions: dict, max_new_tokens: int = 24, samp
 # CLI
 
 
-def steer_cli(args, interventions: dict) -> None:
+def steer_command(model: str, prompt: str, interventions: dict, max_new_tokens: int = 24, sample: bool = False,
+                  seed: int = 0, temperature: float = 1.0, device: str | None = None, dtype: str | None = None,
+                  as_json: bool = False) -> None:
     """`workbench steer MODEL --prompt TEXT [--ban ...]`: print baseline vs steered side by side."""
     if not interventions:
         raise WorkbenchError("give at least one intervention: --ban, --force, --boost, --zero or --scale")
     from .models.loading import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    mm = load_model(args.model, device=device, dtype=args.dtype)
-    res = compare(mm, args.prompt, interventions, max_new_tokens=args.max_new_tokens, sample=args.sample,
-                  seed=args.seed, temperature=args.temperature)
-    if args.json:
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    mm = load_model(model, device=device, dtype=dtype)
+    res = compare(mm, prompt, interventions, max_new_tokens=max_new_tokens, sample=sample, seed=seed,
+                  temperature=temperature)
+    if as_json:
         print(json.dumps(res.to_json(), ensure_ascii=False, allow_nan=False))  # strict JSON
         return
-    print(render(res, model=f"{args.model} ({mm.family.model_type})"))
+    print(render(res, model=f"{model} ({mm.family.model_type})"))
 
 
 def _show(tok: str, width: int, tid: int | None = None) -> str:

@@ -114,22 +114,23 @@ def write_figures(figs: dict, folder: str | Path) -> list[Path]:
     return written
 
 
-def run_cli(name: str, args) -> None:
-    """`workbench analyze NAME RUN ...`: main table to --out, summary to stdout, figures to --figures."""
+def analyze_command(name: str, run: str, options: dict, out: str | None = None, figures: str | None = None,
+                    recompute: bool = False) -> None:
+    """`workbench analyze NAME RUN ...`: main table to --out, summary to stdout, figures to --figures.
+    options: the analysis' analyze() keywords (the CLI gets them from the module's options_from_args)."""
     from ..store import open_run
 
     mod = module(name)
-    run = open_run(args.run)
+    run = open_run(run)
     run.read_note()  # incomplete or repaired runs say so, on one line
-    options = mod.options_from_args(args) if hasattr(mod, "options_from_args") else {}
-    result = analyze(name, run, reuse=not getattr(args, "recompute", False), **options)
+    result = analyze(name, run, reuse=not recompute, **options)
     if result.meta.get("reused"):
         print(f"(reused the stored result in {run.path}/analyses/{name}/; --recompute to redo it)")
-    if args.out:
-        write_table(result.table, args.out)
+    if out:
+        write_table(result.table, out)
     print(result.summary or repr(result))
-    if args.out:
-        print(f"wrote {result.main} ({result.table.height} rows) to {args.out}")
-    if args.figures:
-        paths = write_figures(mod.figures(result), args.figures)
-        print(f"wrote {len(paths)} figures to {args.figures}")
+    if out:
+        print(f"wrote {result.main} ({result.table.height} rows) to {out}")
+    if figures:
+        paths = write_figures(mod.figures(result), figures)
+        print(f"wrote {len(paths)} figures to {figures}")

@@ -765,18 +765,16 @@ def options_from_args(a) -> dict:
                 labels=[c.strip() for c in a.labels.split(",") if c.strip()] if a.labels else None)
 
 
-def compare_cli(args) -> None:
-    """`workbench compare RUN_A RUN_B [--out DIR]`: summary to stdout, every table and figure to DIR."""
+def compare_command(run_a: str, run_b: str, out: str | None = None, **options) -> None:
+    """`workbench compare RUN_A RUN_B [--out DIR]`: summary to stdout, every table and figure to DIR.
+    options: analyze()'s (match, distribution, labels, weak, max_changes)."""
     from . import write_figures, write_table
     from ..store import open_run
 
-    args.other = args.run_b
-    opts = options_from_args(args)
-    other = opts.pop("other")
-    res = analyze(open_run(args.run_a), other=open_run(other), progress=True, **opts)
+    res = analyze(open_run(run_a), other=open_run(run_b), progress=True, **options)
     print(res.summary)
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
         if out.exists() and not out.is_dir():
             raise WorkbenchError(f"--out {out} exists and is not a folder")
         for name, df in res.tables.items():
