@@ -35,10 +35,10 @@ class AppContext:
 
 
 def _pages():
-    from . import analyses, compare, export, overview, placement, pruning, steering_lab, tokens
+    from . import analyses, compare, export, fidelity, overview, placement, pruning, steering_lab, tokens
 
-    return [overview.PAGE, tokens.PAGE, *analyses.PAGES, placement.PAGE, compare.PAGE, steering_lab.PAGE, pruning.PAGE,
-            export.PAGE]
+    return [overview.PAGE, tokens.PAGE, *analyses.PAGES, placement.PAGE, compare.PAGE, fidelity.PAGE, steering_lab.PAGE,
+            pruning.PAGE, export.PAGE]
 
 
 def _model(model, device: str | None = None, dtype: str | None = None):

@@ -760,7 +760,10 @@ class ForcedRoutes:
         self.handles: list = []
 
     def set(self, routes: dict | None) -> None:
-        self.routes = dict(routes or {})
+        """Routes for the next forward, moved to the model's device now (one non-blocking copy per tensor from
+        pinned memory on a GPU, instead of a synchronous copy inside every router hook)."""
+        dev = self.mm.device
+        self.routes = {layer: tuple(_on(t, dev) for t in r[:3]) + tuple(r[3:]) for layer, r in (routes or {}).items()}
         self.own, self.margin = {}, {}
 
     def _hook(self, index: int):
@@ -810,6 +813,14 @@ class ForcedRoutes:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def _on(t, dev):
+    if not isinstance(t, torch.Tensor) or t.device == dev:
+        return t
+    if dev.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
 
 
 @contextlib.contextmanager
