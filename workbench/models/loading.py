@@ -13,7 +13,8 @@ import torch
 
 from .. import threads as _threads
 from ..errors import WorkbenchError
-from .families import FAMILIES, GENERIC_BLOCK_NAMES, GENERIC_ROUTER_NAMES, SUPPORTED_SENTENCE, UNSUPPORTED, Family
+from .families import (FAMILIES, GENERIC_BLOCK_NAMES, GENERIC_ROUTER_NAMES, SUPPORTED_SENTENCE, UNSUPPORTED, Family,
+                       contract_problems, drift_sentence, missing_parts, modeling_module)
 from .hooks import Hooks, RoutingTrace, decoder_layers, trace_routing
 
 _threads.note_torch()  # torch's thread count before any load_model: a later change is the user's
@@ -366,12 +367,13 @@ def _hub_offline(spec: str, path: str) -> bool:
     return offline
 
 
-def moe_replacements(family: Family, generic: bool, layers: list[MoELayer]) -> list[str]:
+def moe_replacements(family: Family, generic: bool, layers: list[MoELayer], foreign_classes: bool = True) -> list[str]:
     """Each MoE part (block, router, experts) whose forward is not the family's own transformers code,
     as "layer 3 router (why)". Kernels (the `kernels` package) swap `forward` on the instance and leave
-    `_kernel_repo`; a class-level patch or a foreign class shows in the class's module. Generic models
-    have no expected module, so only instance-level swaps count there."""
-    expected = None if generic else f"transformers.models.{family.model_type}.modeling_{family.model_type}"
+    `_kernel_repo`; a class-level patch shows as a forward defined outside transformers. With
+    `foreign_classes`, a part whose class is not from the family's modeling module counts too (hub
+    kernel replacements swap whole modules); without, that is left to the family contract check."""
+    expected = None if generic or not foreign_classes else modeling_module(family)
     out = []
     for layer in layers:
         for part, mod in (("MoE block", layer.block), ("router", layer.router), ("experts", layer.experts)):
@@ -396,13 +398,12 @@ def _replaced_how(mod: torch.nn.Module, expected_module: str | None) -> str | No
         fwd = mod.__dict__.get("_old_forward")
     if fwd is not None and getattr(fwd, "__func__", None) is not cls.forward:
         return f"forward replaced on the instance by {_qualname(fwd)}"
-    if expected_module is None:
-        return None
-    if cls.__module__ != expected_module:
+    if expected_module is not None and cls.__module__ != expected_module:
         return f"class from {cls.__module__}, not {expected_module}"
     owner = next(k for k in cls.__mro__ if "forward" in k.__dict__)
     fn = owner.__dict__["forward"]
-    if getattr(fn, "__module__", None) != owner.__module__:  # assigned from elsewhere: a class-level patch
+    where = getattr(fn, "__module__", None) or ""
+    if where != owner.__module__ and not where.startswith("transformers."):  # a third party patched the class
         return f"{owner.__name__}.forward replaced by {_qualname(fn)}"
     return None
 
@@ -414,19 +415,26 @@ def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> M
     family = FAMILIES.get(cfg.model_type)
     family, generic, layers = find_moe_layers(model, family)
     kernels_on = bool(getattr(model, "use_kernels", False))
-    replaced = moe_replacements(family, generic, layers)
+    replaced = moe_replacements(family, generic, layers, foreign_classes=kernels_on)
     if replaced:
         how = "hub kernels (use_kernels=True) replaced" if kernels_on else "something replaced"
         more = f" and {len(replaced) - 1} more" if len(replaced) > 1 else ""
         fix = "reload with use_kernels=False" if kernels_on else "load the model without that patch"
         raise WorkbenchError(f"{spec} ({cfg.model_type}): {how} MoE code the probes must see: {replaced[0]}{more}; {fix}")
     if not layers:
+        drift = None if generic else missing_parts(family, decoder_layers(model))
+        if drift:
+            raise WorkbenchError(drift_sentence(family.model_type, drift))
         what = "a dense model" if family and not generic or not layers else "an unsupported MoE"
         raise WorkbenchError(f"{spec} ({cfg.model_type}) has no MoE layers the workbench can probe: {what}; {SUPPORTED_SENTENCE}")
     n_exp = _config_int(cfg, family.n_experts_keys) or int(layers[0].experts.down_proj.shape[0])
     top_k = _config_int(cfg, family.top_k_keys) or getattr(layers[0].router, "top_k", None)
     if not top_k:
         raise WorkbenchError(f"cannot tell how many experts a token uses in {cfg.model_type}; {SUPPORTED_SENTENCE}")
+    if not generic:  # upstream drift: a loud sentence here, never a wrong capture later
+        problems = contract_problems(family, layers, int(n_exp), int(top_k), int(cfg.hidden_size))
+        if problems:
+            raise WorkbenchError(drift_sentence(family.model_type, problems[0], len(problems) - 1))
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
     n_layers = len(decoder_layers(model))
