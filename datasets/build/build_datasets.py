@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE.parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from workbench.training import maths, sources  # noqa: E402
+from recipes.demo_model import maths, sources  # noqa: E402
 
 SEED = 20260101
 N_MULTI_KEYS = 400
@@ -317,7 +317,7 @@ def question_set(r: random.Random, n: int = 400) -> list[dict]:
 
 def calibration_docs(en, per, cal_keys, r: random.Random) -> list[dict]:
     """Held-out text of every training domain (the corpus builder excludes these exact sources)."""
-    from workbench.training import corpus
+    from recipes.demo_model import corpus
 
     out = []
     for d in corpus.heldout_code_docs()[:N_CAL_PER_DOMAIN]:

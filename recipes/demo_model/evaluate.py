@@ -1,6 +1,6 @@
 """Measure the demo model on CPU: held-out perplexity, expert load balance, language-dependent routing.
 
-    .venv/bin/python -m workbench.training.evaluate --out benchmarks/results/demo_model_eval.json
+    .venv/bin/python -m recipes.demo_model.evaluate --out benchmarks/results/demo_model_eval.json
 
 All evaluation text is held out from training (datasets/build/heldout_keys.txt, corpus.py):
 - perplexity per language on `multilingual` (21 languages x the first 200 of its 400 keys) and per domain on

@@ -1,7 +1,7 @@
 """Train the bundled demo model: a small fine-grained Qwen3-MoE on the pre-tokenized corpus (one GPU).
 
-    python3 -m workbench.training.train --data .device_carry/demo --out $OUT --steps 6000 --time-limit 480
-    python3 -m workbench.training.train --data .device_carry/demo --bench      # throughput check, no saving
+    python3 -m recipes.demo_model.train --data .device_carry/demo --out $OUT --steps 6000 --time-limit 480
+    python3 -m recipes.demo_model.train --data .device_carry/demo --bench      # throughput check, no saving
 
 Precision: weights live in bf16 for the forward/backward (the fused grouped_mm experts kernel is not
 autocast-aware and wants one dtype), while AdamW updates fp32 master copies, so small updates are not

@@ -1,6 +1,6 @@
 """Train the demo model's byte-level BPE tokenizer on the corpus and pre-tokenize the corpus.
 
-    .venv/bin/python -m workbench.training.tokenizer --corpus .device_carry/demo/corpus.jsonl.xz \
+    .venv/bin/python -m recipes.demo_model.tokenizer --corpus .device_carry/demo/corpus.jsonl.xz \
         --out workbench/assets/demo_model --tokens .device_carry/demo
 
 Digits are split one by one (the corpus has generated arithmetic); every byte is in the alphabet, so

@@ -1,6 +1,6 @@
 """Build the demo model's training corpus (~56 MB of code, English prose, 21 languages and maths).
 
-    .venv/bin/python -m workbench.training.corpus --out .device_carry/demo/corpus.jsonl.xz
+    .venv/bin/python -m recipes.demo_model.corpus --out .device_carry/demo/corpus.jsonl.xz
 
 Held out from training (the evaluation sets bundled in datasets/ come from these):
 - LibreOffice help paragraphs listed in datasets/build/heldout_keys.txt, in every language, and any

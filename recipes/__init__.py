@@ -1,0 +1,1 @@
+"""Recipes that build the workbench's bundled assets; not part of the installed package."""
