@@ -11,7 +11,8 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXECUTED = ["01_quickstart.ipynb", "02_super_experts.ipynb", "03_routing_locality.ipynb",
-            "04_multilingual_routing.ipynb", "05_behaviour_maps.ipynb", "07_compare_checkpoints.ipynb"]
+            "04_multilingual_routing.ipynb", "05_behaviour_maps.ipynb", "07_compare_checkpoints.ipynb",
+            "08_routing_fidelity.ipynb"]
 
 
 def test_every_notebook_is_listed_and_stripped():
