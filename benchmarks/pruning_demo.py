@@ -39,13 +39,120 @@ def split_calibration(folder: Path) -> tuple[Path, Path]:
     return cal, held
 
 
+def renormalisation_gap(cal: Path, held: Path, tmp: Path, eval_tokens: int, cal_tokens: int) -> list[dict]:
+    """Pruned checkpoint vs the same experts banned, on the demo as trained (norm_topk_prob true: equal) and on
+    a copy whose config turns norm_topk_prob off (OLMoE's rule: softmax over all experts, no renormalisation),
+    where removing router rows rescales the kept weights. REAP removal at each ratio, held-out perplexity."""
+    import shutil
+
+    from workbench.capture import capture
+    from workbench.compress import prune as prune_mod
+    from workbench.compress.evaluate import evaluate
+    from workbench.models.loading import DEMO_MODEL_DIR, load_model
+    from workbench.steering import perplexity
+
+    variant = tmp / "demo_no_renorm"
+    shutil.copytree(DEMO_MODEL_DIR, variant)
+    cfg = json.loads((variant / "config.json").read_text())
+    cfg["norm_topk_prob"] = False
+    (variant / "config.json").write_text(json.dumps(cfg, indent=2))
+    texts = [json.loads(line)["text"] for line in held.read_text().splitlines()]
+    rows = []
+    for name, spec in (("demo (norm_topk_prob true)", "demo"), ("demo, norm_topk_prob false", str(variant))):
+        mm = load_model(spec, dtype="float32")
+        run = capture(mm, str(cal), tmp / f"gap_run_{len(rows)}", probes=["routing", "experts"], seq_len=256,
+                      max_tokens=cal_tokens, progress=False)
+        for ratio in RATIOS:
+            out = tmp / f"gap_{len(rows)}"
+            _, info = prune_mod.prune(spec, run, ratio, "reap", out, progress=False)
+            base = perplexity(mm, texts, seq_len=256, max_tokens=eval_tokens, progress=False)["ppl"]
+            ban = perplexity(mm, texts, {"ban": info["ban"]}, seq_len=256, max_tokens=eval_tokens, progress=False)
+            ev = evaluate([spec, str(out)], texts, max_tokens=eval_tokens, seq_len=256, progress=False)
+            pr = ev.tables["models"]["ppl"][1]
+            rows.append({"model": name, "ratio": ratio, "ppl_base": base, "ppl_ban": ban["ppl"], "ppl_pruned": pr,
+                         "pruned_over_ban": pr / ban["ppl"], "equals_ban_claimed": info["equals_ban"],
+                         "tokens": ban["tokens"]})
+            print(rows[-1])
+    return rows
+
+
+def exact_attribution_rows(cal: Path, held: Path, tmp: Path, args) -> tuple[list[dict], dict]:
+    """Attribution by exact zeroing (one forward per expert over --exact-tokens calibration tokens) as a
+    criterion: the first-order estimate ranks poorly on this model (see the docs), the exact effect is the
+    quantity it estimates. Same ratios and protection as the main table, evaluated on the same held-out text."""
+    from workbench.capture import capture
+    from workbench.compress import prune as prune_mod
+    from workbench.compress.evaluate import evaluate
+    from workbench.compress.saliency import scores as saliency
+    from workbench.models.loading import load_model
+
+    mm = load_model("demo")
+    run = capture(mm, str(cal), tmp / "run", probes=["routing", "experts"], seq_len=256, max_tokens=args.cal_tokens,
+                  progress=False)
+    t = time.perf_counter()
+    sc = saliency(run, "attribution", model=mm, exact=True, max_tokens=args.exact_tokens, progress=True)
+    times = {"score_attribution_exact_s": time.perf_counter() - t, "exact_tokens": args.exact_tokens}
+    ses = prune_mod.super_experts(run)
+    models, meta = ["demo"], [None]
+    for ratio in RATIOS:
+        for protect in (None, "super-experts"):
+            out = tmp / f"exact_{ratio}_{'se' if protect else 'none'}"
+            _, info = prune_mod.prune("demo", run, ratio, "attribution", out, protect, progress=False, scores=sc)
+            got = {int(k): v["removed"] for k, v in info["layers"].items()}
+            models.append(str(out))
+            meta.append({"method": "prune", "criterion": "attribution-exact", "ratio": ratio,
+                         "protect": protect or "none",
+                         "super_experts_removed": sorted(f"L{a}:E{b}" for a, b in ses if b in got.get(a, [])),
+                         "predicted_removed_mass": float(prune_mod.predicted_cost(run, got)["removed_mass"].mean())})
+    res = evaluate(models, str(held), max_tokens=args.eval_tokens, seq_len=256, batch_size=8, progress=True)
+    rows = []
+    for m, r in zip(meta, res.tables["models"].iter_rows(named=True)):
+        if m is not None:
+            rows.append({**m, **{k: r[k] for k in ("n_experts", "params", "ppl", "ppl_ratio", "agreement", "kl",
+                                                   "overlap", "removed_mass", "tokens")}})
+    return rows, times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cal-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--attribution-tokens", type=int, default=2048)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pruning_demo_cpu.json"))
+    ap.add_argument("--gap-only", action="store_true", help="only the renormalisation section, added to --out")
+    ap.add_argument("--exact-only", action="store_true", help="only the exact-attribution rows, added to --out")
+    ap.add_argument("--exact-tokens", type=int, default=256, help="calibration tokens of exact attribution")
     args = ap.parse_args()
+    if args.exact_only:
+        os.environ.setdefault("USE_HUB_KERNELS", "NO")
+        from workbench import threads
+
+        threads.ensure(int(os.environ.get("WORKBENCH_THREADS", "1")))
+        result = json.loads(Path(args.out).read_text())
+        with tempfile.TemporaryDirectory(prefix="wb_pruning_exact_") as tmp:
+            tmp = Path(tmp)
+            cal, held = split_calibration(tmp)
+            rows, times = exact_attribution_rows(cal, held, tmp, args)
+        result["rows"] = [r for r in result["rows"] if r.get("criterion") != "attribution-exact"] + rows
+        result["times"].update(times)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"added {len(rows)} exact-attribution rows to {args.out}")
+        return
+    if args.gap_only:
+        os.environ.setdefault("USE_HUB_KERNELS", "NO")
+        from workbench import threads
+
+        threads.ensure(int(os.environ.get("WORKBENCH_THREADS", "1")))
+        result = json.loads(Path(args.out).read_text())
+        with tempfile.TemporaryDirectory(prefix="wb_pruning_gap_") as tmp:
+            tmp = Path(tmp)
+            cal, held = split_calibration(tmp)
+            t = time.perf_counter()
+            result["renormalisation"] = renormalisation_gap(cal, held, tmp, args.eval_tokens, args.cal_tokens)
+            result["times"]["renormalisation_s"] = time.perf_counter() - t
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"added the renormalisation section to {args.out}")
+        return
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
     import polars as pl
