@@ -16,6 +16,7 @@ import plotly.express as px
 import polars as pl
 from dash import MATCH, Input, Output, ctx as dash_ctx, dash_table, dcc, html, no_update
 
+from ..plots import colour_map, polish
 from .state import CAPTURE_HINTS, TABLE_HINTS, Unavailable
 from .ui import GRAPH_CONFIG, Page, computing, graph, notice, table_browser, table_page
 
@@ -390,13 +391,15 @@ def atlas_figure(df: pl.DataFrame, which: str, color: str | None):
     hover = [c for c in ("layer", "expert", "n_selections", "doc_id", "pos", "token", "top_tokens") if c in df.columns]
     if color and color in df.columns and df.schema[color].is_numeric() and df[color].n_unique() <= 64:
         df = df.with_columns(pl.col(color).cast(pl.Utf8))
+    discrete = color in df.columns and not df.schema[color].is_numeric()
     fig = px.scatter(df.to_pandas(), x="x", y="y", color=color if color in df.columns else None, hover_data=hover,
+                     color_discrete_map=colour_map(df[color].unique().to_list()) if discrete else None,
                      title=("Expert atlas: experts placed by what selects them" if which == "experts"
                             else "Token atlas: tokens placed by their routing"))
     fig.update_traces(marker={"size": 8 if which == "experts" else 4, "opacity": 1.0 if which == "experts" else 0.7})
-    fig.update_layout(template="plotly_white", height=520, xaxis={"showticklabels": False, "title": ""},
-                      yaxis={"showticklabels": False, "title": ""}, legend={"itemsizing": "constant"})
-    return fig
+    fig.update_layout(template="plotly_white", height=520, xaxis={"showticklabels": False, "title": "UMAP 1"},
+                      yaxis={"showticklabels": False, "title": "UMAP 2"}, legend={"itemsizing": "constant"})
+    return polish(fig, "atlas", which)
 
 
 def _colour_options(df: pl.DataFrame, which: str) -> list[str]:

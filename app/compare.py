@@ -14,11 +14,11 @@ import polars as pl
 from dash import Input, Output, dash_table, dcc, html
 
 from ..errors import WorkbenchError
-from .state import BoundedCache, Unavailable
+from ..plots import polish_all
+from .state import Unavailable
 from .ui import Page, graph, notice, table_page
 
-# (run A, run B, matching) -> (result, figures); LRU-bounded: a comparison holds up to max_changes rows
-_CACHE = BoundedCache(max_entries=6, max_bytes=512 << 20)
+_CACHE: dict = {}
 _LOCK = threading.Lock()
 _STARTED: dict = {}  # key -> when its background computation started
 ROWS = 10  # rows per table page
@@ -86,7 +86,7 @@ def result_for(run_a, run_b, match: str):
         if key not in _CACHE:
             try:
                 res = compare.analyze(run_a, other=run_b, match=match)
-                _CACHE[key] = (res, compare.figures(res))
+                _CACHE[key] = (res, polish_all("compare", compare.figures(res)))
             except WorkbenchError as e:
                 _CACHE[key] = (Unavailable(str(e)), {})
             except Exception as e:  # on a background thread: say it on the page rather than lose it

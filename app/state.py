@@ -22,6 +22,7 @@ import polars as pl
 
 from ..analysis.registry import ANALYSES
 from ..errors import WorkbenchError
+from ..plots import polish_all
 from ..store import TABLES, Run, open_run
 
 log = logging.getLogger("workbench.app")
@@ -187,6 +188,7 @@ class RunData:
         self._guard = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._pool = Worker("workbench-analysis")
+        self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
         self._doc_cache = BoundedCache(MAX_DOCS, MAX_DOC_BYTES)
         self._variants = BoundedCache(MAX_VARIANTS, MAX_VARIANT_BYTES, on_evict=self._forget_variant)
         self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
@@ -359,6 +361,7 @@ class RunData:
                     result = analyze(name, self.run, store_key=pkey, **opts)
             try:
                 figs = mod.figures(result) if hasattr(mod, "figures") else {}
+                polish_all(name, figs)  # one colour per label, log ratios, titled axes (workbench.plots)
             except WorkbenchError:
                 figs = {}
             self._cache[("figures", key)] = figs

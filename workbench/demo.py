@@ -151,11 +151,12 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
             live.set_state(name, "capturing the code prompts with the top-8 code experts banned")
         try:
             from .analysis import compare as cmp
+            from .plots import polish_all
 
             with lock:
                 runs["code-banned"], result, banned = cmp.demo_comparison(mm, runs["code"], data["code"],
                                                                           out / "runs" / name)
-            figs = cmp.figures(result)
+            figs = polish_all("compare", cmp.figures(result))
             an.write_table(result.table, tables_dir / "compare-code-banned.parquet")
             compared = Section("Comparison: code prompts with the top-8 code experts banned", summary=result.summary,
                                figures=figs, tables=dict(list(result.tables.items())[:4]))
