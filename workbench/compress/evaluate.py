@@ -194,7 +194,7 @@ def evaluate(models, data, max_tokens: int | None = 8192, seq_len: int | None = 
     lines = [f"evaluated {len(models)} model(s) on {tab['tokens'][0]} predicted tokens; reference: {names[0]}"]
     for r in tab.iter_rows(named=True):
         lines.append(f"  {r['model']}: ppl {r['ppl']:.4g} (x{r['ppl_ratio']:.3f}), agreement {r['agreement']:.3f}"
-                     + (f", KL {r['kl']:.4f}" if r["kl"] is not None else "")
+                     + (f", KL {r['kl']:.4g}" if r["kl"] is not None else "")
                      + (f", routing overlap {r['overlap']:.3f}" if r["overlap"] is not None else ""))
     return AnalysisResult("evaluate", {"models": tab, "layers": lay}, "models", "\n".join(lines),
                           {"reference": names[0], "seq_len": seq_len, "max_tokens": max_tokens})
