@@ -555,6 +555,11 @@ def cmd_import(args) -> None:
                                 resume=args.resume, overwrite=args.overwrite, engine_version=args.engine_version,
                                 routed_start=args.routed_start)
     info = run.manifest.get("import", {})
+    if "windows" in info and "tokens" not in info:  # a counts-only dump
+        dropped = info.get("empty_windows_dropped")
+        print(f"imported {info['windows']} windows of expert counts x {len(run.moe_layers)} MoE layers from "
+              f"{args.engine} into {run.path}" + (f" ({dropped} empty buffer slots dropped)" if dropped else ""))
+        return
     print(f"imported {info.get('tokens', 0)} tokens of {info.get('documents', 0)} sequences x "
           f"{len(run.moe_layers)} MoE layers from {args.engine} into {run.path}")
 
