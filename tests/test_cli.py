@@ -77,7 +77,7 @@ def test_every_subcommand_has_a_description_and_examples():
 
 
 def test_lazy_package_attributes_still_work():
-    import workbench.capture  # the submodule import must not replace the function
+    import workbench.capture  # noqa: F401  (the submodule import must not replace the function)
 
     assert callable(wb.capture) and wb.capture.__name__ == "capture"
     assert wb.open_run.__module__ == "workbench.store" and "load_model" in dir(wb)

@@ -424,4 +424,4 @@ def random_experts_like(mm, experts, seed: int = 0, n_per_layer: int | None = No
 
 
 __all__ = ["SteerResult", "compare", "continuation_logprob", "continuation_logprobs", "format_spec", "perplexity",
-           "random_experts_like", "render", "steer_cli"]
+           "random_experts_like", "render", "steer_command"]

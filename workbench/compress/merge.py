@@ -22,8 +22,6 @@ frequencies, the similarity and router choices). A merged model is never the bas
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import torch

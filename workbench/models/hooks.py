@@ -232,7 +232,7 @@ class RoutingTrace:
     @property
     def doc_bounds(self) -> np.ndarray:
         """Start offsets of each text's rows, plus the end."""
-        change = np.flatnonzero(np.diff(self.doc)) + 1
+        change: np.ndarray = np.flatnonzero(np.diff(self.doc)) + 1
         return np.concatenate([[0], change, [len(self.doc)]])
 
     def text(self, i: int) -> slice:
@@ -273,7 +273,12 @@ def trace_routing(mm, texts, logits: bool = False, batch_size: int = 1, layers=N
             seen[i] = RouterOut.of(out)
         return fn
 
-    ex, w, lg, doc, pos, ids_all = [], [], [], [], [], []
+    ex: list[np.ndarray] = []
+    w: list[np.ndarray] = []
+    lg: list[np.ndarray] = []
+    doc: list[np.ndarray] = []
+    pos: list[np.ndarray] = []
+    ids_all: list[np.ndarray] = []
     with Hooks(mm, {f"L{i}.router": hook(i) for i in keep}), torch.inference_mode():
         for start in range(0, len(enc), batch_size):
             chunk = enc[start:start + batch_size]
