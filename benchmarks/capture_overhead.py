@@ -86,15 +86,15 @@ def texts(n_tokens: int, seed: int = 0) -> list[str]:
 
 
 def batches(mm, n_batches: int, seq_len: int, batch_size: int):
-    from workbench.capture import _batch_context, build_sequences
     from workbench.data import load_dataset
+    from workbench.pipeline import batch_context, build_sequences
 
     data = texts(n_batches * seq_len * batch_size + 1000)
     seqs = build_sequences(load_dataset(data), mm.tokenizer, seq_len=seq_len,
                            max_tokens=n_batches * seq_len * batch_size)
     out = []
     for i in range(0, len(seqs), batch_size):
-        ctx, *_ = _batch_context(seqs[i:i + batch_size], mm.tokenizer.pad_token_id, mm.device)
+        ctx, *_ = batch_context(seqs[i:i + batch_size], mm.tokenizer.pad_token_id, mm.device)
         out.append(ctx)
     return data, out
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -245,6 +246,12 @@ class _Ahead:
         self.thread.join(timeout=10)
 
 
+# The forward waits for the device once per batch (transformers checks the attention mask's contents), and
+# then the launching thread must get the GIL back from the writer and batch threads: at Python's default 5 ms
+# switch interval that wait is ~1% of a batch. Lowered while a GPU capture runs; None leaves it alone.
+SWITCH_INTERVAL: float | None = 0.0005
+
+
 def run_batches(pipe: ProbePipeline, batches: Iterable[tuple[int, list[Sequence]]], pad: int, bar,
                 ahead: bool = True) -> int:
     """The batch loop of every one-batch-at-a-time schedule: `batches` yields (the batch count the sink
@@ -258,6 +265,9 @@ def run_batches(pipe: ProbePipeline, batches: Iterable[tuple[int, list[Sequence]
     src = _Ahead(built) if ahead else None
     it = iter(src if src is not None else built)
     n = 0
+    switch = sys.getswitchinterval()
+    if pipe.cuda and SWITCH_INTERVAL:
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
     try:
         cur = next(it, None)
         while cur is not None:
@@ -270,6 +280,7 @@ def run_batches(pipe: ProbePipeline, batches: Iterable[tuple[int, list[Sequence]
             n += 1
             cur = nxt
     finally:
+        sys.setswitchinterval(switch)
         if src is not None:
             src.close()
     return n
@@ -332,9 +343,8 @@ class PartWriter:
         self.writer, self.probes, self.decoder, self.labels = sink, probes, decoder, labels
         self.part_tokens = part_tokens
         self.q: queue.Queue = queue.Queue(maxsize=4)  # bounds host memory
-        self.buf: dict[str, list[pa.Table]] = {}
+        self.buf: list[tuple[int, int, dict[str, pa.Table]]] = []  # (batch_end, tokens, tables) a batch
         self.buf_tokens = 0
-        self.last_batch = sink.next_batch
         self.error: BaseException | None = None
         workers = max(1, min(8, ((os.cpu_count() or 2) - 2) // 2))  # leave cores to the thread launching kernels
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wb-parquet",
@@ -367,10 +377,10 @@ class PartWriter:
     def _process(self, event, arrays, meta, token_ids, src, batch_end, final_flag) -> None:
         if event is not None:
             event.synchronize()
+        tables: dict[str, pa.Table] = {}
         for probe, arrs in zip(self.probes, arrays):
             host = {k: v.numpy() for k, v in arrs.items()}
-            for name, table in probe.to_table(host, meta).items():
-                self.buf.setdefault(name, []).append(table)
+            tables.update(probe.to_table(host, meta))
         cols = {"doc_id": pa.array(meta.doc, pa.int64()), "pos": pa.array(meta.pos, pa.int32()),
                 "token_id": pa.array(token_ids, pa.int32()), "token": self.decoder(token_ids),
                 "phase": pa.array([meta.phase] * len(token_ids), pa.string())}
@@ -380,26 +390,39 @@ class PartWriter:
             for name in lab.column_names:
                 if name not in cols:
                     tok = tok.append_column(name, lab.column(name))
-        self.buf.setdefault("tokens", []).append(tok)
+        tables["tokens"] = tok
+        self.buf.append((batch_end, len(token_ids), tables))
         self.buf_tokens += len(token_ids)
-        self.last_batch = batch_end
-        if self.buf_tokens >= self.part_tokens or final_flag:
+        if final_flag:
+            self.flush(split=True)
+        elif self.buf_tokens >= self.part_tokens:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, split: bool = False) -> None:
         """Hand the buffered part to an encoder thread; commit finished parts in order.
 
         Parquet encoding (zstd, nested lists) is the slowest step of capture: 2M expert_stats rows
         or 16M logits a batch take one core longer than the forward itself. Arrow releases the GIL,
         so parts encode side by side on a few cores while the manifest still lists them in order.
+        With `split` (the capture's last part, whose encoding no forward overlaps), its batches become up
+        to one part per encoder thread, so the wait after the last forward is one batch's encoding, not a
+        whole part's (the run lists the same rows; only its last parts are smaller).
         """
         if not self.buf_tokens:
             return
-        tables = {name: pa.concat_tables(ts, promote_options="default") for name, ts in self.buf.items()}
-        idx = self.writer.reserve_part()
-        futs = {name: self.pool.submit(self.writer.write_table_file, idx, name, t) for name, t in tables.items()}
-        self.pending.append((idx, futs, self.last_batch, self.buf_tokens))
-        self.buf, self.buf_tokens = {}, 0
+        groups = [self.buf]
+        if split and len(self.buf) > 1 and self.max_pending > 1:
+            k = min(len(self.buf), self.max_pending)
+            bounds = np.linspace(0, len(self.buf), k + 1).round().astype(int)
+            groups = [self.buf[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        for group in groups:
+            names = list(dict.fromkeys(n for _, _, ts in group for n in ts))
+            tables = {n: pa.concat_tables([ts[n] for _, _, ts in group if n in ts], promote_options="default")
+                      for n in names}
+            idx = self.writer.reserve_part()
+            futs = {n: self.pool.submit(self.writer.write_table_file, idx, n, t) for n, t in tables.items()}
+            self.pending.append((idx, futs, group[-1][0], sum(n for _, n, _ in group)))
+        self.buf, self.buf_tokens = [], 0
         self._commit(keep=self.max_pending)
 
     def _commit(self, keep: int) -> None:
@@ -452,6 +475,8 @@ class ProbePipeline:
     def __init__(self, mm, probes, writer: PartWriter):
         self.mm, self.probes, self.writer = mm, probes, writer
         self.cuda = mm.device.type == "cuda"
+        # device->host copies on their own stream: they overlap the next forward instead of queueing behind it
+        self.copy_stream = torch.cuda.Stream(device=mm.device) if self.cuda else None
 
     def begin(self, ctx: BatchContext) -> None:
         for p in self.probes:
@@ -461,22 +486,28 @@ class ProbePipeline:
             final: bool = False) -> None:
         """After the forward: start each probe's device->host copies (pinned, no wait) and queue the batch."""
         arrays = []
+        harvested = []
         for p in self.probes:
-            dev = p.harvest()
-            if self.cuda:
-                host = {}
-                for k, t in dev.items():
-                    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    h.copy_(t, non_blocking=True)
-                    host[k] = h
-                arrays.append(host)
-            else:
-                arrays.append({k: t.detach() for k, t in dev.items()})
+            harvested.append(p.harvest())
             p.ctx = None
         event = None
         if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
+            cs = self.copy_stream
+            cs.wait_stream(torch.cuda.current_stream(self.mm.device))  # the forward's results are ready
+            with torch.cuda.stream(cs):
+                for dev in harvested:
+                    host = {}
+                    for k, t in dev.items():
+                        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                        h.copy_(t, non_blocking=True)
+                        if t.device.type == "cuda":
+                            t.record_stream(cs)  # its memory is not reused before the copy is done
+                        host[k] = h
+                    arrays.append(host)
+                event = torch.cuda.Event()
+                event.record(cs)
+        else:
+            arrays = [{k: t.detach() for k, t in dev.items()} for dev in harvested]
         meta = BatchMeta(doc=ctx.doc, pos=ctx.pos, doc_ids=ctx.doc_ids, lengths=lengths, phase=ctx.phase)
         self.writer.put((event, arrays, meta, token_ids, src, batch_end, final))
 
