@@ -410,3 +410,7 @@ def test_cli_replay_and_stability(tiny_dir, tmp_path, capsys):
     assert main(["stability", model, str(data), "--vary", "colour=red", "--out", str(tmp_path / "st2")]) == 2
     err = capsys.readouterr().err
     assert "unknown --vary axis" in err and err.count("\n") == 1  # refused before the model loads
+    assert main(["stability", model, str(data), "--vary", "experts=eager,turbo", "--out", str(tmp_path / "st3"),
+                 "--no-progress"]) == 2
+    assert "unknown experts implementation 'turbo'" in capsys.readouterr().err
+    assert not (tmp_path / "st3").exists()

@@ -170,6 +170,23 @@ class _Models:
                 pass
 
 
+def _check_settings(cfgs: list[dict]) -> None:
+    from ..models.loading import check_device
+
+    for cfg in cfgs:
+        check_device(cfg["device"])
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+
+        known = {"eager", *ExpertsInterface._global_mapping}
+    except (ImportError, AttributeError):  # another transformers layout: let the model refuse it
+        return
+    bad = sorted({c["experts"] for c in cfgs if c["experts"] and c["experts"] not in known})
+    if bad:
+        raise WorkbenchError(f"--vary experts: unknown experts implementation {bad[0]!r}; choose from "
+                             f"{', '.join(sorted(known))}")
+
+
 def _impl(mm) -> str | None:
     return getattr(mm.model.config, "_experts_implementation", None)
 
@@ -246,6 +263,7 @@ def stability(model, data, vary=None, out=None, max_tokens: int | None = 2048, s
 
         base = {"dtype": "float32", "batch": 8, "experts": None, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     ref_cfg, var_cfgs = variants(axes, base, product)
+    _check_settings([ref_cfg, *var_cfgs])  # every setting refused (if at all) before the first model runs
     try:
         mm = models.get(ref_cfg)
         if mm.family.rule == "generic":
