@@ -260,6 +260,23 @@ def test_replay_refuses_another_model_and_permuted_experts(tiny_dir, tmp_path, c
     perm, _ = permute_experts(a, tmp_path / "perm")
     with pytest.raises(WorkbenchError, match="permuted"):
         replay(str(perm), run, progress=False)
+    # an engine trace (no weight-file hashes) of the permuted checkpoint, replayed on the original: the ids
+    # are found permuted from the routing itself; the same trace of the original's own routing is accepted
+    texts = TEXTS * 4
+    ids = [wb.load_model(a).tokenize(t) for t in texts]
+    for src, refused in ((str(perm), True), (a, False)):
+        r = wb.capture(src, texts, tmp_path / f"cap_{refused}", progress=False).routing.sort("doc_id", "pos",
+                                                                                                "layer").collect()
+        arrs = [np.stack(r.filter(pl.col("doc_id") == d)["experts"].to_list()).reshape(len(x), 3, 2)
+                for d, x in enumerate(ids)]
+        from workbench.importers import import_routed_experts
+
+        imp = import_routed_experts(_vllm_outputs(ids, arrs), tmp_path / f"imp_{refused}", model=a, progress=False)
+        if refused:
+            with pytest.raises(WorkbenchError, match="look permuted"):
+                replay(a, imp, progress=False)
+        else:
+            assert replay(a, imp, progress=False).summary["agreement"] == 1.0
     assert main(["replay", str(perm), str(run.path), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' own loading bar may come first)
     assert err.startswith("workbench: error:") and "permuted" in err

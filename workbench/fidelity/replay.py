@@ -165,8 +165,16 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
     bar = tqdm(total=sum(len(s.ids) for s in seqs), disable=not progress, unit="tok", desc=f"replay {run.path.name}",
                dynamic_ncols=True)
     per = max(1, 256 // batch_size)  # batches whose recorded routing is read at once (about 256 sequences)
+    # Without weight-file hashes on both sides (engine imports), permuted expert ids are found from the
+    # routing itself: recorded vs own ids co-occur along a permutation, not the identity.
+    cooc = None if _hashes_match(mm, run.model_info) else np.zeros((L, E, E), np.int64)
     with forced_routes(mm, layers) as fr, torch.inference_mode():
         for g0 in range(0, len(batches), per):
+            if cooc is not None and g0 > 0:
+                problem = _permutation_problem(cooc, layers, run.path.name, K)
+                if problem:
+                    raise WorkbenchError(problem)
+                cooc = None  # judged on the first chunk (about 256 sequences)
             chunk = batches[g0:g0 + per]
             rec = _routes_for(run, [s for b in chunk for s in b.seqs], layers, K, use_w)
             for b in chunk:
@@ -194,9 +202,17 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
                     changed_free[where[~sf]] += 1
                     fresh = where[~s][first[where[~s]] < 0]
                     first[fresh] = layer
+                    if cooc is not None:
+                        own = free.own[layer][m]
+                        np.add.at(cooc[j], (np.repeat(r_idx, K, axis=1).reshape(-1), np.tile(own, (1, K)).reshape(-1)),
+                                  1)
                 tok_parts.append(_token_rows(b, free.logits, rep.logits, changed, changed_free, first))
                 bar.update(len(b.rows))
     bar.close()
+    if cooc is not None:
+        problem = _permutation_problem(cooc, layers, run.path.name, K)
+        if problem:
+            raise WorkbenchError(problem)
 
     nz = np.maximum(n, 1)
     layers_df = pl.DataFrame({
@@ -230,6 +246,40 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
     if out is not None:
         res.out = write_result(out, "replay", {"layers": layers_df, "tokens": tokens_df}, summary, overwrite)
     return res
+
+
+def _hashes_match(mm, info: dict) -> bool:
+    """Both sides know their weight files and the common ones are equal (a difference is refused earlier)."""
+    fa, fb = info.get("file_hashes") or {}, mm.file_hashes or {}
+    return any(k.endswith(".safetensors") or k.endswith(".bin") for k in set(fa) & set(fb))
+
+
+def _permutation_problem(cooc: np.ndarray, layers: list[int], name: str, K: int) -> str | None:
+    """One sentence when the recorded ids look like the model's own under another numbering: in at least half
+    of the layers the best one-to-one relabelling (an assignment on the co-occurrence counts) makes at least
+    60% of the routing slots agree, and 30 points more than the ids as numbered.
+
+    cooc[j, a, b] counts tokens whose recorded set holds a and own set holds b (K x K pairs a token), so the
+    T*K slots are cooc.sum() / K; agreeing slots as numbered are its trace, after relabelling its assignment."""
+    from scipy.optimize import linear_sum_assignment
+
+    seen, bad = 0, []
+    for j, layer in enumerate(layers):
+        c = cooc[j]
+        slots = c.sum() / K
+        if slots == 0:
+            continue
+        seen += 1
+        r, col = linear_sum_assignment(-c)
+        ident, matched = np.trace(c) / slots, c[r, col].sum() / slots
+        if matched >= 0.6 and matched - ident >= 0.3:
+            bad.append((layer, ident, matched))
+    if seen and len(bad) * 2 >= seen:
+        layer, i, m = max(bad, key=lambda x: x[2] - x[1])
+        return (f"the expert ids of run {name} look permuted against this model's (layer {layer}: {i:.0%} of "
+                f"routing slots agree as numbered, {m:.0%} after relabelling): it was recorded on another "
+                f"checkpoint or numbering; match experts first (`workbench compare --match routing`)")
+    return None
 
 
 def _batch_routes(b, rec: dict, layers, K: int, E: int, name: str):
