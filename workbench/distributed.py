@@ -24,16 +24,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import re
 from pathlib import Path
 
 import torch
 
 from .errors import WorkbenchError
 from .pipeline import run_batches
+from .safefs import remove_file, remove_tree
 from .store import MANIFEST, PartFiles, RunWriter, atomic_write_bytes, lock_run, read_manifest, write_manifest
 
 RANKS_DIR = "ranks"
+_RANK_FILE = re.compile(r"^\.?rank-\d+\.json(\.tmp)?$")
+
+
+def _drop_ranks(path: Path) -> None:
+    """Remove the ranks/ folder: only the rank files it holds, never through a link (workbench.safefs)."""
+    remove_tree(path, RANKS_DIR, keep=lambda n: not _RANK_FILE.match(n))
 
 
 def world() -> tuple[int, int]:
@@ -128,7 +135,7 @@ def fold_rank_files(path: Path) -> None:
         m = read_manifest(path)
         m["parts"] = merged_parts(m["parts"], _rank_parts(path))
         write_manifest(path, m)
-        shutil.rmtree(path / RANKS_DIR, ignore_errors=True)
+        _drop_ranks(path)
     finally:
         lock.close()
 
@@ -186,10 +193,8 @@ class RankWriter:
 
     def discard_uncommitted(self) -> None:
         for idx in self._reserved:
-            for f in self.path.glob(f"*/part-{idx:06d}.parquet"):
-                f.unlink(missing_ok=True)
-            for f in self.path.glob(f"*/.part-{idx:06d}.parquet.tmp"):
-                f.unlink(missing_ok=True)
+            for f in [*self.path.glob(f"*/part-{idx:06d}.parquet"), *self.path.glob(f"*/.part-{idx:06d}.parquet.tmp")]:
+                remove_file(self.path, f.relative_to(self.path))  # never through a linked folder
         self._reserved.clear()
 
     def release(self) -> None:
@@ -231,7 +236,7 @@ class DataParallel:
                     state = {"complete": True}
                 else:
                     self.store.clear_previous()  # overwrite: clear the old run before any rank writes
-                    shutil.rmtree(path / RANKS_DIR, ignore_errors=True)
+                    _drop_ranks(path)
                     self.store.manifest["distributed"] = manifest["distributed"]
                     write_manifest(path, self.store.manifest)
                     parts = self.store.manifest["parts"]
@@ -270,7 +275,7 @@ class DataParallel:
             if missing:
                 raise WorkbenchError(f"batches {sorted(missing)[:5]} were captured by no rank; run again with --resume")
             self.store.finish(writer_wait_s=round(writer.blocked_s, 3))
-            shutil.rmtree(self.sink.path / RANKS_DIR, ignore_errors=True)
+            _drop_ranks(self.sink.path)
         _barrier(self.ws)
 
 

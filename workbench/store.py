@@ -128,7 +128,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        remove_file(tmp.parent, tmp.name)  # our temp file; never through a link
         raise io_error(e, path) from None
 
 
@@ -365,7 +365,7 @@ class PartFiles:
             size = tmp.stat().st_size
             os.replace(tmp, self.path / rel)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            remove_file(tmp.parent, tmp.name)
             raise io_error(e, self.path / rel) from None
         _fsync_dir(d)
         with self._sums_lock:
@@ -799,6 +799,29 @@ def expected_rows(manifest: dict | None, part: dict, table: str) -> tuple[int, b
     return tokens * n_layers * (max(experts, top_k) + shared + 1), False
 
 
+def _list_values_problem(meta, manifest: dict | None) -> str | None:
+    """List cells (experts, weights, logits, dumped vectors) hold at most max(experts, top_k, hidden size)
+    values a row: the footer's value counts say so before any page is decompressed."""
+    model = (manifest or {}).get("model") if isinstance(manifest, dict) else None
+    if not isinstance(model, dict):
+        return None
+    sizes = [model.get(k) for k in ("n_experts", "top_k", "hidden_size")]
+    sizes = [int(v) for v in sizes if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    if not sizes:
+        return None
+    per_row = max(sizes) + int(model.get("shared_experts") or 0) + 1
+    cap = meta.num_rows * per_row
+    for j in range(meta.num_columns):
+        col = meta.schema.column(j)
+        if col.max_repetition_level == 0:
+            continue
+        n = sum(meta.row_group(i).column(j).num_values for i in range(meta.num_row_groups))
+        if n > cap:
+            return (f"declares {n} values in its list column {col.path} for {meta.num_rows} rows (at most "
+                    f"{per_row} a row fit this model)")
+    return None
+
+
 def part_problem(root: Path, part: dict, table: str, deep: bool = True, manifest: dict | None = None) -> str | None:
     """Why one listed part file cannot be trusted (missing, not a regular file, a link out of the run, wrong
     size, checksum, unreadable, row count or columns unlike the manifest's), or None."""
@@ -836,6 +859,9 @@ def part_problem(root: Path, part: dict, table: str, deep: bool = True, manifest
         if rows is not None and (meta.num_rows > rows[0] or (rows[1] and meta.num_rows != rows[0])):
             return (f"holds {meta.num_rows} rows where the manifest's {part.get('tokens')} tokens allow "
                     f"{'exactly' if rows[1] else 'at most'} {rows[0]}")
+        why = _list_values_problem(meta, manifest)
+        if why:
+            return why
     except OSError as e:
         return f"cannot be read ({e.strerror})" if e.strerror else "is not a readable Parquet file"
     except Exception:  # pyarrow raises ArrowInvalid & co. for a broken footer
