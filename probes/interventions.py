@@ -770,8 +770,6 @@ class ForcedRoutes:
         p = self.params[index]
 
         def hook(module, args, out):
-            from ..models.hooks import RouterOut
-
             ro = RouterOut.of(out)
             flat = ro.logits.reshape(-1, ro.logits.shape[-1])
             i0 = ro.index.reshape(-1, ro.index.shape[-1])
