@@ -244,6 +244,36 @@ def test_replay_of_an_engine_trace_recovers_a_known_routing(tiny_dir, tmp_path):
     assert res2.summary["logits_bit_identical"]
 
 
+def test_replay_of_an_sglang_trace_without_and_with_prompt_ids(tiny_dir, tmp_path):
+    """SGLang /generate responses (meta_info.routed_experts: base64 of int32 [seqlen - 1, layers, top_k], as
+    its source writes it): without prompt token ids the replay is refused in one sentence; with them (the
+    import's --tokens) the model's own routing replays exactly."""
+    import base64
+
+    import workbench as wb
+    from workbench.fidelity import replay
+    from workbench.importers import import_routed_experts
+
+    model = str(tiny_dir("qwen3_moe", layers=3, experts=8, top_k=2))
+    mm = wb.load_model(model)
+    own = wb.capture(mm, TEXTS, tmp_path / "own", progress=False).routing.sort("doc_id", "pos", "layer").collect()
+    resp, toks = [], []
+    for d, t in enumerate(TEXTS):
+        ids = mm.tokenize(t)
+        arr = np.stack(own.filter(pl.col("doc_id") == d)["experts"].to_list()).reshape(len(ids), 3, 2)
+        p = len(ids) // 2
+        resp.append({"text": "", "output_ids": ids[p:] + [5], "meta_info": {
+            "id": f"q{d}", "prompt_tokens": p, "completion_tokens": len(ids) - p + 1, "cached_tokens": 0,
+            "routed_experts": base64.b64encode(np.ascontiguousarray(arr, "<i4").tobytes()).decode("ascii")}})
+        toks.append({"input_ids": ids[:p]})
+    bare = import_routed_experts(resp, tmp_path / "bare", engine="sglang", model=model, progress=False)
+    with pytest.raises(WorkbenchError, match="no token id"):
+        replay(mm, bare, progress=False)
+    imp = import_routed_experts(resp, tmp_path / "imp", engine="sglang", model=model, tokens=toks, progress=False)
+    res = replay(mm, imp, progress=False)
+    assert res.summary["agreement"] == 1.0 and res.summary["kl_max"] == 0.0 and res.summary["weights"] == "model"
+
+
 def test_replay_refuses_another_model_and_permuted_experts(tiny_dir, tmp_path, capsys):
     import workbench as wb
     from workbench.analysis.compare import permute_experts
