@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, ctx as dash_ctx, dash_table, dcc, html, no_update
 
 from ..errors import WorkbenchError
+from ..plots import polish
 from .service import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MODES, clean_items, spec_of
 from .state import Unavailable
 from .ui import GRAPH_CONFIG, Page, notice, table_page
@@ -302,11 +303,11 @@ def render_result(res):
         fig = go.Figure(go.Bar(x=list(range(len(kl))), y=kl, marker_color="#4c6ef5", hoverinfo="text",
                                hovertext=[f"predicting baseline token {i} {b_toks[i]!r}: KL {v:.4f}"
                                           for i, v in enumerate(kl)]))
-        fig.update_layout(height=220, margin=dict(l=50, r=10, t=30, b=40), template="plotly_white",
+        fig.update_layout(height=270, margin=dict(l=50, r=10, t=30, b=40), template="plotly_white",
                           title=dict(text="KL(baseline || steered) of the next-token distribution, on the baseline "
                                           "text", font=dict(size=13)),
                           xaxis_title="generated position", yaxis_title="KL (nats)")
-        out.append(dcc.Graph(figure=fig, config=GRAPH_CONFIG, id="steer-kl"))
+        out.append(dcc.Graph(figure=polish(fig), config=GRAPH_CONFIG, id="steer-kl"))  # title clear of the toolbar
     changes = res.routing_changes
     out.append(html.H3(f"Routing changes: {changes.height:,} of {res.n_decisions:,} token x layer decisions differ"))
     if changes.height:

@@ -90,10 +90,11 @@ def test_second_axis_ticks_are_round_and_no_line_runs_above_the_last(figures):
         ax = fig.layout[axis]
         ys = [v for t in fig.data if (t.yaxis or "y") == ref for v in t.y]
         top = ax.range[1]
-        assert ax.tick0 == 0 and math.isclose(5 * ax.dtick, top)  # five equal steps from 0 to the top tick
-        assert max(ys) <= top and top < 2.5 * max(ys)  # the top tick is above every point, and not far
-        mantissa = top / 10 ** math.floor(math.log10(top))
-        assert any(math.isclose(mantissa, m) for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8))
+        steps = top / ax.dtick
+        assert ax.tick0 == 0 and math.isclose(steps, round(steps)) and 4 <= round(steps) <= 6  # ticks end at the top
+        assert max(ys) <= top and top - ax.dtick < max(ys)  # the top tick is above every point, one step at most
+        mantissa = ax.dtick / 10 ** math.floor(math.log10(ax.dtick))
+        assert any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5))  # 0.2, 0.25, 0.5, 1 ...: round steps
 
 
 def test_perplexity_changes_are_drawn_as_ratios_on_a_log_axis():

@@ -86,7 +86,7 @@ _PERCENT = {"lrc": ("SRP", "hit rate", "SCH")}
 def polish(fig, analysis: str = "", name: str = ""):
     """Apply the workbench's conventions to one plotly figure in place; returns it."""
     steps = [lambda: _titles(fig, analysis, name), lambda: _ratio_heatmaps(fig), lambda: _label_colours(fig),
-             lambda: _second_axis(fig), lambda: _clear_of_toolbar(fig)]
+             lambda: _second_axis(fig), lambda: _whole_layers(fig), lambda: _clear_of_toolbar(fig)]
     if analysis == "super-experts" and name == "prune_ppl":
         steps.append(lambda: _perplexity_as_ratio(fig))
     if analysis == "super-experts":
@@ -188,14 +188,18 @@ def _label_colours(fig):
             t.line.color = c
 
 
-def _nice_ceil(x: float) -> float:
+def _nice_axis(x: float) -> tuple[float, float]:
+    """(top, step) for an axis from 0 past x: a round step (1, 2, 2.5 or 5 times a power of ten) and 4 to 6
+    steps, the last at or above x."""
     if x <= 0:
-        return 1.0
-    p = 10 ** math.floor(math.log10(x))
-    for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
-        if m * p >= x * 1.0001:
-            return m * p
-    return 10 * p
+        return 1.0, 0.2
+    for k in range(math.floor(math.log10(x)) - 2, math.floor(math.log10(x)) + 2):
+        for m in (1, 2, 2.5, 5):
+            step = m * 10 ** k
+            n = math.ceil(x * 0.9999 / step)
+            if 4 <= n <= 6:
+                return round(n * step, 12), step
+    return x, x / 5
 
 
 def _second_axis(fig):
@@ -212,9 +216,20 @@ def _second_axis(fig):
               for v in _array(t.y).ravel() if v == v]
         if not ys or min(ys) < 0:
             continue
-        top = _nice_ceil(max(ys))
-        ax.update(range=[0, top], tickmode="linear", tick0=0, dtick=top / 5, rangemode=None,
+        top, step = _nice_axis(max(ys))
+        ax.update(range=[0, top], tickmode="linear", tick0=0, dtick=step, rangemode=None,
                   showgrid=axis == "yaxis", zeroline=True)
+
+
+def _whole_layers(fig):
+    """A numeric axis of layers (or experts) ticks at whole numbers, not 0.5 steps."""
+    L = fig.layout
+    for axis in ("xaxis", "yaxis"):
+        ax = L[axis]
+        title = (ax.title.text or "").lower() if ax.title else ""
+        if title in ("layer", "expert") and ax.type not in ("category", "log") and ax.tickmode != "array":
+            ax.update(tickformat="d", dtick=None if ax.dtick and ax.dtick >= 1 else 1) if title == "layer" else \
+                ax.update(tickformat="d")
 
 
 def _perplexity_as_ratio(fig):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -325,3 +326,79 @@ def test_closed_loop_button_starts_and_fills_in(tmp_path, strong_model, live_ser
     _settled(d)
     screenshot(d, "super_experts_loop")
     assert not console_errors(d)
+
+
+SHOTS = Path(__file__).parent / "screenshots"  # git-ignored; the docs reuse the overview
+
+
+def _layout_problems(d) -> list[str]:
+    """What a reader at this width would trip over: sideways scrolling, untitled axes, toolbar over title."""
+    return d.execute_script("""
+        const out = [];
+        const doc = document.documentElement;
+        if (doc.scrollWidth > window.innerWidth + 1) out.push('page scrolls sideways: ' + doc.scrollWidth + ' > ' + window.innerWidth);
+        document.querySelectorAll('.js-plotly-plot').forEach((gd, i) => {
+            const fl = gd._fullLayout; if (!fl || !gd._fullData) return;
+            const id = (gd.parentElement && gd.parentElement.id) || ('graph ' + i);
+            const cartesian = gd._fullData.some(t => t.visible !== false && ['scatter', 'scattergl', 'bar', 'box', 'heatmap'].includes(t.type));
+            if (cartesian && gd._fullData.length) {
+                for (const ax of ['xaxis', 'yaxis']) {
+                    const t = fl[ax] && fl[ax].title && fl[ax].title.text;
+                    if (!t || t === 'Click to enter ' + ax[0].toUpperCase() + ' axis title') out.push(id + ': ' + ax + ' has no title');
+                }
+            }
+            const r = gd.getBoundingClientRect();
+            if (r.right > window.innerWidth + 1) out.push(id + ': figure runs past the window');
+            const title = gd.querySelector('.gtitle'), bar = gd.querySelector('.modebar');
+            if (title && bar) {
+                const a = title.getBoundingClientRect(), b = bar.getBoundingClientRect();
+                if (b.width && a.right > b.left && a.left < b.right && a.bottom > b.top && a.top < b.bottom)
+                    out.push(id + ': the toolbar covers the title');
+            }
+        });
+        return out;""")
+
+
+def _trace_colours(d) -> dict:
+    """{trace name: set of marker colours} over every figure of the page (legend entries only)."""
+    pairs = d.execute_script("""
+        const out = [];
+        document.querySelectorAll('.js-plotly-plot').forEach(gd => (gd._fullData || []).forEach(t => {
+            if (t.showlegend && t.name && t.marker && typeof t.marker.color === 'string' && t.type !== 'heatmap')
+                out.push([t.name, t.marker.color.toLowerCase()]);
+        }));
+        return out;""")
+    seen: dict = {}
+    for name, colour in pairs:
+        seen.setdefault(name, set()).add(colour)
+    return seen
+
+
+@pytest.mark.parametrize("width", [1440])
+def test_every_page_reads_at_1440px_titled_axes_colours_keyed_by_label(dash_app, live_server, browser, width):
+    """A screenshot of every page at 1,440 px, and the layout properties a reader needs on each."""
+    from workbench.plots import colour_of
+
+    srv = live_server(dash_app)
+    d = browser(width=width, height=1000)
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": width, "height": 1000, "deviceScaleFactor": 1,
+                                                             "mobile": False})
+    problems, colours = [], {}
+    SHOTS.mkdir(exist_ok=True)
+    for path in PAGES + ["/compare", "/placement"]:
+        d.get(srv.url + path)
+        _settled(d)
+        time.sleep(0.5)  # plotly finishes its layout after Dash is idle
+        name = path.strip("/") or "overview"
+        import shutil
+
+        shutil.copy(screenshot(d, f"{width}_{name}"), SHOTS / f"{width}_{name}.png")
+        problems += [f"{path}: {p}" for p in _layout_problems(d)]
+        for trace, cs in _trace_colours(d).items():
+            colours.setdefault(trace, set()).update(cs)
+    assert not problems, problems
+    # one colour per label across every page, and it is the shared palette's colour for that label
+    labelled = {n: cs for n, cs in colours.items() if n in ("en", "de", "fr", "ru", "zh", "control", "target")}
+    assert labelled, colours
+    for trace, cs in labelled.items():
+        assert cs == {colour_of(trace).lower()}, (trace, cs)
