@@ -76,7 +76,7 @@ def why_not(run, analysis: str, requires=(), requires_labels=()) -> Unavailable 
     return None
 
 
-def _model_check(app_ctx) -> Unavailable | None:
+def model_check(app_ctx) -> Unavailable | None:
     run = app_ctx.run
     if app_ctx.service is None:
         return Unavailable("This needs the live model; the dashboard was started without one.",
@@ -118,6 +118,9 @@ def _missing(app_ctx, sec: Section, why: Unavailable):
     return None
 
 
+_model_check = model_check  # the old name, used by tests
+
+
 def _body(app_ctx, sec: Section):
     """(children, done) for a section in its current state."""
     data = app_ctx.data
@@ -125,7 +128,7 @@ def _body(app_ctx, sec: Section):
     if pre is not None:
         return _missing(app_ctx, sec, pre), True
     if sec.loop:
-        pre = _model_check(app_ctx)
+        pre = model_check(app_ctx)
         if pre is not None:
             return notice(pre), True
         res = data.analysis(sec.analysis, variant=sec.variant, start=False)
@@ -193,7 +196,7 @@ def register_async(app, app_ctx) -> None:
     def start_loop(n):
         key = dash_ctx.triggered_id["sec"]
         sec = SECTIONS[key]
-        if not n or sec.loop is None or _model_check(app_ctx) is not None:
+        if not n or sec.loop is None or model_check(app_ctx) is not None:
             return no_update, no_update
         app_ctx.data.analysis(sec.analysis, variant=sec.variant, options=sec.loop.options(app_ctx),
                               lock=app_ctx.service.lock)

@@ -110,10 +110,10 @@ def _map_figure(mm, items, share=None):
 
 def run_share(app_ctx):
     """[L, E] selection share per layer from the cached stats analysis, if the run is the live model's."""
-    from .analyses import _model_check
+    from .analyses import model_check
 
     res = app_ctx.data.analysis("stats", start=False)
-    if app_ctx.service is None or _model_check(app_ctx) is not None or res is None or isinstance(res, Unavailable):
+    if app_ctx.service is None or model_check(app_ctx) is not None or res is None or isinstance(res, Unavailable):
         return None
     ex = res.tables.get("experts")
     if ex is None or not {"layer", "expert", "share"} <= set(ex.columns):

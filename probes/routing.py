@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..models.hooks import RouterOut, register
 from .base import BatchMeta, Probe, ProbeDidNotFire, list_array, to_ctx
 
 MARGIN_DOC = ("router margin of each decision: the k-th minus the (k+1)-th selection score in the family's score "
@@ -49,7 +50,7 @@ class RoutingProbe(Probe):
             self._params = {layer.index: router_params(mm, layer) for layer in mm.layers}
         self._slot = {i: s for s, i in enumerate(self.layers)}
         for layer in mm.layers:
-            self.handles.append(layer.router.register_forward_hook(self._hook(layer.index)))
+            self.handles.append(register(mm, f"L{layer.index}.router", self._hook(layer.index)))
 
     def begin(self, ctx) -> None:
         super().begin(ctx)
@@ -72,7 +73,8 @@ class RoutingProbe(Probe):
             ctx = self.ctx
             if ctx is None:
                 return
-            logits, weights, idx = (to_ctx(t, ctx) for t in out[:3])
+            r = RouterOut.of(out)
+            logits, weights, idx = (to_ctx(t, ctx) for t in (r.logits, r.weights, r.index))
             if idx.shape[0] != ctx.input_ids.numel():  # defensive: a router that did not flatten
                 idx, weights, logits = (t.reshape(-1, t.shape[-1]) for t in (idx, weights, logits))
             if self._seen is None:

@@ -419,7 +419,7 @@ def cmd_analyze(args) -> None:
         raise WorkbenchError(f"the {args.analysis} analysis is not available in this version")
     from .analysis import analyze_command, common, module
 
-    before = common._chunk_tokens  # main() may run in a notebook or a test: leave the process as it was
+    before = common.chunk_tokens_setting()  # main() may run in a notebook or a test: leave the process as it was
     if getattr(args, "chunk_tokens", None) is not None:
         common.set_chunk_tokens(args.chunk_tokens)
     try:

@@ -16,12 +16,12 @@ evaluate an intervention load the model through `workbench.steering`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import WorkbenchError
 from .registry import ANALYSES
+from .result import AnalysisResult
 
 if TYPE_CHECKING:
     import polars as pl
@@ -30,29 +30,13 @@ if TYPE_CHECKING:
 MODULES = {name: s.module for name, s in ANALYSES.items()}
 
 
-@dataclass
-class AnalysisResult:
-    name: str
-    tables: dict[str, pl.DataFrame]
-    main: str
-    summary: str = ""
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def table(self) -> pl.DataFrame:
-        return self.tables[self.main]
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.tables.items())
-        return f"AnalysisResult({self.name!r}, main={self.main!r}, tables=[{shapes}])"
-
 
 def module(name: str):
     import importlib
 
-    if name not in ANALYSES:
-        raise WorkbenchError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
-    return importlib.import_module(f"workbench.analysis.{ANALYSES[name].module}")
+    if name not in MODULES:  # MODULES, not ANALYSES: tests put a fake module here
+        raise WorkbenchError(f"unknown analysis {name!r}; choose from {', '.join(MODULES)}")
+    return importlib.import_module(f"workbench.analysis.{MODULES[name]}")
 
 
 def analyze(name: str, run, reuse: bool = True, *, store_key: dict | None = None, **options) -> AnalysisResult:

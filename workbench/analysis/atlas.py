@@ -87,16 +87,16 @@ def _scan(run, labels, top_tokens: int = 200, phase=None, sample: pl.DataFrame |
 
     Returns (index, blocks, sample RoutingArrays or None, sample token frame or None)."""
     from .common import RoutingArrays, iter_routing
-    from .stats import _KeyCounts, _token_id_span
+    from .stats import KeyCounts, token_id_span
 
     layers = sorted(run.moe_layers)
     nl, E = len(layers), run.n_experts
     LE = nl * E
-    NT = _token_id_span(run)
+    NT = token_id_span(run)
     n_sel = np.zeros(LE, np.int64)
     lab_vals = {c: {} for c in labels}  # value -> column, in order of first sight
     lab_cnt = {c: np.zeros((LE, 0), np.int64) for c in labels}
-    pair, freq = _KeyCounts(), _KeyCounts()  # (layer-expert, token id + 1) selections; token id + 1 counts
+    pair, freq = KeyCounts(), KeyCounts()  # (layer-expert, token id + 1) selections; token id + 1 counts
     names: dict = {}
     picked = []
     for ch in iter_routing(run, phase=phase, token_columns=["token_id", "token", *labels], progress=progress,

@@ -126,6 +126,11 @@ DEFAULT_CHUNK_TOKENS = 1 << 18  # 262,144 tokens: ~0.2 GB of routing arrays at 1
 _chunk_tokens: int | None = None
 
 
+def chunk_tokens_setting() -> int | None:
+    """What set_chunk_tokens set (None: the default), so a caller can put it back."""
+    return _chunk_tokens
+
+
 def set_chunk_tokens(n: int | None) -> None:
     """Tokens per chunk for every streaming analysis in this process (None: back to the default).
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import polars as pl
 
 from ..safefs import link_out, pid_alive, remove_tree
-from . import MODULES, AnalysisResult
+from .registry import ANALYSES
+from .result import AnalysisResult
 
 FOLDER = "analyses"
 RESULT = "result.json"
@@ -67,12 +68,12 @@ _ENTRY_FILE = re.compile(r"^(\d+\.parquet|result\.json)$")
 def with_defaults(name: str, options: dict) -> dict:
     """`options` completed with the defaults of the analysis' `analyze` signature: a result is keyed by what
     was computed, not by which options the caller happened to spell out."""
-    if name not in MODULES:
+    if name not in ANALYSES:
         return dict(options)
     try:
-        from . import module
+        import importlib
 
-        sig = inspect.signature(module(name).analyze)
+        sig = inspect.signature(importlib.import_module(f"workbench.analysis.{ANALYSES[name].module}").analyze)
     except Exception:  # an analysis that cannot be imported is keyed as given
         return dict(options)
     out = {}

@@ -184,7 +184,7 @@ def _segment_rank(seg: np.ndarray, count: np.ndarray, tie: np.ndarray, tie_span:
     return s, c, t, rank
 
 
-class _KeyCounts:
+class KeyCounts:
     """Exact sparse counter of int64 keys (segment * span + token): sorted arrays merged per chunk.
     Above `cap` distinct keys it keeps each segment's `keep` largest (a heavy-hitter sketch)."""
 
@@ -271,8 +271,8 @@ class _Pass:
         self.co = np.zeros((U, L, E, E), np.int64) if coactivation else None
         self.tr = np.zeros((U, max(L - 1, 0), E, E), np.int64) if transitions else None
         # top tokens: key ((layer * E + expert) * U + u) * NT + token_id + 1
-        self.tt = _KeyCounts(cap, keep, NT, split=np.arange(L + 1, dtype=np.int64) * (E * U * NT))
-        self.tf = _KeyCounts()  # key u * NT + token_id + 1: tokens per (unit, token id)
+        self.tt = KeyCounts(cap, keep, NT, split=np.arange(L + 1, dtype=np.int64) * (E * U * NT))
+        self.tf = KeyCounts()  # key u * NT + token_id + 1: tokens per (unit, token id)
         # ... counted first in a dense table [layer, column, expert], a column per (u, token id + 1) pair
         # seen since the last flush into tt: one bincount per layer per chunk, no per-chunk sorted merges
         self._gkey = np.zeros(0, np.int64)  # the pair key u * NT + token_id + 1 of each column
@@ -539,7 +539,7 @@ def analyze(run, labels=None, top_n: int = 10, always_on: float = 0.99, dead: fl
     L, K, E = len(layers), run.top_k, run.n_experts
     V_all = [len(vals) for _, vals in groups[1:]]
     radix = [v + 1 for v in V_all]  # + a null slot
-    NT = _token_id_span(run)
+    NT = token_id_span(run)
     with_co = coactivation and K > 1
     n_units = int(np.prod(radix)) if radix else 1
     if n_units * L * E * E <= _UNIT_CELLS or len(radix) <= 1:
@@ -693,7 +693,7 @@ def _analyze(run, groups, skipped, layers, L, K, E, radix, V_all, NT, with_co, p
             "top_tokens_exact": not pruned}
     return AnalysisResult("stats", tables, "experts", _summary(tables, meta), meta)
 
-def _token_id_span(run) -> int:
+def token_id_span(run) -> int:
     """Radix for token ids in the top-token keys: max id + 2 (id + 1 is stored; -1, a missing id, is 0)."""
     m = run.tokens.select(pl.col("token_id").max()).collect().item()
     return int(m if m is not None and m >= 0 else 0) + 2
