@@ -42,6 +42,13 @@ def test_results_read_back_equal_what_was_written(banned):
         rep.summary["agreement"]
     sb = open_result(found["stability: stab"])
     assert sb.decisions.equals(st.decisions) and sb.summary["variants"] == st.summary["variants"]
+    # a replay written beside the run is found when it names this run; one of another run is not
+    (run.path.parent / "other_replay").mkdir()
+    (run.path.parent / "other_replay" / "replay.json").write_text(json.dumps({"kind": "replay", "run": "/else"}))
+    beside = rep.summary | {}
+    (run.path.parent / "beside").mkdir()
+    (run.path.parent / "beside" / "replay.json").write_text(json.dumps(beside))
+    assert set(find_results(run)) == {"replay: replay", "stability: stab", "replay: beside"}
 
 
 def test_page_shows_replay_and_stability(banned):
