@@ -17,6 +17,7 @@ import polars as pl
 from dash import MATCH, Input, Output, ctx as dash_ctx, dash_table, dcc, html, no_update
 
 from ..plots import colour_map, polish
+from ..analysis.registry import ANALYSES
 from .state import CAPTURE_HINTS, TABLE_HINTS, Unavailable
 from .ui import GRAPH_CONFIG, Page, computing, graph, notice, table_browser, table_page
 
@@ -50,7 +51,14 @@ class Section:
 SECTIONS: dict[str, Section] = {}
 
 
-def section(key, analysis, render, requires=(), requires_labels=(), loop=None) -> Section:
+def section(key, analysis, render, requires=None, requires_labels=None, loop=None) -> Section:
+    """requires / requires_labels default to the analysis' row in workbench.analysis.registry (the optional
+    tables only: every run has routing and tokens)."""
+    spec = ANALYSES.get(analysis)
+    if requires is None:
+        requires = [t for t in (spec.requires_tables if spec else ()) if t not in ("routing", "tokens")]
+    if requires_labels is None:
+        requires_labels = spec.requires_labels if spec else ()
     SECTIONS[key] = Section(key, analysis, render, tuple(requires), tuple(requires_labels), loop)
     return SECTIONS[key]
 
@@ -84,6 +92,11 @@ def model_check(app_ctx) -> Unavailable | None:
     mm = app_ctx.service.mm
     if list(mm.moe_layers) != list(run.moe_layers) or mm.n_experts != run.n_experts:
         return Unavailable(f"The live model ({mm.spec}) is not the model this run captured "
+                           f"({run.model_info.get('spec')}): its MoE layers or expert count differ.",
+                           f"workbench app {run.path} --model {run.model_info.get('spec') or 'MODEL'}")
+    return None
+
+
 def _precheck(data, sec: Section) -> Unavailable | None:
     return why_not(data.run, sec.analysis, sec.requires, sec.requires_labels)
 
@@ -111,11 +124,6 @@ def _missing(app_ctx, sec: Section, why: Unavailable):
         links += ([html.Span(" · ")] if i else []) + [html.A(name, href=href)]
     return html.Div([html.Div(["Open this page on a run it applies to: ", *links, "."], className="notice"),
                      html.Details([html.Summary("why not on this run", style={"fontSize": "13px"}), notice(why)])])
-
-
-                           f"({run.model_info.get('spec')}): its MoE layers or expert count differ.",
-                           f"workbench app {run.path} --model {run.model_info.get('spec') or 'MODEL'}")
-    return None
 
 
 _model_check = model_check  # the old name, used by tests
@@ -277,7 +285,7 @@ def _generic(**kw):
     return render
 
 
-def analysis_page(path, title, intro, key, analysis, render=None, requires=(), requires_labels=(), loop=None,
+def analysis_page(path, title, intro, key, analysis, render=None, requires=None, requires_labels=None, loop=None,
                   loop_title=None, register=None, extra=None) -> Page:
     section(key, analysis, render or _generic(), requires, requires_labels).page = path
     if loop:
@@ -455,7 +463,7 @@ PAGES = [
     analysis_page("/super-experts", "Super experts",
                   "Experts whose down_proj output has rare extreme outliers (Su et al.): the max |output| heatmap, "
                   "the super-expert table, massive activations per layer and the sink token's router scores "
-                  "(workbench analyze super-experts).", "super-experts", "super-experts", requires=("expert_stats",),
+                  "(workbench analyze super-experts).", "super-experts", "super-experts",
                   loop=Loop("evaluate pruning", "Perplexity and attention-sink decay with the super experts zeroed, "
                             "against the same number of random experts (runs the live model for a while).",
                             _with_model(prune=True)), loop_title="Pruning results"),
@@ -465,7 +473,7 @@ PAGES = [
     analysis_page("/multilingual", "Multilingual",
                   "How each language's routing diverges from English per layer, pairwise language divergence and "
                   "language-specific experts (Bandarkar et al.; workbench analyze multilingual).", "multilingual",
-                  "multilingual", requires_labels=("lang",),
+                  "multilingual",
                   render=_generic(pick_groups=("pairwise_",)),
                   loop=Loop("run the steering experiment", "Promote middle-layer task experts on the other languages "
                             "and measure the perplexity change against the paper's controls (runs the live model; "
