@@ -164,16 +164,16 @@ def progress_bar(p: dict | None):
     if not p or not p.get("total"):
         return html.Span()
     frac = min(1.0, p["done"] / p["total"])
+    if p["chunks"] == p["done"]:
+        text = f"{p['desc']}: {p['done']:,} of {p['total']:,} done ({100 * frac:.0f}%)"
+    else:
+        text = f"{p['desc']}: {100 * frac:.0f}% read ({p['chunks']} chunk{'s' if p['chunks'] != 1 else ''})"
     return html.Div([html.Progress(value=f"{frac:.3f}", max="1", style={"width": "240px", "marginRight": "8px"}),
                      html.Span(text)], className="progress", style={"fontSize": "13px"})
 
 
 def async_section(app_ctx, key: str) -> html.Div:
     sec = SECTIONS[key]
-    if p["chunks"] == p["done"]:
-        text = f"{p['desc']}: {p['done']:,} of {p['total']:,} done ({100 * frac:.0f}%)"
-    else:
-        text = f"{p['desc']}: {100 * frac:.0f}% read ({p['chunks']} chunk{'s' if p['chunks'] != 1 else ''})"
     if not sec.loop and _precheck(app_ctx.data, sec) is None:
         app_ctx.data.analysis(sec.analysis, wait=FIRST_WAIT)
     body, done = _body(app_ctx, sec)
