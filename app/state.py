@@ -211,7 +211,7 @@ class RunData:
         return self._cached("summary", self._summary)
 
     def _summary(self) -> dict:
-        run, m = self.run, self.run.manifest
+        run = self.run
         sizes = {}
         for t in TABLES:
             files = run.files(t)
