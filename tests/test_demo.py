@@ -30,7 +30,12 @@ def test_quick_demo_serves_after_the_first_capture_writes_a_full_report_and_reus
     served = []
     monkeypatch.setattr(demo, "_serve_forever", served.append)  # return instead of serving until Ctrl-C
     out = tmp_path / "demo"
-    main(["demo", "--quick", "--out", str(out), "--port", "0"])
+    import socket
+
+    with socket.socket() as sock:  # a free port (the demo's --port takes 1-65535)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["demo", "--quick", "--out", str(out), "--port", str(port)]) == 0
     said = capsys.readouterr().out.splitlines()
     (live,) = served
     try:
@@ -101,3 +106,26 @@ def test_demo_recaptures_a_run_whose_plan_changed(tmp_path, monkeypatch, capsys)
     assert run.manifest["status"] == "complete" and sum(p["tokens"] for p in run.manifest["parts"]) == 4096
     # every domain made it into the first 4096 tokens (documents are ~400 tokens)
     assert run.tokens.select("domain").unique().collect().height == 5
+
+
+def test_the_app_extra_is_enough_for_the_demo_and_the_dashboard():
+    """`pip install -e ".[app]"` (core dependencies only) runs the demo and the dashboard: their code imports
+    nothing that only the [test] extra brings (Jupyter, nbconvert, selenium, datasets, ...)."""
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert "app" in extras and "demo" in extras
+    core = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
+    assert {"dash", "waitress", "plotly", "umap-learn"} <= core
+    test_only = {re.split(r"[<>=\[ ]", d)[0].lower().replace("-", "_") for d in extras["test"]} - \
+        {c.replace("-", "_") for c in core} - {"pytest", "hypothesis"}
+    code = ("import sys, workbench.demo, workbench.app, workbench.app.live, workbench.plots, workbench.analysis.atlas;"
+            "from workbench.app import analyses, compare, export, overview, placement, steering_lab, tokens;"
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    mods = {m.strip(" '[]\n") for m in loaded.split(",")}
+    assert test_only and not (mods & test_only), mods & test_only
