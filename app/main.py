@@ -168,6 +168,10 @@ def _dash_body_problem(body, callback_map) -> str | None:
             return "an input or state entry is malformed"
     if not all(isinstance(c, str) for c in body.get("changedPropIds", [])):
         return "its changedPropIds are malformed"
+    spec = callback_map[out]
+    for key in ("inputs", "state"):
+        if isinstance(spec.get(key), list) and len(body.get(key, [])) != len(spec[key]):
+            return f"its {key} do not match the callback's ({len(spec[key])} expected)"
     return None
 
 
@@ -175,6 +179,7 @@ def guard_callbacks(app) -> None:
     """Wrap the app's callback endpoint: a request that is not one of its callbacks (wrong shape, unknown
     output) gets 400 and a sentence; an error in Dash's own dispatch (malformed values it trips on) too.
     Errors inside a callback are not affected: `_on_callback_error` shows them on the page."""
+    from dash.exceptions import DashException, PreventUpdate
     from flask import request
 
     endpoint = app.config.routes_pathname_prefix + "_dash-update-component"
@@ -189,7 +194,9 @@ def guard_callbacks(app) -> None:
             return _text(f"Bad request: {why}.", 400)
         try:
             return view(*args, **kwargs)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        except PreventUpdate:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, DashException) as e:
             log.warning("malformed dashboard request: %s: %s", type(e).__name__, e)
             return _text(f"Bad request: the callback's values are malformed ({type(e).__name__}).", 400)
 

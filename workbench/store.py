@@ -799,9 +799,9 @@ def expected_rows(manifest: dict | None, part: dict, table: str) -> tuple[int, b
     return tokens * n_layers * (max(experts, top_k) + shared + 1), False
 
 
-def _list_values_problem(meta, manifest: dict | None) -> str | None:
-    """List cells (experts, weights, logits, dumped vectors) hold at most max(experts, top_k, hidden size)
-    values a row: the footer's value counts say so before any page is decompressed."""
+def _list_values_problem(meta, manifest: dict | None, table: str = "") -> str | None:
+    """List cells hold at most top_k (routing experts, weights), n_experts (logits) or, elsewhere, max(experts,
+    hidden size) values a row: the footer's value counts say so before any page is decompressed."""
     model = (manifest or {}).get("model") if isinstance(manifest, dict) else None
     if not isinstance(model, dict):
         return None
@@ -809,12 +809,18 @@ def _list_values_problem(meta, manifest: dict | None) -> str | None:
     sizes = [int(v) for v in sizes if isinstance(v, int) and not isinstance(v, bool) and v > 0]
     if not sizes:
         return None
-    per_row = max(sizes) + int(model.get("shared_experts") or 0) + 1
-    cap = meta.num_rows * per_row
+    top_k, n_exp = model.get("top_k"), model.get("n_experts")
     for j in range(meta.num_columns):
         col = meta.schema.column(j)
         if col.max_repetition_level == 0:
             continue
+        per_row = max(sizes) + int(model.get("shared_experts") or 0) + 1
+        name = col.path.split(".")[0]
+        if table == "routing" and name in ("experts", "weights") and isinstance(top_k, int) and top_k > 0:
+            per_row = top_k  # a null list (no weights recorded) counts one value
+        elif table == "routing" and name == "logits" and isinstance(n_exp, int) and n_exp > 0:
+            per_row = n_exp
+        cap = meta.num_rows * per_row
         n = sum(meta.row_group(i).column(j).num_values for i in range(meta.num_row_groups))
         if n > cap:
             return (f"declares {n} values in its list column {col.path} for {meta.num_rows} rows (at most "
@@ -859,7 +865,7 @@ def part_problem(root: Path, part: dict, table: str, deep: bool = True, manifest
         if rows is not None and (meta.num_rows > rows[0] or (rows[1] and meta.num_rows != rows[0])):
             return (f"holds {meta.num_rows} rows where the manifest's {part.get('tokens')} tokens allow "
                     f"{'exactly' if rows[1] else 'at most'} {rows[0]}")
-        why = _list_values_problem(meta, manifest)
+        why = _list_values_problem(meta, manifest, table)
         if why:
             return why
     except OSError as e:
