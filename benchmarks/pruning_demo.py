@@ -8,6 +8,8 @@ with `workbench.compress.prune.prune` and evaluated with `workbench.compress.eva
 base model; merging (output similarity, dominant router rows) is added at the same ratios.
 
     python benchmarks/pruning_demo.py [--cal-tokens 16384] [--eval-tokens 8192] [--out benchmarks/results/pruning_demo_cpu.json]
+    python benchmarks/pruning_demo.py --gap-only          # + pruned vs banned, with and without renormalisation
+    python benchmarks/pruning_demo.py --attribution-only  # + attribution by |effect| and signed, estimate and exact
 
 Times are single wall-clock measurements on the machine named in the result (not a speed benchmark).
 """
@@ -76,10 +78,10 @@ def renormalisation_gap(cal: Path, held: Path, tmp: Path, eval_tokens: int, cal_
     return rows
 
 
-def exact_attribution_rows(cal: Path, held: Path, tmp: Path, args) -> tuple[list[dict], dict]:
-    """Attribution by exact zeroing (one forward per expert over --exact-tokens calibration tokens) as a
-    criterion: the first-order estimate ranks poorly on this model (see the docs), the exact effect is the
-    quantity it estimates. Same ratios and protection as the main table, evaluated on the same held-out text."""
+def attribution_rows(cal: Path, held: Path, tmp: Path, args) -> tuple[list[dict], dict]:
+    """Attribution as a criterion, by |effect| (the default) and signed, from the first-order estimate
+    (--attribution-tokens) and from exact zeroing (one forward per expert over --exact-tokens tokens). Same
+    ratios and protection as the main table, evaluated on the same held-out text."""
     from workbench.capture import capture
     from workbench.compress import prune as prune_mod
     from workbench.compress.evaluate import evaluate
@@ -89,21 +91,27 @@ def exact_attribution_rows(cal: Path, held: Path, tmp: Path, args) -> tuple[list
     mm = load_model("demo")
     run = capture(mm, str(cal), tmp / "run", probes=["routing", "experts"], seq_len=256, max_tokens=args.cal_tokens,
                   progress=False)
-    t = time.perf_counter()
-    sc = saliency(run, "attribution", model=mm, exact=True, max_tokens=args.exact_tokens, progress=True)
-    times = {"score_attribution_exact_s": time.perf_counter() - t, "exact_tokens": args.exact_tokens}
+    times, sc = {}, {}
+    for exact, tokens in ((False, args.attribution_tokens), (True, args.exact_tokens)):
+        t = time.perf_counter()
+        signed = saliency(run, "attribution", model=mm, exact=exact, max_tokens=tokens, progress=True, signed=True)
+        times[f"score_attribution_{'exact' if exact else 'estimate'}_s"] = time.perf_counter() - t
+        name = "attribution-exact" if exact else "attribution"
+        sc[name] = signed.with_columns(signed["score"].abs())
+        sc[name + "-signed"] = signed
+    times["exact_tokens"] = args.exact_tokens
     ses = prune_mod.super_experts(run)
     models, meta = ["demo"], [None]
     for ratio in RATIOS:
-        for protect in (None, "super-experts"):
-            out = tmp / f"exact_{ratio}_{'se' if protect else 'none'}"
-            _, info = prune_mod.prune("demo", run, ratio, "attribution", out, protect, progress=False, scores=sc)
-            got = {int(k): v["removed"] for k, v in info["layers"].items()}
-            models.append(str(out))
-            meta.append({"method": "prune", "criterion": "attribution-exact", "ratio": ratio,
-                         "protect": protect or "none",
-                         "super_experts_removed": sorted(f"L{a}:E{b}" for a, b in ses if b in got.get(a, [])),
-                         "predicted_removed_mass": float(prune_mod.predicted_cost(run, got)["removed_mass"].mean())})
+        for crit, s in sc.items():
+            for protect in (None, "super-experts"):
+                out = tmp / f"{crit}_{ratio}_{'se' if protect else 'none'}"
+                _, info = prune_mod.prune("demo", run, ratio, "attribution", out, protect, progress=False, scores=s)
+                got = {int(k): v["removed"] for k, v in info["layers"].items()}
+                models.append(str(out))
+                meta.append({"method": "prune", "criterion": crit, "ratio": ratio, "protect": protect or "none",
+                             "super_experts_removed": sorted(f"L{a}:E{b}" for a, b in ses if b in got.get(a, [])),
+                             "predicted_removed_mass": float(prune_mod.predicted_cost(run, got)["removed_mass"].mean())})
     res = evaluate(models, str(held), max_tokens=args.eval_tokens, seq_len=256, batch_size=8, progress=True)
     rows = []
     for m, r in zip(meta, res.tables["models"].iter_rows(named=True)):
@@ -120,10 +128,11 @@ def main() -> None:
     ap.add_argument("--attribution-tokens", type=int, default=2048)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pruning_demo_cpu.json"))
     ap.add_argument("--gap-only", action="store_true", help="only the renormalisation section, added to --out")
-    ap.add_argument("--exact-only", action="store_true", help="only the exact-attribution rows, added to --out")
+    ap.add_argument("--attribution-only", action="store_true",
+                    help="only the attribution rows (|effect| and signed, estimate and exact), replacing those in --out")
     ap.add_argument("--exact-tokens", type=int, default=256, help="calibration tokens of exact attribution")
     args = ap.parse_args()
-    if args.exact_only:
+    if args.attribution_only:
         os.environ.setdefault("USE_HUB_KERNELS", "NO")
         from workbench import threads
 
@@ -132,11 +141,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="wb_pruning_exact_") as tmp:
             tmp = Path(tmp)
             cal, held = split_calibration(tmp)
-            rows, times = exact_attribution_rows(cal, held, tmp, args)
-        result["rows"] = [r for r in result["rows"] if r.get("criterion") != "attribution-exact"] + rows
+            rows, times = attribution_rows(cal, held, tmp, args)
+        result["rows"] = [r for r in result["rows"] if not str(r.get("criterion")).startswith("attribution")] + rows
         result["times"].update(times)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"added {len(rows)} exact-attribution rows to {args.out}")
+        print(f"added {len(rows)} attribution rows to {args.out}")
         return
     if args.gap_only:
         os.environ.setdefault("USE_HUB_KERNELS", "NO")

@@ -92,14 +92,16 @@ def test_random_scores_are_seeded():
 
 
 def test_attribution_exact_is_the_loss_change_of_zeroing(tiny_dir, tmp_path):
-    """The attribution criterion with exact=True equals NLL(expert zeroed) - NLL(base), computed here with
-    a plain forward per text under steer(zero=...) (float64, so batching and padding cannot blur it)."""
+    """The attribution criterion with exact=True equals |NLL(expert zeroed) - NLL(base)| (signed=True: the
+    signed change), computed here with a plain forward per text under steer(zero=...) (float64, so batching
+    and padding cannot blur it)."""
     from workbench.capture import capture
     from workbench.models.loading import load_model
 
     mm = load_model(str(tiny_dir("qwen3_moe", **SIZES)), dtype=torch.float64)
     run = capture(mm, TEXTS[:2], tmp_path / "run", probes=["routing"], progress=False)
     s = saliency.scores(run, "attribution", model=mm, exact=True, max_tokens=256)
+    signed = saliency.scores(run, "attribution", model=mm, exact=True, max_tokens=256, signed=True)
     ids = [mm.tokenize(t) for t in TEXTS[:2]]
 
     def nll(zero=None):
@@ -112,8 +114,13 @@ def test_attribution_exact_is_the_loss_change_of_zeroing(tiny_dir, tmp_path):
         return tot / n
 
     base = nll()
-    for layer, e in [(0, 0), (1, 5), (0, 3)]:
-        assert _score(s, layer, e) == pytest.approx(nll(f"L{layer}:E{e}") - base, rel=1e-6, abs=1e-12)
+    signs = set()
+    for layer, e in [(0, 0), (1, 5), (0, 3), (1, 1), (0, 6)]:
+        want = nll(f"L{layer}:E{e}") - base
+        signs.add(want > 0)
+        assert _score(signed, layer, e) == pytest.approx(want, rel=1e-6, abs=1e-12)
+        assert _score(s, layer, e) == pytest.approx(abs(want), rel=1e-6, abs=1e-12)
+    assert signs == {True, False}  # both signs occur, so the magnitude is a different ranking
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
   expert j, g_j(x) the routing weight the model applied and f_j(x) the expert's output before it.
   The mean (not the sum) over X_j is the paper's normalisation; an expert no token reached scores 0.
   Read from the run's `expert_stats` table (`weight`, `out_l2` per routed slot).
-- attribution: the causal effect on the loss of zeroing the expert (workbench.attribution; first-order
-  estimate, or exact zeroing): nats per token, larger = dropping it hurts more.
+- attribution: the magnitude of the causal effect on the loss of zeroing the expert (workbench.attribution;
+  first-order estimate, or exact zeroing), nats per token: the experts whose removal changes the loss least
+  go first.
 - random: seeded uniform scores (the control every paper uses).
 
 Every function returns a polars frame layer (Int16), expert (Int16), score (Float64), with every expert
@@ -73,19 +74,25 @@ def random_scores(run, seed: int = 0) -> pl.DataFrame:
     return g.with_columns(pl.Series("score", rng.random(g.height), dtype=pl.Float64))
 
 
-def attribution(run, model, exact: bool = False, max_tokens: int | None = 2048, progress: bool = False) -> pl.DataFrame:
-    """Effect on the mean token NLL of the run's documents of zeroing each expert (workbench.attribution):
-    the first-order estimate, or with exact=True one zeroed forward per expert (slow on big models)."""
+def attribution(run, model, exact: bool = False, max_tokens: int | None = 2048, progress: bool = False,
+                signed: bool = False) -> pl.DataFrame:
+    """|effect| on the mean token NLL of the run's documents of zeroing each expert (workbench.attribution):
+    the first-order estimate, or with exact=True one zeroed forward per expert (slow on big models).
+
+    The magnitude, as Taylor-importance pruning (Molchanov et al.) ranks: an expert whose zeroing lowers the
+    calibration loss still changes the model. signed=True keeps the sign (then the lowest scores are the
+    experts whose removal looks helpful; on the demo model that removes heavily used experts and costs more
+    than random removal, see docs/guides/compress.md)."""
     from ..attribution import analyze
 
     res = analyze(run, model=model, exact_experts="all" if exact else None, max_tokens=max_tokens,
                   progress=progress)
-    col = "exact" if exact else "estimate"
-    return _on_grid(run, res.tables["experts"].select("layer", "expert", pl.col(col).alias("score")))
+    col = pl.col("exact" if exact else "estimate")
+    return _on_grid(run, res.tables["experts"].select("layer", "expert", (col if signed else col.abs()).alias("score")))
 
 
 def scores(run, by: str, model=None, seed: int = 0, exact: bool = False, max_tokens: int | None = 2048,
-           progress: bool = False) -> pl.DataFrame:
+           progress: bool = False, signed: bool = False) -> pl.DataFrame:
     """The saliency table of criterion `by` (one of CRITERIA)."""
     if by == "frequency":
         return frequency(run)
@@ -96,7 +103,7 @@ def scores(run, by: str, model=None, seed: int = 0, exact: bool = False, max_tok
     if by == "attribution":
         if model is None:
             raise WorkbenchError("--by attribution runs the model on the run's documents: give the model")
-        return attribution(run, model, exact=exact, max_tokens=max_tokens, progress=progress)
+        return attribution(run, model, exact=exact, max_tokens=max_tokens, progress=progress, signed=signed)
     raise WorkbenchError(f"unknown criterion {by!r}; choose one of {', '.join(CRITERIA)}")
 
 
