@@ -71,6 +71,22 @@ def test_expert_id_beyond_int16_refused_without_model(tmp_path, bad, msg):
     assert not (tmp_path / "r").exists()
 
 
+def test_negative_or_64bit_expert_ids_refused(tmp_path):
+    """-1 pads an empty slot; any other negative id was dropped as an empty row: refused instead, as is an id
+    past 64 bits in a JSON list."""
+    ex = np.tile(np.array([[0, 1], [2, 3]]), (4, 1, 1))
+    ex[1, 0, 0] = -5
+    with pytest.raises(WorkbenchError, match="negative"):
+        import_routed_experts([_vl(ex)], tmp_path / "r", engine="vllm", progress=False)
+    big = np.tile(np.array([[0, 1], [2, 3]]), (4, 1, 1)).tolist()
+    big[1][0][0] = 2**64 - 1
+    rec = {"id": "c", "choices": [{"index": 0, "prompt_token_ids": [1, 2, 3], "token_ids": [4, 5],
+                                   "routed_experts": big}]}
+    with pytest.raises(WorkbenchError, match="64-bit|integer array"):  # numpy reads the mix as float64
+        import_routed_experts([rec], tmp_path / "r", engine="vllm", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_token_id_beyond_int32_or_vocab_refused(model, tmp_path):
     ex = np.tile(np.array([[0, 1], [2, 3]]), (4, 1, 1))
     with pytest.raises(WorkbenchError, match="outside the stored range"):

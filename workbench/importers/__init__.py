@@ -317,7 +317,10 @@ class _DocConverter:
         if ex.shape[2] < self.K:
             raise WorkbenchError(f"routed experts hold {ex.shape[2]} experts a token, the model's top_k is {self.K}")
         cols = layer_columns(ex.shape[1], self.facts)
-        return ex[:, cols, : self.K].astype(np.int64)
+        ex = ex[:, cols, : self.K].astype(np.int64)
+        if ex.size and ex.min() < -1:  # -1 pads an empty slot (recorder dumps); nothing else is negative
+            raise WorkbenchError(f"expert id {int(ex.min())} is negative")
+        return ex
 
     def _bad(self, ex: np.ndarray) -> np.ndarray:
         bad = (ex < 0).any(axis=(1, 2))

@@ -76,6 +76,8 @@ def as_array(x, what: str = "routed_experts") -> np.ndarray | None:
         raise WorkbenchError(f"{what} must be an integer array [tokens, layers, top_k]") from None
     if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
         raise WorkbenchError(f"{what} must be an integer array [tokens, layers, top_k], got {a.dtype}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise WorkbenchError(f"{what} holds expert id {int(a.max())}, beyond 64-bit integers")
     if a.ndim != 3 and a.size:
         raise WorkbenchError(f"{what} must be [tokens, layers, top_k], got shape {a.shape}")
     return a.reshape(-1, *(a.shape[1:] if a.ndim == 3 else (0, 0)))
