@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import WorkbenchError
+from ..models.hooks import register
 from .base import BatchMeta, Probe, ProbeDidNotFire, to_ctx
 from .kernels import row_stats
 
@@ -295,9 +296,9 @@ class ExpertsProbe(Probe):
             self.handles.append(_AttrHandle(ex, _ATTR))
             if layer.shared is not None:
                 self.shared_layers.append(layer.index)
-                self.handles.append(layer.shared.register_forward_hook(self._shared_hook(layer.index)))
+                self.handles.append(register(mm, f"L{layer.index}.shared.out", self._shared_hook(layer.index)))
                 if layer.shared_gate is not None:
-                    self.handles.append(layer.shared_gate.register_forward_hook(self._gate_hook(layer.index)))
+                    self.handles.append(register(mm, f"L{layer.index}.shared_gate.out", self._gate_hook(layer.index)))
         for cfg in cfgs.values():
             prev = getattr(cfg, "_experts_implementation", None)
             if prev not in (None, "eager", "grouped_mm", "batched_mm", IMPL_NAME):

@@ -42,11 +42,9 @@ def origins(info: dict | None, n_experts: int, moe_layers) -> dict[int, list[lis
 
 
 def _router_out(out):
-    """(index, weights) of a router's output: through models.hooks.RouterOut where that module exists."""
-    try:
-        from ..models.hooks import RouterOut
-    except ImportError:  # older tree: every transformers 5 router returns (logits, weights, index)
-        return out[2], out[1]
+    """(index, weights) of a router's output."""
+    from ..models.hooks import RouterOut
+
     r = RouterOut.of(out)
     return r.index, r.weights
 
@@ -55,11 +53,10 @@ class _Routing:
     """Router forward hooks: the chosen experts and their weights per layer, for the real tokens only."""
 
     def __init__(self, mm):
-        self.mm, self.handles, self.cur = mm, [], {}
+        self.mm, self.hooks, self.cur = mm, None, {}
 
     def __enter__(self):
-        for lay in self.mm.layers:
-            self.handles.append(lay.router.register_forward_hook(self._hook(lay.index)))
+        self.hooks = self.mm.hooks({f"L{lay.index}.router": self._hook(lay.index) for lay in self.mm.layers})
         return self
 
     def _hook(self, layer):
@@ -70,9 +67,8 @@ class _Routing:
         return hook
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        if self.hooks is not None:
+            self.hooks.remove()
 
 
 def _load(spec, device, dtype):

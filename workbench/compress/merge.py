@@ -27,6 +27,7 @@ import polars as pl
 import torch
 
 from ..errors import WorkbenchError
+from ..models.hooks import register
 from ..probes.interventions import format_spec
 from .prune import router_facts, n_remove_for, protected_experts, rewrite_experts, save_checkpoint
 
@@ -65,7 +66,7 @@ def experts_inputs(mm, token_ids: list, max_tokens: int = 512) -> dict[int, torc
             got[layer].append(h.detach().reshape(-1, h.shape[-1]))
         return hook
 
-    hs = [lay.experts.register_forward_pre_hook(keep(lay.index), with_kwargs=True) for lay in mm.layers]
+    hs = [register(mm, f"L{lay.index}.experts.in", keep(lay.index)) for lay in mm.layers]
     n = 0
     try:
         with torch.inference_mode():

@@ -78,6 +78,8 @@ def plant_near_ties(mm, texts, per_layer: int = 4, gap: float = 5e-7, seed: int 
     """
     import torch
 
+    from ..models.hooks import register
+
     if mm.family.rule not in ("softmax_topk", "softmax_topk_renorm", "topk_softmax") and not (
             mm.family.rule == "deepseek_v2" and getattr(mm.model.config, "topk_method", "greedy") == "greedy"):
         raise ValueError(f"plant_near_ties needs a rule that ranks experts in logit order; {mm.family.rule} does not")
@@ -104,7 +106,7 @@ def plant_near_ties(mm, texts, per_layer: int = 4, gap: float = 5e-7, seed: int 
         def pre(module, args, kwargs):
             seen.append(args[0].reshape(-1, args[0].shape[-1]).double().cpu().numpy())
 
-        h1 = lay.router.register_forward_pre_hook(pre, with_kwargs=True)
+        h1 = register(mm, f"L{lay.index}.router.in", pre)
         try:
             with torch.inference_mode():
                 for ids in enc:
