@@ -34,6 +34,7 @@ COLUMN_DOCS = {
     "layer": "decoder-layer index (never a position among MoE layers); null on model-level rows",
     "experts": "experts the model selected, in its own order", "weights": "routing weights of those experts",
     "logits": "router logits over all experts (fp32)", "slot": "position among the token's selected experts (-1 = shared)",
+    "margin": "router margin: k-th minus (k+1)-th selection score (logit for softmax routers); small = near-tie",
     "expert": "expert id (-1 = shared expert); null on layer/model rows", "weight": "routing weight of that slot",
     "out_maxabs": "max |down_proj output| of the expert for the token, before the routing weight",
     "out_argmax": "channel of out_maxabs", "out_l2": "L2 norm of the expert's down_proj output",
