@@ -18,6 +18,7 @@ from dash import MATCH, Input, Output, ctx as dash_ctx, dash_table, dcc, html, n
 
 from ..plots import colour_map, polish
 from ..analysis.registry import ANALYSES
+from ..plots import colour_map, polish
 from .state import CAPTURE_HINTS, TABLE_HINTS, Unavailable
 from .ui import GRAPH_CONFIG, Page, computing, graph, notice, table_browser, table_page
 
@@ -129,6 +130,30 @@ def _missing(app_ctx, sec: Section, why: Unavailable):
 _model_check = model_check  # the old name, used by tests
 
 
+def stored_loop(run, analysis: str) -> dict | None:
+    """The options (less the model) of the newest closed-loop result of `analysis` stored in the run folder
+    for the run as it is now and the run's own model, or None."""
+    import json
+    from pathlib import Path
+
+    from ..analysis.persist import FOLDER, RESULT, run_fingerprint
+
+    spec = run.model_info.get("spec")
+    best, when, fp = None, -1.0, None
+    for p in (Path(run.path) / FOLDER / analysis.replace("/", "_")).glob(f"*/{RESULT}"):
+        try:
+            info = json.loads(p.read_text())
+            opts = info.get("options") or {}
+            if spec is None or opts.get("model") != spec:
+                continue
+            fp = fp or run_fingerprint(run)
+            if info.get("run") == fp and p.stat().st_mtime > when:
+                best, when = {k: v for k, v in opts.items() if k != "model"}, p.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+    return best
+
+
 def _body(app_ctx, sec: Section):
     """(children, done) for a section in its current state."""
     data = app_ctx.data
@@ -140,6 +165,10 @@ def _body(app_ctx, sec: Section):
         if pre is not None:
             return notice(pre), True
         res = data.analysis(sec.analysis, variant=sec.variant, start=False)
+        if res is None and data.started(sec.variant) is None and (stored := stored_loop(data.run, sec.analysis)):
+            # a closed loop already stored in the run folder (the demo's, a CLI run): load it, no button
+            data.analysis(sec.analysis, variant=sec.variant, options={**stored, "model": app_ctx.service.mm},
+                          lock=app_ctx.service.lock)
         if res is None and data.started(sec.variant) is None:
             return html.Div([html.Span(sec.loop.what + " "),
                              html.Button(sec.loop.button, id={"type": "loop-go", "sec": sec.key}, n_clicks=0)],

@@ -111,3 +111,30 @@ def test_overview_probes_card_reads_as_text_not_json(labelled):
     assert probes and "{\\\"" not in text and "{'" not in text  # no JSON or dict literal on the page
     for name in probes:
         assert name in text
+
+
+def test_a_stored_closed_loop_result_shows_without_the_button(labelled):
+    """`workbench app demo_out/runs --model demo` after the demo: the demo's stored interventions show."""
+    from types import SimpleNamespace
+
+    import polars as pl
+
+    from workbench.analysis.persist import store
+    from workbench.app import make_app
+    from workbench.app.analyses import SECTIONS, _body
+    from workbench.app.service import ModelService
+
+    spec = labelled.model_info.get("spec")
+    from workbench.analysis import behavior
+
+    loop = behavior.analyze(labelled, permutations=20, bootstrap=5, progress=False)  # the maps, then the loop's table
+    loop.tables["stored_marker"] = pl.DataFrame({"class": ["target"], "change_top": [-0.5]})
+    store(loop, labelled, {"intervene": 3, "score": "text", "model": spec})
+    mm = SimpleNamespace(spec=spec, moe_layers=list(labelled.moe_layers), n_experts=labelled.n_experts)
+    ctx = make_app(labelled, service=ModelService(mm), warm=()).workbench
+    sec = SECTIONS["behavior-loop"]
+    body, done = _body(ctx, sec)
+    assert "loop-go" not in _text(body)  # no "run the interventions" button
+    ctx.data.analysis("behavior", variant=sec.variant, wait=30, start=False)
+    body, done = _body(ctx, sec)
+    assert done and "stored_marker" in _text(body)
