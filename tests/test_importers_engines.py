@@ -353,6 +353,28 @@ def test_dump_chunk_resumes_where_another_prefill_stopped(cap, tmp_path):
     assert imp.tokens.filter(pl.col("doc_id") == 2).collect()["pos"].min() == c  # cached prefix: not routed here
 
 
+def test_dump_links_sequences_by_request_ids_when_records_carry_them(cap, tmp_path):
+    """Where records carry request ids (one per segment; per token in decode) they link the sequences, even
+    where positions and pass order alone would not (here B's second chunk follows a decode pass and A's
+    prefill stopped where B's first chunk did, so the order rule alone could not tell them apart)."""
+    model, run, docs = cap
+    c = 4
+    nb = len(docs[1][0])
+    recs = [_rec(docs, 0, [(1, 0, c), (0, 0, c)], [c, c]),
+            _rec(docs, 1, [(0, c, c + 1)], None),
+            _rec(docs, 2, [(1, c, nb)], [nb - c])]
+    recs[0]["rids"], recs[1]["rids"], recs[2]["rids"] = ["B", "A"], ["A"], ["B"]
+    torch.save({"records": recs, "last_physical_to_logical_map": torch.arange(E).repeat(NL, 1)},
+               tmp_path / "expert_distribution_recorder_1.0_0.pt")
+    imp = import_routed_experts(str(tmp_path / "expert_distribution_recorder_1.0_0.pt"), tmp_path / "imp",
+                                engine="sglang-dump", model=str(model), progress=False)
+    got = imp.routing.sort("doc_id", "pos", "layer").collect()
+    want = _routing(run)
+    for seq, (d, hi) in enumerate([(1, nb), (0, c + 1)]):
+        w = want.filter((pl.col("doc_id") == d) & (pl.col("pos") < hi)).drop("doc_id")
+        assert got.filter(pl.col("doc_id") == seq).select(KEY[1:]).equals(w), seq
+
+
 def test_dump_per_pass_deepep_ranks_and_tp_duplicates(cap, tmp_path):
     """DeepEP: each rank counts its own tokens into its slice of the physical experts
     (_convert_local_to_global_physical_count), under the same forward_pass_ids: all ranks add up. A TP

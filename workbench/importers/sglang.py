@@ -274,8 +274,9 @@ def iter_dump_docs(records_by_rank: dict[int, list[dict]], K: int):
                 is_decode = not extend or (mode == MIXED and m == 1 and si is None and
                                            any(seqs[j]["next"] == p0 and seqs[j]["decoded"] for j in running))
                 if si is None and p0 > 0:
-                    if is_decode:
-                        si = next((j for j in running if j not in taken and seqs[j]["next"] == p0), None)
+                    if is_decode:  # the request still being chunked is not in the running batch: last resort
+                        order = [j for j in running if j not in chunked] + chunked
+                        si = next((j for j in order if j not in taken and seqs[j]["next"] == p0), None)
                     elif chunked and seqs[chunked[0]]["next"] == p0:
                         si = chunked.pop()
                 if si is None:
