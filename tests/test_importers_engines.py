@@ -449,3 +449,25 @@ def test_placement_skips_empty_windows_of_older_imports(cap, tmp_path):
     b = analyze("placement", new, ep=2, redundant=2, fit_fraction=0.5)
     assert a.tables["balance"]["window"].max() == 3
     assert a.tables["layers"].equals(b.tables["layers"])
+
+
+def test_requests_without_routed_experts_are_counted_not_fatal(cap, tmp_path):
+    """vllm protocol.py: routed_experts is None "if the request was aborted before any forward pass"
+    (SGLang leaves meta_info.routed_experts out likewise): such a request is counted, the rest imported
+    exactly; when none carries any, the sentence says how to turn the recording on."""
+    model, run, docs = cap
+    resp = _openai_completion(docs)
+    resp.insert(2, {"id": "cmpl-aborted", "choices": [{"index": 0, "text": "", "token_ids": [],
+                                                         "prompt_token_ids": [1, 2], "routed_experts": None}]})
+    imp = import_routed_experts(resp, tmp_path / "v", engine="vllm", model=str(model), progress=False)
+    got = imp.routing.sort("doc_id", "pos", "layer").collect()
+    for d in range(len(docs)):  # doc ids follow the input order: the aborted request was number 2
+        assert got.filter(pl.col("doc_id") == (d if d < 2 else d + 1)).select(KEY[1:]).equals(
+            _routing(run, [d]).drop("doc_id"))
+    assert imp.manifest["import"]["requests_without_routing"] == 1
+    sg = [_sg(ids, arr, i, prompt_ids=True) for i, (ids, arr) in enumerate(docs)]
+    for r in sg:
+        r["meta_info"].pop("routed_experts")
+    with pytest.raises(WorkbenchError, match="--enable-return-routed-experts"):
+        import_routed_experts(sg, tmp_path / "s", engine="sglang", model=str(model), progress=False)
+    assert not (tmp_path / "s").exists()

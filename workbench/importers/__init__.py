@@ -309,9 +309,12 @@ class _DocConverter:
         self.vocab = facts.get("vocab_size")
         self.dropped = 0  # tokens whose routing the engine left empty (zero-filled or -1)
         self.unrouted_tail = 0  # tokens after the last routed one (the last generated token)
+        self.without_routing = 0  # requests that carry no routed experts (aborted, or not asked for)
 
     def _moe(self, doc: Doc) -> np.ndarray:
         ex = np.asarray(doc.experts)
+        if ex.shape == (0, 0, 0):  # a request without routed experts
+            return np.zeros((0, len(self.layers), self.K), np.int64)
         if ex.ndim != 3:
             raise WorkbenchError(f"routed experts must be [tokens, layers, top_k], got shape {ex.shape}")
         if ex.shape[2] < self.K:
@@ -334,6 +337,8 @@ class _DocConverter:
         return int(ok.max()) if ok.size else -1
 
     def convert(self, doc: Doc):
+        if np.asarray(doc.experts).shape == (0, 0, 0):
+            self.without_routing += 1
         ex = self._moe(doc)
         n_ids = len(doc.token_ids)
         if len(ex) > n_ids:
@@ -424,11 +429,15 @@ def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray 
         n_docs += 1
         n_tokens += len(keep)
     if not n_tokens and not counts_meta:
+        if n_docs and conv.without_routing == n_docs:
+            raise WorkbenchError(f"no {engine} response carries routed experts: start vLLM with "
+                                 "enable_return_routed_experts=True, or SGLang with --enable-return-routed-experts "
+                                 "and send return_routed_experts=true")
         raise WorkbenchError(f"nothing to import: no token of the {engine} input carries routing")
     stats = dict(counts_meta)
     if n_docs:
-        stats.update(documents=n_docs, tokens=n_tokens, dropped_empty_routing=conv.dropped,
-                     tokens_without_routing=conv.unrouted_tail)
+        stats.update(documents=n_docs - conv.without_routing, tokens=n_tokens, dropped_empty_routing=conv.dropped,
+                     tokens_without_routing=conv.unrouted_tail, requests_without_routing=conv.without_routing)
     identity = {"source": engine, "sha256": sha, "model": facts.get("spec"), "expert_ids": id_kind,
                 "physical_to_logical": None if p2l is None else hashlib.sha256(p2l.tobytes()).hexdigest()[:16]}
     settings = {"import": engine, "expert_ids": id_kind}

@@ -56,9 +56,10 @@ def iter_docs(records, tok_rows, facts, routed_start: int | None = None):
             raise WorkbenchError(f"response {i} has no meta_info: is this a SGLang /generate response?")
         meta = r["meta_info"]
         b64 = meta.get("routed_experts")
-        if b64 is None:
-            raise WorkbenchError(f"response {i} carries no meta_info.routed_experts: start SGLang with "
-                                 "--enable-return-routed-experts and send return_routed_experts=true")
+        if b64 is None:  # aborted before any forward pass, or not asked for: counted, the others imported
+            yield Doc(token_ids=np.zeros(0, np.int64), experts=np.zeros((0, 0, 0), np.int64), n_prompt=0,
+                      labels={"request_id": None if meta.get("id") is None else str(meta.get("id"))})
+            continue
         flat = decode_routed_experts(b64, f"response {i} meta_info.routed_experts")
         t = tok_rows[i] if tok_rows is not None and i < len(tok_rows) else {}
         start = offset_of(r, routed_start, meta)

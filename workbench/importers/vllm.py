@@ -230,9 +230,10 @@ def iter_docs(records, tok_rows, routed_start: int | None = None):
                                          f"{re.shape} differ in layers or top_k")
                 full = np.concatenate(parts)
             else:
-                if re is None:
-                    raise WorkbenchError(f"request {rid if rid is not None else i} carries no routed_experts: start "
-                                         "vLLM with enable_return_routed_experts=True")
+                if re is None:  # aborted before any forward pass, or the server does not return them
+                    yield Doc(token_ids=np.zeros(0, np.int64), experts=np.zeros((0, 0, 0), np.int64), n_prompt=0,
+                              labels={"request_id": None if rid is None else str(rid)})
+                    continue
                 full = re
             if not full.size:
                 continue
