@@ -46,7 +46,9 @@ def _replay_body(app_ctx, res) -> list:
             html.Div([html.Div(graph(figs["agreement"]), className="col"),
                       html.Div(graph(figs["kl"]), className="col")], className="row"),
             html.H3("Per layer"), _table("fid-layers", res.layers),
-            html.H3("Tokens whose next-token distribution moved most"), _table("fid-tokens", worst)]
+            html.H3("Tokens whose next-token distribution moved most"), _table("fid-tokens", worst)] + (
+        [html.H3("Disagreement rate by the router's own margin"), _table("fid-rep-margins", res.margins)]
+        if res.margins is not None else [])
 
 
 def _stability_body(res) -> list:

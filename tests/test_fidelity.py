@@ -461,3 +461,40 @@ def test_cli_replay_and_stability(tiny_dir, tmp_path, capsys):
                  "--no-progress"]) == 2
     assert "unknown experts implementation 'turbo'" in capsys.readouterr().err
     assert not (tmp_path / "st3").exists()
+
+
+def test_replay_says_the_disagreements_were_the_planted_near_ties(tie_model_dir, tmp_path):
+    """Near-ties planted in the last layer; 'engine' runs of the model replayed on it. A float32 engine at batch
+    size 1 (the replay batches 8) differs only where rounding resolved a planted tie the other way: every
+    disagreement is a planted decision with a margin below 1e-5, earlier layers agree fully. A bfloat16 engine
+    also flips ordinary decisions, but the disagreement rate is high among near-ties and near zero for clear
+    ones."""
+    import copy
+
+    import workbench as wb
+    from workbench.fidelity import replay
+    from workbench.fidelity.margins import plant_near_ties
+    from workbench.models.loading import wrap_model
+
+    mm = wb.load_model(str(tie_model_dir))
+    planted = plant_near_ties(mm, TEXTS, per_layer=16, layers=[3])
+    run = wb.capture(mm, TEXTS, tmp_path / "b1", batch_size=1, progress=False)
+    res = replay(mm, run, weights="model", batch_size=8, progress=False)
+    ag = dict(zip(res.layers["layer"].to_list(), res.layers["agreement"].to_list()))
+    assert ag[0] == ag[1] == ag[2] == 1.0 and ag[3] < 1.0
+    dis = res.tokens.filter(pl.col("layers_changed") > 0)
+    assert set(dis.select("doc_id", "pos").rows()) <= {(d, p) for d, p, _ in planted}
+    assert (dis["first_changed_layer"] == 3).all() and (dis["min_margin"] < 1e-5).all()
+    assert res.summary["disagreements_near_tie"] == 1.0
+
+    engine = wrap_model(copy.deepcopy(mm.model).to(torch.bfloat16), mm.tokenizer, spec="engine")
+    run = wb.capture(engine, TEXTS, tmp_path / "bf16", progress=False)
+    res = replay(mm, run, weights="model", out=tmp_path / "rep", progress=False)
+    m = res.margins
+    low = m.filter(pl.col("margin_hi") <= 1e-5)
+    high = m.filter(pl.col("margin_lo") >= 0.1)
+    assert low["disagreed"].sum() / low["decisions"].sum() >= 0.25
+    assert high["disagreed"].sum() / high["decisions"].sum() < 0.05
+    lay3 = res.layers.filter(pl.col("layer") == 3)
+    assert lay3["margin_median_disagreeing"][0] < lay3["margin_median_agreeing"][0]
+    assert pl.read_parquet(tmp_path / "rep" / "margins.parquet").equals(m)

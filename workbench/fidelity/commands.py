@@ -86,6 +86,10 @@ def format_replay(s: dict, layers) -> str:
              f"loss own {s['loss_own']:.4f} -> replayed {s['loss_replayed']:.4f}; next-token KL mean "
              f"{s['kl_mean']:.3g}, max {s['kl_max']:.3g}"
              + ("; logits bit-identical to the plain forward" if s["logits_bit_identical"] else "")]
+    if s.get("margin_median_disagreeing") is not None:
+        lines.append(f"disagreeing decisions: median router margin {s['margin_median_disagreeing']:.3g} (agreeing "
+                     f"{s['margin_median_agreeing']:.3g}); {s['disagreements_near_tie']:.0%} within "
+                     f"{s['near_tie_below']:g} of a tie")
     if s.get("interventions_in_run"):
         lines.append(f"the run was captured with {s['interventions_in_run']} (not re-applied)")
     lines.append("per layer: " + "  ".join(f"L{r['layer']} {r['agreement']:.2%}" for r in layers.iter_rows(named=True)))

@@ -19,8 +19,9 @@ def open_result(path):
     if (p / "replay.json").is_file():
         from .replay import ReplayResult
 
+        m = pl.read_parquet(p / "margins.parquet") if (p / "margins.parquet").is_file() else None
         return ReplayResult(pl.read_parquet(p / "layers.parquet"), pl.read_parquet(p / "tokens.parquet"),
-                            json.loads((p / "replay.json").read_text()), p)
+                            json.loads((p / "replay.json").read_text()), p, margins=m)
     if (p / "stability.json").is_file():
         from .stability import StabilityResult
 

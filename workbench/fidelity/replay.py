@@ -28,6 +28,7 @@ import polars as pl
 from ..errors import WorkbenchError, WorkbenchWarning
 from .common import (Seq, check_ids, forward, make_batches, model_identity_problem, overlap, same_set, versions,
                      write_result)
+from .margins import NEAR_TIE, flip_rate_by_margin
 
 WEIGHTS = ("auto", "recorded", "model")
 
@@ -38,6 +39,7 @@ class ReplayResult:
     tokens: pl.DataFrame  # one row per token
     summary: dict
     out: Path | None = None
+    margins: pl.DataFrame | None = None  # disagreement rate per margin bin (None for a generic model)
 
     def __repr__(self) -> str:
         s = self.summary
@@ -160,6 +162,9 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
     agree, agree_free = np.zeros(L, np.int64), np.zeros(L, np.int64)
     ov, ov_free = np.zeros(L), np.zeros(L)
     tok_parts, identical = [], True
+    with_margins = mm.family.rule != "generic"
+    mar_parts: list[list] = [[] for _ in layers]  # the router's own margin on the replayed inputs, per decision
+    dis_parts: list[list] = [[] for _ in layers]  # and whether it disagreed with the recorded set
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(len(s.ids) for s in seqs), disable=not progress, unit="tok", desc=f"replay {run.path.name}",
@@ -168,7 +173,7 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
     # Without weight-file hashes on both sides (engine imports), permuted expert ids are found from the
     # routing itself: recorded vs own ids co-occur along a permutation, not the identity.
     cooc = None if _hashes_match(mm, run.model_info) else np.zeros((L, E, E), np.int64)
-    with forced_routes(mm, layers) as fr, torch.inference_mode():
+    with forced_routes(mm, layers, margins=with_margins) as fr, torch.inference_mode():
         for g0 in range(0, len(batches), per):
             if cooc is not None and g0 > 0:
                 problem = _permutation_problem(cooc, layers, run.path.name, K)
@@ -185,6 +190,7 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
                 changed = np.zeros(len(b.rows), np.int16)
                 changed_free = np.zeros(len(b.rows), np.int16)
                 first = np.full(len(b.rows), -1, np.int16)
+                tmin = np.full(len(b.rows), np.inf, np.float32)
                 for j, layer in enumerate(layers):
                     m = have[layer]
                     if not m.any():
@@ -202,11 +208,17 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
                     changed_free[where[~sf]] += 1
                     fresh = where[~s][first[where[~s]] < 0]
                     first[fresh] = layer
+                    if with_margins:
+                        mg = rep.margin[layer][m]
+                        mar_parts[j].append(mg)
+                        dis_parts[j].append(~s)
+                        tmin[where] = np.minimum(tmin[where], mg)
                     if cooc is not None:
                         own = free.own[layer][m]
                         np.add.at(cooc[j], (np.repeat(r_idx, K, axis=1).reshape(-1), np.tile(own, (1, K)).reshape(-1)),
                                   1)
-                tok_parts.append(_token_rows(b, free.logits, rep.logits, changed, changed_free, first))
+                tok_parts.append(_token_rows(b, free.logits, rep.logits, changed, changed_free, first,
+                                             tmin if with_margins else None))
                 bar.update(len(b.rows))
     bar.close()
     if cooc is not None:
@@ -221,6 +233,19 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
         "agreement_free": np.where(n > 0, agree_free / nz, np.nan),
         "overlap_free": np.where(n > 0, ov_free / nz, np.nan),
     })
+    margins_df, msum = None, {}
+    if with_margins:
+        mar = [np.concatenate(x) if x else np.zeros(0, np.float32) for x in mar_parts]
+        dis = [np.concatenate(x) if x else np.zeros(0, bool) for x in dis_parts]
+        med = lambda v: float(np.median(v)) if v.size else None  # noqa: E731
+        layers_df = layers_df.with_columns(
+            pl.Series("margin_median_agreeing", [med(m[~d]) for m, d in zip(mar, dis)], dtype=pl.Float64),
+            pl.Series("margin_median_disagreeing", [med(m[d]) for m, d in zip(mar, dis)], dtype=pl.Float64))
+        am, ad = np.concatenate(mar), np.concatenate(dis)
+        margins_df = flip_rate_by_margin(am, {"disagreed": ad})
+        msum = {"margin_median_agreeing": med(am[~ad]), "margin_median_disagreeing": med(am[ad]),
+                "disagreements_near_tie": float((am[ad] < NEAR_TIE).mean()) if ad.any() else None,
+                "near_tie_below": NEAR_TIE}
     tokens_df = pl.concat(tok_parts)
     nll = tokens_df.filter(pl.col("logprob_own").is_not_null())
     loss_own = float(-nll["logprob_own"].mean()) if nll.height else float("nan")
@@ -239,12 +264,14 @@ def replay(model, run, out=None, weights: str = "auto", batch_size: int | None =
                                     if (layers_df["agreement"] < 1).any() else None),
         "loss_own": loss_own, "loss_replayed": loss_rep, "kl_mean": float(tokens_df["kl"].mean()),
         "kl_max": float(tokens_df["kl"].max()), "logits_bit_identical": identical,
+        **msum,
         "batch_size": batch_size, "dtype": str(next(mm.model.parameters()).dtype).replace("torch.", ""),
         "device": str(mm.device), "versions": versions(),
     }
-    res = ReplayResult(layers_df, tokens_df, summary)
+    res = ReplayResult(layers_df, tokens_df, summary, margins=margins_df)
     if out is not None:
-        res.out = write_result(out, "replay", {"layers": layers_df, "tokens": tokens_df}, summary, overwrite)
+        tables = {"layers": layers_df, "tokens": tokens_df, **({"margins": margins_df} if with_margins else {})}
+        res.out = write_result(out, "replay", tables, summary, overwrite)
     return res
 
 
@@ -322,7 +349,7 @@ def _batch_routes(b, rec: dict, layers, K: int, E: int, name: str):
     return routes, have
 
 
-def _token_rows(b, lo_logits, lr_logits, changed, changed_free, first) -> pl.DataFrame:
+def _token_rows(b, lo_logits, lr_logits, changed, changed_free, first, min_margin=None) -> pl.DataFrame:
     """Per valid token: KL(own || replayed) of the next-token distribution and the actual next token's
     log-probability both ways (null at a sequence's last token, whose next token the run does not hold)."""
     import torch
@@ -344,5 +371,8 @@ def _token_rows(b, lo_logits, lr_logits, changed, changed_free, first) -> pl.Dat
         "layers_changed": changed, "layers_changed_free": changed_free,
         "first_changed_layer": pl.Series(first, dtype=pl.Int16),
     })
+    if min_margin is not None:  # the smallest router margin of the token over the recorded layers
+        df = df.with_columns(pl.Series("min_margin", np.where(np.isfinite(min_margin), min_margin, np.nan),
+                                       dtype=pl.Float32).fill_nan(None))
     return df.with_columns(pl.col("logprob_own", "logprob_replayed", "dlogprob").fill_nan(None),
                            pl.col("first_changed_layer").replace(-1, None))
