@@ -166,6 +166,7 @@ def smoke(target: Path | None, out: Path, demo: bool, reference: dict | None = N
     tests = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     info["tests_s"] = round(time.perf_counter() - t0, 1)
     cases = _junit(xml) if xml.exists() else {}
+    info["n_tests"] = len(cases)
     info["failures"] = [f"{k}: {v}" for k, v in cases.items() if v != "passed"][:20]
     if not cases:
         info["failures"].append("pytest did not run: " + (tests.stdout + tests.stderr).strip().splitlines()[-1][:300])
@@ -242,8 +243,10 @@ def write_constraints(path: Path) -> None:
     lines = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()
                    if _norm(d.metadata["Name"]) not in skip and "+" not in d.version)
     torch_v = metadata.version("torch")
-    head = ["# Exact versions the test suite last passed with (written by tools/compat.py --constraints in .ci/run).",
-            f"# Python {platform.python_version()}, torch {torch_v}. Use: pip install -c constraints.txt -e \".[test]\"",
+    head = ["# Exact versions of the environment .ci/run tested: written by tools/compat.py --constraints after the",
+            f"# main suite and the compatibility job passed ({time.strftime('%Y-%m-%d', time.gmtime())}, "
+            f"Python {platform.python_version()}, torch {torch_v}).",
+            "# Use: pip install torch==2.13.0 && pip install -c constraints.txt -e \".[test]\"",
             "# (torch is left out when it is a local build such as +cpu; install it first as the README says)."]
     path.write_text("\n".join(head + sorted(set(lines), key=str.lower)) + "\n")
 
@@ -330,6 +333,7 @@ def main(argv=None) -> int:
                   f"[tool.moe-workbench.compat] and workbench.models.families.TESTED from {newest_tested}")
     if not a.work:
         shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(logs, ignore_errors=True)
     doc = {"generated_by": "tools/compat.py", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
            "machine": {"python": platform.python_version(), "platform": platform.platform(terse=True),
                        "cpus": os.cpu_count()},
