@@ -138,3 +138,19 @@ def test_a_stored_closed_loop_result_shows_without_the_button(labelled):
     ctx.data.analysis("behavior", variant=sec.variant, wait=30, start=False)
     body, done = _body(ctx, sec)
     assert done and "stored_marker" in _text(body)
+
+
+def test_commands_say_what_they_load_first_at_a_terminal(tmp_path, capsys, monkeypatch):
+    """At a terminal the first line comes before the slow imports and the model; in a pipe errors stay one line."""
+    import sys
+
+    from workbench.cli import main
+
+    missing = str(tmp_path / "no-such-run")
+    assert main(["app", missing, "--model", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "starting the dashboard" not in err  # a pipe: just the error
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["app", missing, "--model", "demo"]) == 2
+    first, *rest = capsys.readouterr().err.strip().splitlines()
+    assert first == "workbench: starting the dashboard and loading the model demo ..." and "not a run folder" in rest[-1]
