@@ -228,11 +228,7 @@ def lock_replace(path: Path):
         f.close()
         raise RunLocked(f"{path} is being read by another process (an analysis, an export or a dashboard); "
                         "wait for it to finish or stop it, then replace the run") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+    return f  # (the file stays empty: nothing in the run changes when a replacement is refused)
 
 
 class reading:
@@ -252,10 +248,9 @@ class reading:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            holder = _lock_holder(f)
             f.close()
-            raise RunLocked(f"{path} is being replaced by another process (pid {holder}: capture --overwrite or "
-                            "check --repair); run the command again when it has finished") from None
+            raise RunLocked(f"{path} is being replaced by another process (capture --overwrite or check --repair); "
+                            "run the command again when it has finished") from None
         self._f = f
         try:
             now = read_manifest(path, validate=False)
@@ -730,7 +725,8 @@ def open_run(path: str | Path) -> Run:
         raise WorkbenchError(f"run folder {path} does not exist")
     run = Run(p, read_manifest(p))
     check_links(p, run.manifest)
-    run.check_files()
+    with reading(run):  # a run being replaced (capture --overwrite) is refused in one sentence, not half-read
+        run.check_files()
     return run
 
 
