@@ -9,7 +9,9 @@ Cases, run round-robin (A B C D A B C D ...) so load drift on a shared machine h
 - watch: the replay hooks attached, nothing forced (what recording the router's own choice costs);
 - replay_ids_weights: recorded expert ids and weights forced at every MoE layer (`workbench replay` on a
   capture);
-- replay_ids_only: ids forced, weights from the model's router scores restricted to them (an engine import).
+- replay_ids_only: ids forced, weights from the model's router scores restricted to them (an engine import);
+- replay_ids_weights_margins: ids + weights, and each decision's router margin recorded (what the replayed
+  forward of `workbench replay` does).
 The routes are the model's own (captured once), so the experts do the same work in every case and the
 difference is the replay machinery; like `replay`, they are handed over as host tensors each forward.
 Reported: per case the median ms and the interquartile range over --repeats rounds, and per replay case
@@ -107,15 +109,15 @@ def main() -> None:
         with torch.inference_mode():
             mm.model(input_ids=ids, use_cache=False)
 
-    def replayed(routes):
+    def replayed(routes, margins=False):
         def fn():
-            with forced_routes(mm) as fr, torch.inference_mode():
+            with forced_routes(mm, margins=margins) as fr, torch.inference_mode():
                 fr.set(routes)
                 mm.model(input_ids=ids, use_cache=False)
         return fn
 
     cases = {"plain": plain, "watch": replayed(None), "replay_ids_weights": replayed(with_w),
-             "replay_ids_only": replayed(ids_only)}
+             "replay_ids_only": replayed(ids_only), "replay_ids_weights_margins": replayed(with_w, True)}
     for fn in cases.values():  # warm-up
         fn()
         sync()
@@ -129,7 +131,7 @@ def main() -> None:
             ts[k].append(time.perf_counter() - t)
     res = {k: {"median_ms": round(statistics.median(v) * 1e3, 2), "q25_ms": round(q(v, 0.25) * 1e3, 2),
                "q75_ms": round(q(v, 0.75) * 1e3, 2)} for k, v in ts.items()}
-    for k in ("watch", "replay_ids_weights", "replay_ids_only"):
+    for k in ("watch", "replay_ids_weights", "replay_ids_only", "replay_ids_weights_margins"):
         r = [a / b for a, b in zip(ts[k], ts["plain"])]
         res[k]["ratio_to_plain"] = {"median": round(statistics.median(r), 3), "min": round(min(r), 3),
                                     "max": round(max(r), 3)}
