@@ -498,3 +498,19 @@ def test_replay_says_the_disagreements_were_the_planted_near_ties(tie_model_dir,
     lay3 = res.layers.filter(pl.col("layer") == 3)
     assert lay3["margin_median_disagreeing"][0] < lay3["margin_median_agreeing"][0]
     assert pl.read_parquet(tmp_path / "rep" / "margins.parquet").equals(m)
+
+
+def test_stability_over_experts_implementations_leaves_the_model_as_it_was(tiny_dir):
+    """--vary experts switches the given model's experts implementation for the variant and puts it back;
+    eager and batched_mm differ only by float32 summation order, far below this model's margins."""
+    import workbench as wb
+    from workbench.fidelity import stability
+
+    mm = wb.load_model(str(tiny_dir("qwen3_moe", layers=2, experts=8, top_k=2)))
+    before = mm.model.config._experts_implementation
+    res = stability(mm, TEXTS, vary={"experts": ["eager", "batched_mm"]}, progress=False)
+    assert mm.model.config._experts_implementation == before == "eager"
+    (v,) = res.summary["variants"]
+    assert v["name"] == "experts=batched_mm" and v["settings"]["experts"] == "batched_mm"
+    assert res.summary["reference"]["experts"] == "eager"
+    assert v["first"] == 0 or res.summary["reference_min_margin"] < 1e-5
