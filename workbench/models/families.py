@@ -161,7 +161,7 @@ def _router_output_problems(router, i: int, n_experts: int, top_k: int, hidden_s
     x = torch.randn(5, hidden_size, generator=gen).to(device=p.device, dtype=p.dtype)
     try:
         with torch.no_grad():
-            out = router(x)
+            out = router.forward(x)  # not __call__: hooks someone registered must not see probe tokens
     except Exception as e:  # noqa: BLE001 - any failure here is a contract difference to report
         return [f"calling the router of layer {i} on [5, {hidden_size}] hidden states raised "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
