@@ -790,8 +790,8 @@ def expected_rows(manifest: dict | None, part: dict, table: str) -> tuple[int, b
         return tokens * n_moe * (max(experts, top_k) + shared + 1), False
     if table in ("hidden", "dump_hidden"):
         return tokens * (n_layers + 1), False
-    if table == "attention":  # documents x layers x heads: at most a head per 8 hidden channels
-        return tokens * n_layers * max(num("hidden_size", 4096) // 8, 1), False
+    if table == "attention":  # documents x layers x heads: a head has at least 2 hidden channels
+        return tokens * n_layers * max(num("hidden_size", 4096) // 2, 1), False
     return tokens * n_layers * (max(experts, top_k) + shared + 1), False
 
 
