@@ -339,9 +339,28 @@ def main(argv=None) -> int:
                        "cpus": os.cpu_count()},
            "total_s": total, "environment": {**env_versions, "demo_fingerprint": reference}, "results": results}
     write_outputs(doc, out)
-    if a.constraints and all(r["passed"] for r in results):
-        write_constraints(ROOT / "constraints.txt")
-    return 0 if all(r["passed"] for r in results) else 1
+    ok = all(r["passed"] for r in results)
+    if a.constraints and ok:
+        ok = update_constraints(ROOT / "constraints.txt")
+    return 0 if ok else 1
+
+
+def update_constraints(path: Path) -> bool:
+    """Write the constraints to a temporary file, check that pip resolves the README's install with them
+    (a dry run, nothing installed), and only then replace `path`."""
+    tmp = path.with_name(path.name + ".new")
+    write_constraints(tmp)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                        "--disable-pip-version-check", "-c", str(tmp), f"torch=={metadata.version('torch').split('+')[0]}",
+                        "-e", f"{ROOT}[test]"], capture_output=True, text=True)
+    if r.returncode:
+        tmp.unlink()
+        print("compat: pip cannot resolve the install with the new constraints; constraints.txt kept: "
+              + (r.stderr.strip().splitlines() or ["?"])[-1])
+        return False
+    tmp.replace(path)
+    print(f"compat: {path.name} rewritten (pip resolves the README's install with it)")
+    return True
 
 
 if __name__ == "__main__":
