@@ -170,6 +170,15 @@ def layout(app_ctx):
     ])
 
 
+def _checked(by, ratio) -> tuple[str, float]:
+    """The criterion and ratio a request sent, refused in one sentence unless the page offers them."""
+    if by not in CRITERIA:
+        raise WorkbenchError(f"unknown criterion {str(by)[:40]!r}; choose one of {', '.join(CRITERIA)}")
+    if ratio not in RATIOS:
+        raise WorkbenchError(f"unsupported ratio {str(ratio)[:40]!r}; choose one of {', '.join(f'{r:g}' for r in RATIOS)}")
+    return by, float(ratio)
+
+
 def _exact(app_ctx):
     if app_ctx.service is None:
         return None
@@ -188,6 +197,7 @@ def register(app, app_ctx) -> None:
 
     @app.callback(Output("prn-body", "children"), *inputs)
     def show(by, ratio, protect):
+        by, ratio = _checked(by, ratio)
         mm = _mm(app_ctx)
         if by == "attribution" and mm is not None:
             with app_ctx.service.lock:
@@ -202,6 +212,7 @@ def register(app, app_ctx) -> None:
     def download(n, by, ratio, protect):
         if not n:
             return no_update
+        by, ratio = _checked(by, ratio)
         p = plan_for(app_ctx.run, by, float(ratio), bool(protect), _mm(app_ctx))
         if isinstance(p, Unavailable):
             raise WorkbenchError(p.message)
@@ -217,6 +228,7 @@ def register(app, app_ctx) -> None:
     @app.callback(Output("prn-measured", "children"), Input("prn-measure", "n_clicks"), *[State(i.component_id,
                   i.component_property) for i in inputs], prevent_initial_call=True)
     def do_measure(n, by, ratio, protect):
+        by, ratio = _checked(by, ratio)
         mm = _mm(app_ctx)
         with app_ctx.service.lock:
             p = plan_for(app_ctx.run, by, float(ratio), bool(protect), mm)
@@ -231,6 +243,7 @@ def register(app, app_ctx) -> None:
     def write(n, out, by, ratio, protect):
         from ..compress.prune import prune
 
+        by, ratio = _checked(by, ratio)
         if not out or not str(out).strip():
             raise WorkbenchError("type a folder for the checkpoint")
         out = Path(str(out).strip()).expanduser()

@@ -89,3 +89,37 @@ def test_measured_cost_equals_the_written_checkpoint(tiny, tmp_path):
     assert m["ratio"] == pytest.approx(ev["ppl"][1] / ev["ppl"][0], rel=1e-5) and not math.isclose(m["ratio"], 1)
     with pytest.raises(WorkbenchError):
         measure(mm, run, "L0:E99")
+
+
+def _post(app, key, values):
+    spec = app.callback_map[key]
+    outs = [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in key.strip(".").split("...")]
+    body = {"output": key, "outputs": outs if len(outs) > 1 else outs[0],
+            "changedPropIds": [f"{spec['inputs'][0]['id']}.{spec['inputs'][0]['property']}"],
+            "inputs": [{"id": i["id"], "property": i["property"], "value": values.get(i["id"])} for i in spec["inputs"]],
+            "state": [{"id": i["id"], "property": i["property"], "value": values.get(i["id"])}
+                      for i in spec.get("state", [])]}
+    r = app.server.test_client().post("/_dash-update-component", json=body)
+    assert r.status_code == 200
+    return r.get_data(as_text=True)
+
+
+def test_page_callbacks_through_the_server(tiny):
+    """The plan callback answers a browser's request, and a criterion or ratio the page does not offer is one
+    sentence in the error bar (never a cached computation)."""
+    from workbench.app import make_app
+    from workbench.app import pruning
+
+    path, mm, run = tiny
+    app = make_app(run, warm=())
+    key = next(k for k in app.callback_map if "prn-body.children" in k)
+    text = _post(app, key, {"prn-by": "frequency", "prn-ratio": 0.25, "prn-protect": []})
+    assert "Predicted cost" in text and "workbench prune" in text
+    before = len(pruning._CACHE)
+    for by, ratio in (("nonsense", 0.25), ("frequency", 0.3), ("frequency", "x" * 100)):
+        text = _post(app, key, {"prn-by": by, "prn-ratio": ratio, "prn-protect": []})
+        assert "unknown criterion" in text or "unsupported ratio" in text
+    assert len(pruning._CACHE) == before
+    dl = next(k for k in app.callback_map if "prn-download.data" in k)
+    text = _post(app, dl, {"prn-dl-btn": 1, "prn-by": "reap", "prn-ratio": 0.5, "prn-protect": ["se"]})
+    assert "pruning_plan_reap_0.5.json" in text and "ban" in text
