@@ -241,3 +241,55 @@ def test_declared_range_matches_pyproject():
     assert floor == {TESTED["transformers"][0]}
     declared = py["tool"]["moe-workbench"]["compat"]
     assert tuple(declared["transformers"]) == TESTED["transformers"] and tuple(declared["torch"]) == TESTED["torch"]
+
+
+# ---- the compatibility job's own logic (tools/compat.py), offline ----------------------------------------
+
+
+def _compat_tool():
+    import importlib.util as iu
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "compat.py"
+    spec = iu.spec_from_file_location("wb_compat_tool", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_job_installs_only_what_the_environment_lacks(tmp_path):
+    """A fake transformers in a --target folder: requirements the environment satisfies are left out, an
+    unsatisfiable pin and a missing package are named, an optional package the environment has (kernels)
+    must match transformers' extra, other extras are ignored."""
+    pytest.importorskip("kernels")
+    tool = _compat_tool()
+    info = tmp_path / "transformers-9.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("\n".join([
+        "Metadata-Version: 2.1", "Name: transformers", "Version: 9.0.0",
+        "Requires-Dist: numpy>=1.0",
+        "Requires-Dist: huggingface-hub<0.1",
+        "Requires-Dist: wb-not-a-real-package>=1",
+        'Requires-Dist: kernels<0.1; extra == "kernels"',
+        'Requires-Dist: wb-dev-only; extra == "dev"',
+    ]) + "\n")
+    assert tool._unsatisfied(str(tmp_path)) == ["huggingface-hub<0.1", "wb-not-a-real-package>=1", "kernels<0.1"]
+
+
+def test_job_table_marks_the_failing_family():
+    tool = _compat_tool()
+    cases = {}
+    for fam in tool.FAMILIES:
+        cases[f"tests/test_capture.py::test_routing_equals_independent_recomputation[{fam}]"] = "passed"
+        cases[f"tests/test_steering.py::test_ban_prefill[{fam}]"] = "passed"
+        if fam != "phimoe":  # no force case ran for phimoe: that is a failure, not a pass
+            cases[f"tests/test_steering.py::test_force_prefill[{fam}]"] = "passed"
+    cases["tests/test_capture.py::test_routing_equals_independent_recomputation[granitemoe]"] = "failed: drift"
+    cases["tests/test_stats.py::test_hand_worked"] = "passed"
+    cases["tests/test_compat.py::test_x"] = "skipped"  # nothing ran: not a pass
+    cols = tool._columns(cases)
+    assert cols["capture granitemoe"] == "FAIL" and cols["capture mixtral"] == "pass"
+    assert cols["force phimoe"] == "FAIL" and cols["ban phimoe"] == "pass"
+    assert cols["stats"] == "pass" and cols["contract"] == "FAIL"
+    row = tool.table([{"transformers": "9.0.0", "role": "probe", "torch": "2.13.0", "checks": cols}]).splitlines()[-1]
+    assert row.startswith("| 9.0.0 (probe) | 2.13.0 | FAIL: granitemoe | pass | FAIL: phimoe | pass | FAIL |")
