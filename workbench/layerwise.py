@@ -59,9 +59,9 @@ def load_layerwise(spec: str, device: str | None = None, dtype=None, offload_fol
 
 
 def _device_map(skel, dev: str) -> dict:
-    from .models.loading import _decoder_layers
+    from .models.hooks import decoder_layers
 
-    layers = _decoder_layers(skel)
+    layers = decoder_layers(skel)
     names = {id(m): n for n, m in skel.named_modules()}
     prefix = names[id(layers)]
     dm = {f"{prefix}.{i}": "disk" for i in range(len(layers))}
@@ -202,9 +202,9 @@ class LayerMajor:
 
 def forward_layerwise(mm, pipe, batches, indices, pad, bar, chunk_tokens: int = 1 << 18) -> None:
     """Capture `batches[indices]` layer-major; hands each batch to `pipe.end` in order, as capture does."""
-    from .models.loading import _decoder_layers
+    from .models.hooks import decoder_layers
 
-    layers = _decoder_layers(mm.model)
+    layers = decoder_layers(mm.model)
     owner, attr = _layers_owner(mm.model, layers)
     dev = mm.device
     probes = pipe.probes
