@@ -23,7 +23,7 @@ import polars as pl
 from ..analysis.registry import ANALYSES
 from ..errors import WorkbenchError
 from ..plots import polish_all
-from ..store import TABLES, Run, open_run
+from ..store import TABLES, Run, open_run, reading
 
 log = logging.getLogger("workbench.app")
 
@@ -188,7 +188,6 @@ class RunData:
         self._guard = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._pool = Worker("workbench-analysis")
-        self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
         self._doc_cache = BoundedCache(MAX_DOCS, MAX_DOC_BYTES)
         self._variants = BoundedCache(MAX_VARIANTS, MAX_VARIANT_BYTES, on_evict=self._forget_variant)
         self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
@@ -201,7 +200,8 @@ class RunData:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:  # two first requests for the same key compute it once
             if key not in self._cache:
-                self._cache[key] = fn()
+                with reading(self.run):  # a capture --overwrite of this run is refused meanwhile, not mixed in
+                    self._cache[key] = fn()
         return self._cache[key]
 
     def tables_present(self) -> list[str]:
@@ -255,6 +255,10 @@ class RunData:
         if hit is not None:
             return hit
         run = self.run
+        with reading(run):
+            return self._doc_routing(run, key, doc_id)
+
+    def _doc_routing(self, run, key, doc_id):
         toks = (run.tokens.filter(pl.col("doc_id") == int(doc_id)).select("pos", "token", "token_id", "phase")
                 .sort("pos").collect())
         rt = (run.routing.filter(pl.col("doc_id") == int(doc_id)).select("pos", "layer", "experts", "weights")

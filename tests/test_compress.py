@@ -84,6 +84,23 @@ def test_reap_needs_expert_stats():
         saliency.reap(_Run())
 
 
+def test_reap_from_the_model_equals_reap_from_expert_stats(runs, tmp_path):
+    """Without expert_stats, REAP runs the experts on their routed tokens; the same numbers as the fused
+    kernel's out_l2 and weight columns give."""
+    from workbench.capture import capture
+    from workbench.models.loading import load_model
+
+    path, run = runs("qwen3_moe")
+    mm = load_model(str(path))
+    bare = capture(mm, TEXTS, tmp_path / "bare", probes=["routing"], progress=False)
+    with pytest.raises(WorkbenchError, match="expert_stats"):
+        saliency.scores(bare, "reap")
+    got = saliency.scores(bare, "reap", model=mm, max_tokens=None)
+    want = saliency.reap(run)
+    assert (want["score"] > 0).sum() > 8  # most experts were reached
+    assert np.allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-4, atol=1e-7)
+
+
 def test_random_scores_are_seeded():
     run = _Run(n_experts=8)
     a, b, c = saliency.random_scores(run, 3), saliency.random_scores(run, 3), saliency.random_scores(run, 4)

@@ -320,7 +320,7 @@ def prune(model, run, ratio: float, by: str = "reap", out=None, protect=None, pe
         raise WorkbenchError(f"run {run.path} covers MoE layers {run.moe_layers}, the model has {mm.moe_layers}: "
                              "capture the whole model")
     scorer = None
-    if by == "attribution" and scores is None:
+    if scores is None and (by == "attribution" or (by == "reap" and not run.has("expert_stats"))):
         scorer = mm if mm.model.dtype == torch.float32 or not isinstance(model, str) else load_model(str(model))
     p = plan(run, by, ratio, E, K, model=scorer, protect=protect, per_layer=per_layer, seed=seed, exact=exact,
              max_tokens=max_tokens, n_group=facts["n_group"], topk_group=facts["topk_group"], progress=progress,

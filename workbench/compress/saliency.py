@@ -5,7 +5,8 @@
   S_j = (1 / |X_j|) * sum over tokens x in X_j of g_j(x) * ||f_j(x)||_2, with X_j the tokens routed to
   expert j, g_j(x) the routing weight the model applied and f_j(x) the expert's output before it.
   The mean (not the sum) over X_j is the paper's normalisation; an expert no token reached scores 0.
-  Read from the run's `expert_stats` table (`weight`, `out_l2` per routed slot).
+  Read from the run's `expert_stats` table (`weight`, `out_l2` per routed slot) when it has one, else
+  computed with the model on the run's documents (reap_from_model).
 - attribution: the magnitude of the causal effect on the loss of zeroing the expert (workbench.attribution;
   first-order estimate, or exact zeroing), nats per token: the experts whose removal changes the loss least
   go first.
@@ -53,7 +54,8 @@ def reap(run) -> pl.DataFrame:
     """REAP saliency from `expert_stats` (module docstring): mean over routed slots of weight * out_l2."""
     if not run.has("expert_stats"):
         raise WorkbenchError(f"run {run.path} has no expert_stats table, which REAP needs (routing weight and "
-                             "expert output norm per token); capture with --probes routing,experts")
+                             "expert output norm per token); capture with --probes routing,experts, or give the "
+                             "model to compute it on the run's documents")
     lf = run.expert_stats
     names = lf.collect_schema().names()
     missing = [c for c in ("weight", "out_l2") if c not in names]
@@ -65,6 +67,61 @@ def reap(run) -> pl.DataFrame:
           .agg((pl.col("weight").cast(pl.Float64) * pl.col("out_l2").cast(pl.Float64)).mean().alias("score"))
           .collect())
     return _on_grid(run, df)
+
+
+_INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
+_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "topk_weights")
+
+
+def reap_from_model(run, model, max_tokens: int | None = 4096, progress: bool = False) -> pl.DataFrame:
+    """REAP without an expert_stats table: the run's documents (one at a time, no padding) through the
+    model; a pre-hook on each experts module takes the tokens routed to each expert and runs that expert on
+    them (the module's own forward, weight 1) for ||f_j(x)||_2, times the routing weight it received."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..analysis.common import doc_token_ids
+
+    mm = model
+    E = mm.n_experts
+    num = {lay: np.zeros(E) for lay in mm.moe_layers}
+    cnt = {lay: np.zeros(E) for lay in mm.moe_layers}
+
+    def hook(layer):
+        def pre(module, args, kwargs):
+            if len(args) >= 3:
+                h, idx, w = args[0], args[1], args[2]
+            else:
+                h = args[0] if args else kwargs["hidden_states"]
+                idx = args[1] if len(args) > 1 else kwargs[next(n for n in _INDEX_NAMES if n in kwargs)]
+                w = kwargs[next(n for n in _WEIGHT_NAMES if n in kwargs)]
+            h = h.reshape(-1, h.shape[-1])
+            idx, w = idx.reshape(h.shape[0], -1), w.reshape(h.shape[0], -1)
+            for e in idx.unique().tolist():
+                if not 0 <= e < E:
+                    continue  # zero-compute experts (ids >= E) have no weights
+                t, k = (idx == e).nonzero(as_tuple=True)
+                one = torch.ones(len(t), 1, dtype=w.dtype, device=w.device)
+                y = module.forward(h[t], torch.full((len(t), 1), e, dtype=idx.dtype, device=idx.device), one)
+                num[layer][e] += float((w[t, k].double() * y.double().norm(dim=-1)).sum())
+                cnt[layer][e] += len(t)
+        return pre
+
+    handles = [lay.experts.register_forward_pre_hook(hook(lay.index), with_kwargs=True) for lay in mm.layers]
+    budget = max_tokens or float("inf")
+    try:
+        with torch.inference_mode():
+            for ids in tqdm(list(doc_token_ids(run).values()), desc="REAP", disable=not progress, leave=False):
+                if budget <= 0:
+                    break
+                ids = ids[: int(min(len(ids), budget))]
+                budget -= len(ids)
+                mm.model(input_ids=torch.as_tensor(np.asarray(ids, np.int64)[None], device=mm.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = [(lay, e, num[lay][e] / cnt[lay][e] if cnt[lay][e] else 0.0) for lay in mm.moe_layers for e in range(E)]
+    return _on_grid(run, pl.DataFrame(rows, schema=_SCHEMA, orient="row"))
 
 
 def random_scores(run, seed: int = 0) -> pl.DataFrame:
@@ -97,6 +154,8 @@ def scores(run, by: str, model=None, seed: int = 0, exact: bool = False, max_tok
     if by == "frequency":
         return frequency(run)
     if by == "reap":
+        if not run.has("expert_stats") and model is not None:
+            return reap_from_model(run, model, max_tokens=max_tokens, progress=progress)
         return reap(run)
     if by == "random":
         return random_scores(run, seed)
@@ -107,4 +166,4 @@ def scores(run, by: str, model=None, seed: int = 0, exact: bool = False, max_tok
     raise WorkbenchError(f"unknown criterion {by!r}; choose one of {', '.join(CRITERIA)}")
 
 
-__all__ = ["CRITERIA", "attribution", "frequency", "random_scores", "reap", "scores"]
+__all__ = ["CRITERIA", "attribution", "frequency", "random_scores", "reap", "reap_from_model", "scores"]
