@@ -218,12 +218,17 @@ def cached(name: str, run, compute, options: dict, reuse: bool = True, key: dict
     """Return the stored result for (name, options, run) or compute it with `compute(**options)` and store it.
 
     key: what identifies the result when `options` hold objects (e.g. {"model": "demo"} for a loaded model)."""
+    from ..store import reading
+
     k = options if key is None else key
-    if reuse:
-        hit = load(name, run, k)
-        if hit is not None:
-            hit.meta = dict(hit.meta, reused=True)
-            return hit
-    result = compute(**options)
-    store(result, run, k, replace=not reuse)
+    # under the run's readers lock: a `capture --overwrite` of this run is refused meanwhile instead of
+    # deleting the parts being read (and a run replaced since it was opened is refused here)
+    with reading(run):
+        if reuse:
+            hit = load(name, run, k)
+            if hit is not None:
+                hit.meta = dict(hit.meta, reused=True)
+                return hit
+        result = compute(**options)
+        store(result, run, k, replace=not reuse)
     return result
