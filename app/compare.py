@@ -15,10 +15,11 @@ from dash import Input, Output, dash_table, dcc, html
 
 from ..errors import WorkbenchError
 from ..plots import polish_all
-from .state import Unavailable
+from .state import BoundedCache, Unavailable
 from .ui import Page, graph, notice, table_page
 
-_CACHE: dict = {}
+# (run A, run B, matching) -> (result, figures); LRU-bounded: a comparison holds up to max_changes rows
+_CACHE = BoundedCache(max_entries=6, max_bytes=512 << 20)
 _LOCK = threading.Lock()
 _STARTED: dict = {}  # key -> when its background computation started
 ROWS = 10  # rows per table page
