@@ -58,9 +58,9 @@ def plan_for(run, by: str, ratio: float, protect: bool = False, mm=None):
     if by == "attribution" and mm is None:
         return Unavailable("Attribution runs the model on the run's documents; this dashboard has no model.",
                            f"workbench app {run.path} --model MODEL")
-    if by == "reap" and not run.has("expert_stats"):
-        return Unavailable("REAP needs the expert_stats table (routing weight and output norm per token).",
-                           "workbench capture MODEL --data DATA --probes routing,experts --out RUN")
+    if by == "reap" and not run.has("expert_stats") and mm is None:
+        return Unavailable("REAP needs the expert_stats table (routing weight and output norm per token), or the "
+                           "model to compute it.", "workbench capture MODEL --data DATA --probes routing,experts --out RUN")
     if protect and not run.has("expert_stats"):
         return Unavailable("Protecting super experts needs the expert_stats table to find them.",
                            "workbench capture MODEL --data DATA --probes routing,experts --out RUN")
@@ -199,7 +199,7 @@ def register(app, app_ctx) -> None:
     def show(by, ratio, protect):
         by, ratio = _checked(by, ratio)
         mm = _mm(app_ctx)
-        if by == "attribution" and mm is not None:
+        if mm is not None and (by == "attribution" or (by == "reap" and not app_ctx.run.has("expert_stats"))):
             with app_ctx.service.lock:
                 p = plan_for(app_ctx.run, by, float(ratio), bool(protect), mm)
         else:
@@ -252,7 +252,7 @@ def register(app, app_ctx) -> None:
         mm = _mm(app_ctx)
         sc = None
         with app_ctx.service.lock:
-            if by == "attribution":
+            if by == "attribution" or (by == "reap" and not app_ctx.run.has("expert_stats")):
                 sc = _scores(app_ctx.run, by, mm)
             _, info = prune(mm.path or mm.spec, app_ctx.run, float(ratio), by, out,
                             "super-experts" if protect else None, progress=False, scores=sc)
