@@ -144,6 +144,31 @@ def test_routing_of_packed_batches_equals_the_routers_own_outputs(tiny_model, sa
                                rtol=1e-5, atol=1e-5)
 
 
+def test_run_store_and_a_rank_are_part_sinks_and_a_rank_lists_checksums(tmp_path):
+    """A rank writes its part files through the store's public PartFiles and takes their checksums
+    through `take_checksums`; what it lists verifies like a single-process part."""
+    import pyarrow as pa
+
+    from workbench.distributed import RankWriter
+    from workbench.store import SCHEMAS, RunWriter, part_problem
+
+    run = RunWriter(tmp_path / "r", {"identity": {}})
+    rank1 = RankWriter(tmp_path / "r", rank=1, ws=2, base=0, mine=[1, 3], run=None)
+    assert isinstance(run, pipeline.PartSink) and isinstance(rank1, pipeline.PartSink)
+    idx = rank1.reserve_part()
+    table = pa.table({"doc_id": [0, 1], "pos": [0, 1], "token_id": [5, 6], "token": ["a", "b"],
+                      "phase": ["prefill"] * 2}).cast(SCHEMAS["tokens"])
+    files = {"tokens": rank1.write_table_file(idx, "tokens", table)}
+    rank1.commit_part(idx, files, batch_end=2, n_tokens=2)
+    part = rank1.parts[0]
+    assert (idx, part["batches"], part["batch_end"]) == (1, [1, 3], 4)
+    assert part["bytes"]["tokens"] == (tmp_path / "r" / files["tokens"]).stat().st_size
+    assert part_problem(tmp_path / "r", part, "tokens") is None
+    (tmp_path / "r" / files["tokens"]).write_bytes(b"x" * part["bytes"]["tokens"])  # same size, other bytes
+    assert "checksum" in part_problem(tmp_path / "r", part, "tokens")
+    run.release()
+
+
 # ------------------------------------------------------------------------------------------ imports
 
 # importers/ (its package <-> submodule imports) is [engines-2]'s to untangle; it may import the wing's public names

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -306,6 +306,7 @@ class TokenDecoder:
         return pa.array(strs, pa.string()).take(pa.array(inv.reshape(-1)))
 
 
+@runtime_checkable
 class PartSink(Protocol):
     """Where a PartWriter's parts go: the run store's `RunWriter`, or one data-parallel rank's writer.
 
