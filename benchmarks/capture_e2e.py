@@ -342,7 +342,8 @@ def main() -> None:
     res = summarise()
     shutil.rmtree(root, ignore_errors=True)
     for row in res["results"]:
-        print(row["config"], "e2e", row["e2e_overhead"], "steady", row["steady_overhead"], "fixed", row["fixed_extra_s"])
+        print(row["config"], "e2e", row["e2e_overhead"], "steady", row["steady_overhead"],
+              "fixed", row["fixed_extra_s"])
     print("exact", exact)
 
 

@@ -57,9 +57,10 @@ class CutDocuments:
     def warn(self) -> None:
         name, max_len = self.name, self.max_len
         if self.docs:  # said out loud, with counts: a silent cut changes what the run measures
-            warnings.warn(f"{self.docs} of {self.total_docs} documents of {name} are longer than the model's context "
-                          f"of {max_len} tokens and were cut ({self.dropped:,} of {self.total_tokens:,} tokens dropped);"
-                          f" pass --seq-len {max_len} to capture them whole, packed into {max_len}-token sequences",
+            warnings.warn(f"{self.docs} of {self.total_docs} documents of {name} are longer than the model's "
+                          f"context of {max_len} tokens and were cut ({self.dropped:,} of {self.total_tokens:,} tokens "
+                          f"dropped); pass --seq-len {max_len} to capture them whole, packed into {max_len}-token "
+                          "sequences",
                           WorkbenchWarning, stacklevel=4)
 
 
