@@ -233,3 +233,17 @@ def test_nonfinite_routing_weights_are_reported(run):
     assert rc == 0, err[-800:]
     notes = [ln for ln in err.splitlines() if "NaN or infinite routing weight" in ln]
     assert len(notes) == 1 and "holds 2 NaN" in notes[0], err[-800:]
+
+
+def test_a_rust_panic_is_one_sentence(run, monkeypatch):
+    """polars raises pyo3's PanicException (a BaseException, so no `except Exception` saw it): a traceback."""
+    import workbench.cli as cli
+
+    class PanicException(BaseException):  # the name pyo3 gives it; its module is pyo3_runtime
+        pass
+
+    def panics(args):
+        raise PanicException("called `Option::unwrap()` on a `None` value\nmore lines")
+
+    monkeypatch.setitem(cli.COMMANDS, "check", panics)
+    _sentence(*_cli("check", run)[::2], "Rust panic: called `Option::unwrap()`")

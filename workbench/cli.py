@@ -642,6 +642,14 @@ def main(argv=None) -> int:
 
         print(f"workbench: error: {io_error(e, e.filename or '')}", file=sys.stderr)
         return 2
+    except BaseException as e:  # a Rust panic inside polars/pyarrow (pyo3's PanicException is a BaseException)
+        if type(e).__name__ != "PanicException":
+            raise
+        first = (str(e).strip().splitlines() or ["no message"])[0][:200]
+        print(f"workbench: error: reading failed inside a library (Rust panic: {first}); if the run was being "
+              "replaced or repaired meanwhile, run the command again, else `workbench check RUN` names damage",
+              file=sys.stderr)
+        return 2
     return 0
 
 
