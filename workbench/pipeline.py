@@ -113,18 +113,19 @@ def iter_sequences(ds: Dataset, tokenizer, seq_len: int | None = None, max_token
         tail_ids, tail_src = np.zeros(0, np.int32), np.zeros(0, np.int32)  # the stream not yet cut into sequences
         j = 0
         taken = 0
-        pieces, srcs = [], []
+        pieces, srcs, held = [], [], 0
         for i, ids in _encoded(texts, tokenizer, chunk_chars):
             piece = np.asarray(list(ids) + ([eos] if eos is not None else []), np.int32)
             pieces.append(piece)
             srcs.append(np.full(len(piece), i, np.int32))
             taken += len(piece)
+            held += len(piece)
             if taken >= budget:
                 break
-            if sum(map(len, pieces)) >= 8 * seq_len:  # cut what we have into sequences
+            if held >= 8 * seq_len:  # cut what we have into sequences
                 tail_ids = np.concatenate([tail_ids, *pieces])
                 tail_src = np.concatenate([tail_src, *srcs])
-                pieces, srcs = [], []
+                pieces, srcs, held = [], [], 0
                 whole = len(tail_ids) // seq_len * seq_len
                 for start in range(0, whole, seq_len):
                     any_seq = True
