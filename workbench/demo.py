@@ -139,7 +139,7 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
             for n in names[1:]:
                 live.set_state(n, "queued: captured after " + names[0])
         datas[rp.name] = _run_data(live, rp.name + suffix, runs[rp.name])
-        _queue(datas[rp.name], rp.name, analysis_plans, mm, lock)  # they start while the next capture runs
+        _queue(datas[rp.name], rp.name, analysis_plans, mm, lock, model=False)  # they start during the next capture
         if live is not None and len(live.apps) == 1:
             say(f"dashboard: {url}  (up {time.time() - t0:.0f}s after the start; the other runs and analyses "
                 "are computed in the background, each page shows its progress and fills in when ready)")
@@ -153,21 +153,26 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
             from .analysis import compare as cmp
             from .plots import polish_all
 
-            with lock:
-                runs["code-banned"], result, banned = cmp.demo_comparison(mm, runs["code"], data["code"],
-                                                                          out / "runs" / name)
+            runs["code-banned"] = _capture_banned(mm, runs["code"], data["code"], out / "runs" / name, lock)
+            if live is not None:
+                live.add(name, runs["code-banned"].path, warm=())
+            for run_name in datas:  # the model is free for the closed loops while the comparison is computed
+                _queue(datas[run_name], run_name, analysis_plans, mm, lock, model=True)
+            result = cmp.analyze(runs["code"], other=runs["code-banned"], labels=["class"])
             figs = polish_all("compare", cmp.figures(result))
             an.write_table(result.table, tables_dir / "compare-code-banned.parquet")
             compared = Section("Comparison: code prompts with the top-8 code experts banned", summary=result.summary,
                                figures=figs, tables=dict(list(result.tables.items())[:4]))
             if live is not None:
-                live.add(name, runs["code-banned"].path, warm=())
                 from .app.compare import remember
 
                 remember(runs["code"], runs["code-banned"], "none", result, figs)
         except WorkbenchError as e:
             compared = Section("Comparison", note=f"skipped: {e}")
             say(f"  skipped: {e}")
+    # the closed loops run the model: after the captures, so every run is on the dashboard first
+    for name in datas:
+        _queue(datas[name], name, analysis_plans, mm, lock, model=True)
     sections = [Section("Model and runs", summary=_overview(mm, runs), note=note or "")]
     for ap in analysis_plans:
         t = time.time()
@@ -193,6 +198,25 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
         say(f"still serving the dashboard on {url} (Ctrl-C to stop)")
         _serve_forever(live)
     return report
+
+
+def _capture_banned(mm, run, data, out: Path, lock, n: int = 8):
+    """The code prompts captured again with the top-`n` experts of the code run's behaviour map (target vs
+    the rest) banned: `analysis.compare.demo_comparison`'s capture, holding the model's lock for the capture
+    only (the comparison itself then runs beside the closed loops)."""
+    from .analysis import behavior
+    from .capture import capture
+    from .probes.interventions import format_spec
+
+    maps = behavior.activation_maps(run, "class")
+    if "target" not in maps.classes:
+        raise WorkbenchError(f"run {run.path} has no class=target prompts to find the experts to ban")
+    experts = behavior.top_experts(behavior.contrast(maps, "target", permutations=0, bootstrap=0, top_n=n), n)
+    settings = run.manifest.get("settings", {})
+    with lock:
+        return capture(mm, data, out, resume=True, interventions={"ban": format_spec(experts)}, progress=False,
+                       batch_size=settings.get("batch_size", 8), seq_len=settings.get("seq_len"),
+                       max_tokens=settings.get("max_tokens"))
 
 
 def _service(mm, host):
@@ -245,16 +269,18 @@ def _job(ap: AnalysisPlan, mm):
     return ap.analysis, dict(ap.options), False
 
 
-def _queue(data, run_name, analysis_plans, mm, lock) -> None:
-    """Start every planned analysis of `run_name` on its run's workers (CPU ones in plan order on one
-    worker, model ones on the model worker, which takes `lock` around each)."""
+def _queue(data, run_name, analysis_plans, mm, lock, model: bool) -> None:
+    """Start the planned analyses of `run_name` on its run's workers: the CPU ones (in plan order, on one
+    worker; for a closed loop its plain part, profile or maps, which the page shows above it), or the
+    closed loops (`model`: on the model worker, which takes `lock` around each)."""
     for ap in analysis_plans:
         if ap.run != run_name:
             continue
-        key, opts, model = _job(ap, mm)
-        if model:  # the page's plain section (profile, maps) too, so the loop section shows only what it adds
-            data.analysis(ap.analysis)
-        data.analysis(ap.analysis, variant=key if model else None, options=opts, lock=lock if model else None)
+        key, opts, uses_model = _job(ap, mm)
+        if not model:
+            data.analysis(ap.analysis, options={} if uses_model else opts)
+        elif uses_model:
+            data.analysis(ap.analysis, variant=key, options=opts, lock=lock)
 
 
 def _result(datas, ap: AnalysisPlan, mm, lock):
