@@ -293,3 +293,18 @@ def test_job_table_marks_the_failing_family():
     assert cols["stats"] == "pass" and cols["contract"] == "FAIL"
     row = tool.table([{"transformers": "9.0.0", "role": "probe", "torch": "2.13.0", "checks": cols}]).splitlines()[-1]
     assert row.startswith("| 9.0.0 (probe) | 2.13.0 | FAIL: granitemoe | pass | FAIL: phimoe | pass | FAIL |")
+
+
+def test_remote_code_model_is_not_blamed_on_transformers(tiny_dir, monkeypatch):
+    """A model whose classes live outside transformers (trust_remote_code) with a non-fused MoE: the sentence
+    says it is the model's own code, not a transformers release."""
+    model = _build(tiny_dir, "mixtral")
+    remote = type("MixtralForCausalLM", (type(model),), {"__module__": "transformers_modules.acme.modeling_mixtral"})
+    model.__class__ = remote
+    for dec in model.model.layers:
+        del dec.mlp.experts
+    with pytest.raises(WorkbenchError) as e:
+        wrap_model(model, None)
+    msg = str(e.value)
+    assert msg.startswith("mixtral with its own modeling code (transformers_modules.acme.modeling_mixtral")
+    assert "load the model without trust_remote_code" in msg and "on transformers" not in msg

@@ -90,10 +90,14 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
-def drift_sentence(family: str, problem: str, more: int = 0) -> str:
-    """One sentence for a family whose transformers code no longer has the shape the table expects."""
+def drift_sentence(family: str, problem: str, more: int = 0, remote: str | None = None) -> str:
+    """One sentence for a family whose MoE code no longer has the shape the table expects: the installed
+    transformers' code, or (`remote`, the model class's module) the model's own trust_remote_code code."""
     lo, hi = TESTED["transformers"]
     extra = f" (and {more} more difference{'s' if more > 1 else ''})" if more else ""
+    if remote:
+        return (f"{family} with its own modeling code ({remote}, trust_remote_code): {problem}{extra}; the family "
+                f"table describes transformers' {family} code, so load the model without trust_remote_code")
     return (f"{family} on transformers {transformers_version()}: {problem}{extra}; the workbench's family table "
             f"expects the MoE code of transformers {lo} to {hi} (pip install -c constraints.txt, see docs/compat.md)")
 
@@ -124,7 +128,8 @@ def missing_parts(family: Family, decoder_layers) -> str | None:
     return None
 
 
-def contract_problems(family: Family, layers, n_experts: int, top_k: int, hidden_size: int) -> list[str]:
+def contract_problems(family: Family, layers, n_experts: int, top_k: int, hidden_size: int,
+                      check_classes: bool = True) -> list[str]:
     """What differs between a loaded model's MoE code and what the family row expects, checked on the
     first MoE layer: classes from the family's modeling module, fused 3-d expert weights, the router's
     output (logits [T, E] equal to its own linear projection, weights [T, K], integer index [T, K]) and
@@ -136,7 +141,7 @@ def contract_problems(family: Family, layers, n_experts: int, top_k: int, hidden
     i = layer.index
     out: list[str] = []
     for part, mod in (("router", layer.router), ("experts module", layer.experts), ("MoE block", layer.block)):
-        if type(mod).__module__ != want:
+        if check_classes and type(mod).__module__ != want:
             out.append(f"the {part} of layer {i} is {_cls(mod)}, not a class of {want}")
     for name in ("gate_up_proj", "down_proj"):
         w = getattr(layer.experts, name, None)

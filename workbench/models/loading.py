@@ -415,7 +415,9 @@ def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> M
     family = FAMILIES.get(cfg.model_type)
     family, generic, layers = find_moe_layers(model, family)
     kernels_on = bool(getattr(model, "use_kernels", False))
-    replaced = moe_replacements(family, generic, layers, foreign_classes=kernels_on)
+    # trust_remote_code: the model's classes live outside transformers (transformers_modules.*)
+    remote = None if type(model).__module__.startswith("transformers.") else type(model).__module__
+    replaced = moe_replacements(family, generic or remote is not None, layers, foreign_classes=kernels_on)
     if replaced:
         how = "hub kernels (use_kernels=True) replaced" if kernels_on else "something replaced"
         more = f" and {len(replaced) - 1} more" if len(replaced) > 1 else ""
@@ -424,7 +426,7 @@ def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> M
     if not layers:
         drift = None if generic else missing_parts(family, decoder_layers(model))
         if drift:
-            raise WorkbenchError(drift_sentence(family.model_type, drift))
+            raise WorkbenchError(drift_sentence(family.model_type, drift, remote=remote))
         what = "a dense model" if family and not generic or not layers else "an unsupported MoE"
         raise WorkbenchError(f"{spec} ({cfg.model_type}) has no MoE layers the workbench can probe: {what}; {SUPPORTED_SENTENCE}")
     n_exp = _config_int(cfg, family.n_experts_keys) or int(layers[0].experts.down_proj.shape[0])
@@ -432,9 +434,10 @@ def wrap_model(model, tokenizer, spec: str = "<in-memory>", path: str = "") -> M
     if not top_k:
         raise WorkbenchError(f"cannot tell how many experts a token uses in {cfg.model_type}; {SUPPORTED_SENTENCE}")
     if not generic:  # upstream drift: a loud sentence here, never a wrong capture later
-        problems = contract_problems(family, layers, int(n_exp), int(top_k), int(cfg.hidden_size))
+        problems = contract_problems(family, layers, int(n_exp), int(top_k), int(cfg.hidden_size),
+                                     check_classes=remote is None)
         if problems:
-            raise WorkbenchError(drift_sentence(family.model_type, problems[0], len(problems) - 1))
+            raise WorkbenchError(drift_sentence(family.model_type, problems[0], len(problems) - 1, remote=remote))
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
     n_layers = len(decoder_layers(model))
