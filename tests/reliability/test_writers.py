@@ -197,3 +197,64 @@ def test_disk_full_mid_capture_then_resume(tiny_dir, tmp_path, capsys, monkeypat
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(fs)], capture_output=True)
+
+
+def _replace_lock_held(run, pid: int) -> bool:
+    """Whether process `pid` holds the run's readers lock exclusively, read from /proc/locks (probing with
+    flock would itself take the lock shared for an instant and could make the overwrite refuse)."""
+    try:
+        ino = os.stat(run / ".workbench.readers").st_ino
+        lines = open("/proc/locks").read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[3] == "WRITE" and f[4] == str(pid) and f[5].endswith(f":{ino}"):
+            return True
+    return False
+
+
+def test_analyze_while_overwrite_replaces_the_run(tiny_dir, tmp_path):
+    """Issue 22 item 8, two real processes: an `analyze` while `capture --overwrite` replaces the same run is
+    refused in one sentence (it died in a Rust panic and could mix old and new parts), and an overwrite while
+    an analysis reads the run is refused with the old run untouched; afterwards both work and the run is the
+    new capture."""
+    from workbench.store import reading
+
+    model = str(tiny_dir("olmoe"))
+    data = corpus(tmp_path / "data.jsonl", n=40)
+    args = ["capture", model, "--data", data, "--batch-size", "2", "--part-tokens", "100", "--no-progress"]
+    run = tmp_path / "run"
+    assert main([str(x) for x in args] + ["--out", str(run)]) == 0
+    # 1. a reader holds the run: the overwrite is refused and changes nothing
+    def data(run):  # the run's content (the lock files record who last held them)
+        return {k: v for k, v in snapshot(run).items() if not k.startswith(".workbench")}
+
+    before = data(run)
+    with reading(wb.open_run(run)):
+        one_sentence(wb_cli(*args, "--max-tokens", "300", "--out", run, "--overwrite"),
+                     needle="is being read by another process")
+    assert data(run) == before
+    # 2. the overwrite holds the run (paused while it replaces it): a reader is refused, not half-fed
+    # another corpus in one part: the old run stays until the whole new capture is done (a window of seconds)
+    new = [str(x) for x in args[:2]] + ["--data", str(corpus(tmp_path / "data2.jsonl", n=200)), "--batch-size", "2",
+                                        "--part-tokens", "1000000", "--no-progress"]
+    a = subprocess.Popen(WB + new + ["--out", str(run), "--overwrite"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 180
+        while not _replace_lock_held(run, a.pid) and a.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert a.poll() is None, a.stderr.read()[-2000:]
+        a.send_signal(signal.SIGSTOP)
+        _stopped(a)
+        assert _replace_lock_held(run, a.pid), "the overwrite ended before it was seen replacing the run"
+        for argv in (("analyze", "stats", run), ("export", run, "--out", tmp_path / "exp")):
+            one_sentence(wb_cli(*argv), needle="is being replaced by another process")
+    finally:
+        a.send_signal(signal.SIGCONT)
+    assert a.wait(timeout=300) == 0, a.stderr.read()
+    assert wb_cli("analyze", "stats", run).returncode == 0
+    ref = tmp_path / "ref"
+    assert main(new + ["--out", str(ref)]) == 0
+    tables_equal(wb.open_run(run), wb.open_run(ref))
