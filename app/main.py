@@ -199,6 +199,12 @@ def guard_callbacks(app) -> None:
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, DashException) as e:
             log.warning("malformed dashboard request: %s: %s", type(e).__name__, e)
             return _text(f"Bad request: the callback's values are malformed ({type(e).__name__}).", 400)
+        except BaseException as e:  # a Rust panic in polars (pyo3's PanicException is no Exception)
+            if type(e).__name__ != "PanicException":
+                raise
+            log.error("a library panicked while reading the run", exc_info=e)
+            return _text("The run could not be read (a library panicked); if it was being replaced, reload the "
+                         "page once that has finished.", 503)
 
     guarded._workbench_guarded = True
     app.server.view_functions[endpoint] = guarded
