@@ -20,7 +20,8 @@ from .ui import Page, graph, notice, table_page
 
 # (run A, run B, matching) -> (result, figures); LRU-bounded: a comparison holds up to max_changes rows
 _CACHE = BoundedCache(max_entries=6, max_bytes=512 << 20)
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # guards _CACHE and _STARTED only: held for microseconds, never while computing
+_COMPUTE = threading.Lock()  # one comparison at a time (two CPU cores are shared with everything else)
 _STARTED: dict = {}  # key -> when its background computation started
 ROWS = 10  # rows per table page
 MATCHES = {"none": "same expert ids", "routing": "match by co-routing (same tokens)",
@@ -83,17 +84,21 @@ def result_for(run_a, run_b, match: str):
     from ..analysis import compare
 
     key = (str(run_a.path), str(run_b.path), match)
-    with _LOCK:  # one comparison at a time (two CPU cores are shared with everything else)
-        if key not in _CACHE:
+    with _COMPUTE:  # a request thread calling start() or cached_result() meanwhile is never blocked by this
+        got = _CACHE.get(key)
+        if got is None:
             try:
                 res = compare.analyze(run_a, other=run_b, match=match)
-                _CACHE[key] = (res, polish_all("compare", compare.figures(res)))
+                got = (res, polish_all("compare", compare.figures(res)))
             except WorkbenchError as e:
-                _CACHE[key] = (Unavailable(str(e)), {})
+                got = (Unavailable(str(e)), {})
             except Exception as e:  # on a background thread: say it on the page rather than lose it
-                _CACHE[key] = (Unavailable(f"The comparison failed: {type(e).__name__}: {e}", kind="failed"), {})
+                got = (Unavailable(f"The comparison failed: {type(e).__name__}: {e}", kind="failed"), {})
+            with _LOCK:
+                _CACHE[key] = got
+    with _LOCK:
         _STARTED.pop(key, None)  # done: if evicted later, a new request starts it again
-        return _CACHE[key]
+    return got
 
 
 def _full(df: pl.DataFrame, limit: int = 5000) -> tuple[list, list]:

@@ -134,3 +134,39 @@ def test_analysis_variants_are_bounded(runs):
     # an evicted variant asked again is computed again, not lost
     again = data.analysis("placement", variant="placement:w1", options={"ep": 2, "redundant": 0, "window": 8}, wait=60)
     assert again is not None and "Unavailable" not in type(again).__name__
+
+
+def test_a_running_comparison_never_blocks_request_threads(runs, monkeypatch):
+    """The Compare page's start()/cached_result() ran under the lock a comparison held for its whole
+    computation: every request touching Compare waited for it (a waitress thread each)."""
+    import threading
+
+    import workbench.analysis.compare as analysis_compare
+    from workbench.app import compare as cmp_page
+
+    a, b = runs
+    gate, entered = threading.Event(), threading.Event()
+
+    def slow(run, other=None, match="none", **kw):
+        entered.set()
+        gate.wait(10)
+        raise WorkbenchError("stopped by the test")
+
+    monkeypatch.setattr(analysis_compare, "analyze", slow)
+    for m in ("none", "routing", "weights"):
+        cmp_page._CACHE.pop((str(a.path), str(b.path), m), None)
+        cmp_page._STARTED.pop((str(a.path), str(b.path), m), None)
+    try:
+        cmp_page.start(a, b, "none")
+        assert entered.wait(10)
+        t0 = time.perf_counter()
+        assert cmp_page.cached_result(a, b, "none") is None
+        cmp_page.start(a, b, "routing")  # queued behind the running one, without waiting for it
+        cmp_page.remember(a, b, "weights", "res", {})
+        assert time.perf_counter() - t0 < 1.0
+    finally:
+        gate.set()
+    deadline = time.time() + 20
+    while cmp_page.cached_result(a, b, "routing") is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert "stopped by the test" in cmp_page.cached_result(a, b, "routing")[0].message
