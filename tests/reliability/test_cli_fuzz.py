@@ -115,7 +115,7 @@ def argvs(draw):
 
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch):
-    """An empty working folder; `demo` and `app` are stubbed (they would run or serve for minutes):
+    """An empty working folder; `demo`, `app` and `docs` are stubbed (they would run or serve for minutes):
     their arguments are still parsed and checked by the real parser."""
     import workbench.cli as cli
 
@@ -124,6 +124,7 @@ def sandbox(tmp_path, monkeypatch):
 
     monkeypatch.setitem(cli.COMMANDS, "demo", stub)
     monkeypatch.setitem(cli.COMMANDS, "app", stub)
+    monkeypatch.setitem(cli.COMMANDS, "docs", stub)  # builds the site, then serves until Ctrl-C
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     box = tmp_path / "box"
     box.mkdir()
