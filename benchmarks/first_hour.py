@@ -100,7 +100,10 @@ def measure(case: str, pythonpath: str | None, quick: bool, screenshot: Path | N
     env = dict(os.environ, PYTHONUNBUFFERED="1", NUMBA_CACHE_DIR=str(out / "numba_cache"), USE_HUB_KERNELS="NO")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-c", "import sys; from workbench.cli import main; sys.exit(main(sys.argv[1:]))", "demo",
+    # another checkout: its folder first on the path, and the editable install's finder out of the way
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            if pythonpath else "import sys; ") + "from workbench.cli import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, "demo",
            "--out", str(out / "demo"), "--port", str(port)] + (["--quick"] if quick else [])
     load0 = os.getloadavg()[0]
     t0 = time.time()
