@@ -138,6 +138,8 @@ def run_demo(out: str | Path = "demo_out", serve: bool = True, port: int = 8050,
             live, url = _serve(names, service, host, port)
             for n in names[1:]:
                 live.set_state(n, "queued: captured after " + names[0])
+        if not datas:
+            _share_cores()
         datas[rp.name] = _run_data(live, rp.name + suffix, runs[rp.name])
         _queue(datas[rp.name], rp.name, analysis_plans, mm, lock, model=False)  # they start during the next capture
         if live is not None and len(live.apps) == 1:
@@ -217,6 +219,17 @@ def _capture_banned(mm, run, data, out: Path, lock, n: int = 8):
         return capture(mm, data, out, resume=True, interventions={"ban": format_spec(experts)}, progress=False,
                        batch_size=settings.get("batch_size", 8), seq_len=settings.get("seq_len"),
                        max_tokens=settings.get("max_tokens"))
+
+
+def _share_cores() -> None:
+    """From here on the model's work (captures, closed loops) and the background analyses run side by
+    side: each gets half the cores, unless the user chose a count (--threads, WORKBENCH_THREADS,
+    OMP/MKL_NUM_THREADS). Measured on 2 quiet cores: torch on 2 threads beside the analyses' numba and
+    polars work took 238 s for the whole demo, on 1 thread 184 s (benchmarks/results/first_hour_cpu.json)."""
+    from . import threads
+
+    if threads.automatic():
+        threads.configure(max(1, threads.available_cpus() // 2))
 
 
 def _service(mm, host):

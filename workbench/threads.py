@@ -25,6 +25,7 @@ _USER_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _chosen: int | None = None  # set by configure(): the CLI's (or a caller's) decision, applied to torch
 _torch_at_import: int | None = None  # torch's thread count when this module first saw torch
+_automatic = False  # configure() took the default (no --threads, WORKBENCH_THREADS or OMP/MKL_NUM_THREADS)
 
 
 def available_cpus() -> int:
@@ -88,16 +89,22 @@ def _requested(threads) -> int | None:
 def configure(threads: int | str | None = None) -> int | None:
     """The CLI's start: decide the count once (explicit, WORKBENCH_THREADS, else the default unless
     OMP/MKL_NUM_THREADS say otherwise) and apply it; returns it (None: left to the user's env vars)."""
-    global _chosen
+    global _chosen, _automatic
     n = _requested(threads)
     if n is None and any(os.environ.get(v) for v in _USER_ENV):
         return None
+    _automatic = n is None
     _chosen = default_threads() if n is None else n
     if "torch" in sys.modules:
         _set(_chosen)
     else:  # torch reads these when it starts its pools; nothing to import now (fast --help)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_chosen)
     return _chosen
+
+
+def automatic() -> bool:
+    """Whether the CLI's thread count is the automatic choice (the user set none), so a command may adapt it."""
+    return _automatic
 
 
 def note_torch() -> None:
