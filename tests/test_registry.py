@@ -55,7 +55,7 @@ def test_cli_subcommands_and_help_come_from_the_table(capsys):
 
 
 def test_reading_the_table_imports_nothing_heavy():
-    code = ("import sys, workbench.analysis.registry, workbench.cli; "
+    code = ("import sys, workbench.analysis.registry, workbench.cli; workbench.cli.build_parser(['capture']); "
             "print(','.join(m for m in ('numpy', 'polars', 'torch', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
@@ -89,3 +89,16 @@ def test_analyze_runs_after_on_computed_and_reused_results(tiny_dir, tmp_path):
     fresh = analyze("placement", run, reuse=False, ep=2, window=16)
     assert not fresh.meta.get("reused")
     assert fresh.table.equals(first.table)
+
+
+def test_every_command_module_has_a_parser_and_a_run():
+    import importlib
+
+    from workbench.cli import COMMANDS, TABLE, build_parser
+
+    assert set(COMMANDS) == set(TABLE)
+    for name, module in TABLE.items():
+        mod = importlib.import_module(f"workbench.cli.{module}")
+        assert callable(mod.add_parser) and callable(mod.run), name
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert list(sub.choices) == list(TABLE)  # `workbench --help` lists them in the table's order
