@@ -16,7 +16,6 @@ import plotly.express as px
 import polars as pl
 from dash import MATCH, Input, Output, ctx as dash_ctx, dash_table, dcc, html, no_update
 
-from ..plots import colour_map, polish
 from ..analysis.registry import ANALYSES
 from ..plots import colour_map, polish
 from .state import CAPTURE_HINTS, TABLE_HINTS, Unavailable

@@ -97,8 +97,8 @@ def test_every_command_module_has_a_parser_and_a_run():
     from workbench.cli import COMMANDS, TABLE, build_parser
 
     assert set(COMMANDS) == set(TABLE)
-    for name, module in TABLE.items():
-        mod = importlib.import_module(f"workbench.cli.{module}")
+    for name, modname in TABLE.items():
+        mod = importlib.import_module(f"workbench.cli.{modname}")
         assert callable(mod.add_parser) and callable(mod.run), name
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert list(sub.choices) == list(TABLE)  # `workbench --help` lists them in the table's order
