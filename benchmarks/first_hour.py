@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
