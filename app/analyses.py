@@ -179,7 +179,7 @@ def _body(app_ctx, sec: Section):
     if res is None:
         key = sec.variant or sec.analysis
         busy = computing(sec.analysis + (" closed-loop" if sec.loop else ""), data.started(key), data.running(key),
-                         model=bool(sec.loop))
+                         model=bool(sec.loop), behind=data.behind(key))
         return html.Div([busy, progress_bar(data.progress(key))]), False
     if isinstance(res, Unavailable):
         return notice(res), True

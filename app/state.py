@@ -53,6 +53,7 @@ class Job:
     started: float = field(default_factory=time.time)
     progress: dict | None = None  # the latest streaming pass: desc, done, total, chunks (common.report_progress)
     running: float | None = None  # when the worker took it up (until then it waits behind other jobs)
+    pool: str = "cpu"  # which worker runs it: "cpu" (analyses) or "model" (closed loops, one at a time)
 
 
 def approx_bytes(obj, _depth: int = 0) -> int:
@@ -188,6 +189,7 @@ class RunData:
         self._guard = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._pool = Worker("workbench-analysis")
+        self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
         self._doc_cache = BoundedCache(MAX_DOCS, MAX_DOC_BYTES)
         self._variants = BoundedCache(MAX_VARIANTS, MAX_VARIANT_BYTES, on_evict=self._forget_variant)
         self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
@@ -300,7 +302,8 @@ class RunData:
                 pool = self._pool
                 if lock is not None:  # a closed-loop job waits for the model, not for the CPU analyses
                     pool = self._model_pool = self._model_pool or Worker("workbench-model")
-                job = self._jobs[key] = Job(pool.submit(self._compute, name, key, options or {}, lock))
+                job = self._jobs[key] = Job(pool.submit(self._compute, name, key, options or {}, lock),
+                                            pool="model" if lock is not None else "cpu")
         if wait > 0:
             try:
                 job.future.result(timeout=wait)
@@ -318,6 +321,16 @@ class RunData:
         """When the job for `key` started running (None while it waits in the queue, or with no job)."""
         job = self._jobs.get(key)
         return job.running if job else None
+
+    def behind(self, key: str) -> str | None:
+        """The job that the queued job `key` waits behind on its worker (None if it runs, or waits for nothing)."""
+        job = self._jobs.get(key)
+        if job is None or job.running is not None or job.future.done():
+            return None
+        for k, j in list(self._jobs.items()):
+            if k != key and j.pool == job.pool and j.running is not None and not j.future.done():
+                return k
+        return None
 
     def put(self, key: str, result, figures: dict | None = None) -> None:
         """Hand in a result computed elsewhere (the demo's comparison), shown as if computed here."""

@@ -88,11 +88,13 @@ def notice(u: Unavailable) -> html.Div:
     return html.Div(body, className=f"notice {u.kind}")
 
 
-def computing(what: str, started: float | None, running: float | None = None, model: bool = False) -> html.Div:
-    """The notice of a section still being computed: queued (and how long) or running (and for how long)."""
-    if started and running is None:
-        ahead = ("the live model is busy (a capture or another closed-loop job); this starts when it is free"
-                 if model else "it waits for the analyses queued before it on this run")
+def computing(what: str, started: float | None, running: float | None = None, model: bool = False,
+              behind: str | None = None) -> html.Div:
+    """The notice of a section still being computed: queued (behind what, for how long) or running."""
+    if started and running is None and (behind or model):
+        ahead = (f"it starts when the {behind.replace(':loop', ' closed-loop')} analysis before it is done" if behind
+                 else "the live model is busy (a capture, another closed loop or the Steering lab); it starts "
+                      "when the model is free")
         return html.Div(f"Queued: the {what} analysis ({time.time() - started:.0f} s so far); {ahead}. "
                         "This page fills in when it is ready.", className="computing")
     secs = f" ({time.time() - (running or started):.0f} s so far)" if (running or started) else ""

@@ -154,3 +154,29 @@ def test_commands_say_what_they_load_first_at_a_terminal(tmp_path, capsys, monke
     assert main(["app", missing, "--model", "demo"]) == 2
     first, *rest = capsys.readouterr().err.strip().splitlines()
     assert first == "workbench: starting the dashboard and loading the model demo ..." and "not a run folder" in rest[-1]
+
+
+def test_a_queued_section_says_what_it_waits_behind(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from workbench.analysis import atlas
+    from workbench.app import make_app
+    from workbench.app.analyses import SECTIONS, _body
+
+    run = write_synthetic_run(tmp_path / "q", n_tokens=400, n_layers=2, n_experts=4, top_k=2, seq_len=100,
+                              probes=("routing",))
+    gate = threading.Event()
+    monkeypatch.setattr(atlas, "analyze", lambda run, **kw: gate.wait(30) and None)
+    data = make_app(run, warm=()).workbench.data
+    data.analysis("atlas")
+    end = time.time() + 30
+    while data.running("atlas") is None and time.time() < end:
+        time.sleep(0.05)
+    try:
+        ctx = make_app(run, warm=()).workbench
+        ctx.data = data  # the same run state, as a page sees it
+        body, done = _body(ctx, SECTIONS["experts"])  # stats, queued behind the atlas on the one CPU worker
+        assert not done and "Queued: the stats analysis" in _text(body) and "atlas analysis before it" in _text(body)
+    finally:
+        gate.set()
