@@ -117,28 +117,24 @@ def test_failure_in_the_middle_of_installation_removes_what_was_attached(qwen2, 
     mm = qwen2
     before, hooks = _logits(mm), _hooks(mm.model)
     calls = []
-    real_prepare = iv._Controller._prepare
+    real_register = iv.register  # every hook of a plan is attached through the named-site registry
 
-    def prepare(self, plan):
-        steps = real_prepare(self, plan)
-        assert len(steps) >= 5
+    def register(*a, **k):
+        i = len(calls)
+        calls.append(i)
+        if i == fail_at:
+            raise exc("injected")
+        return real_register(*a, **k)
 
-        def wrap(i, register):
-            def reg(*a, **k):
-                calls.append(i)
-                if i == fail_at:
-                    raise exc("injected")
-                return register(*a, **k)
-            return reg
-        return [(wrap(i, r), a, k) for i, (r, a, k) in enumerate(steps)]
-
-    monkeypatch.setattr(iv._Controller, "_prepare", prepare)
+    monkeypatch.setattr(iv, "register", register)
     inter = dict(ban="L0:E1", zero="L1:E2", scale="L2:E-1=0.5,L3:E4=2", boost={"L3:E0": 1.0})
     with pytest.raises(exc, match="injected"):
         with mm.steer(**inter):
             pytest.fail("the body must not run")
     assert calls[-1] == fail_at
     assert _hooks(mm.model) == hooks == {} and active_plan(mm).empty()
+    with mm.steer(**inter):  # the plan really has more registrations than the failing one
+        assert len(_hooks(mm.model)) >= 5 > fail_at
     assert torch.equal(_logits(mm), before)
     monkeypatch.undo()
     with mm.steer(**inter):  # installs cleanly afterwards
@@ -152,14 +148,14 @@ def test_failure_inside_an_outer_context_keeps_the_outer_one_exact(qwen2, monkey
     with mm.steer(ban="L1:E3", scale="L2:E-1=0"):
         outer, hooks = _logits(mm), _hooks(mm.model)
         assert not torch.equal(outer, plain)
-        real = iv._Controller._prepare
+        real_register = iv.register
 
-        def prepare(self, plan):
-            steps = real(self, plan)
-            r, a, k = steps[-1]
-            return steps[:-1] + [(lambda *a_, **k_: (_ for _ in ()).throw(Boom("injected")), a, k)]
+        def register(mm_, site, fn, prepend=False):
+            if site == "L3.experts.in":  # the one registration the inner context adds fails
+                raise Boom("injected")
+            return real_register(mm_, site, fn, prepend=prepend)
 
-        monkeypatch.setattr(iv._Controller, "_prepare", prepare)
+        monkeypatch.setattr(iv, "register", register)
         with pytest.raises(Boom):
             with mm.steer(zero="L3:E1"):
                 pass
