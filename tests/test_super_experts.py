@@ -35,7 +35,9 @@ def write_run(path, n_layers, moe_layers, n_experts, stats_rows=None, hidden_row
         if logits is not None:
             cols["logits"] = list_array(np.asarray(logits, np.float32), pa.float32())
         tables["routing"] = pa.table(cols)
-    w.write_part(tables, batch_end=1, n_tokens=1)
+    # the manifest's token count is what readers check each part's rows against: count the tokens the rows name
+    n_tokens = max(len(set(zip(t.column("doc_id").to_pylist(), t.column("pos").to_pylist()))) for t in tables.values())
+    w.write_part(tables, batch_end=1, n_tokens=n_tokens)
     w.finish()
     return open_run(path)
 
