@@ -189,7 +189,6 @@ class RunData:
         self._guard = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._pool = Worker("workbench-analysis")
-        self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
         self._doc_cache = BoundedCache(MAX_DOCS, MAX_DOC_BYTES)
         self._variants = BoundedCache(MAX_VARIANTS, MAX_VARIANT_BYTES, on_evict=self._forget_variant)
         self._model_pool: Worker | None = None  # jobs that run the live model: never queued behind a CPU analysis
