@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WorkbenchError
-from . import Counts, Doc
-from . import id_list, whole
-from .vllm import _labels, offset_of, read_records
+from .common import Counts, Doc, id_list, labels_of, whole
+from .vllm import offset_of, read_records
 
 
 def decode_routed_experts(b64, what: str = "meta_info.routed_experts") -> np.ndarray:
@@ -113,7 +112,7 @@ def iter_docs(records, tok_rows, facts, routed_start: int | None = None):
         ex = flat.reshape(rows, lw, K)
         ids = np.asarray(prompt + gen, np.int64)[start:]
         labels = {"request_id": None if meta.get("id") is None else str(meta.get("id")), "completion": 0}
-        labels.update(_labels(t))
+        labels.update(labels_of(t))
         cached = whole(meta.get("cached_tokens", 0) or 0, f"response {i} meta_info.cached_tokens")
         yield Doc(token_ids=ids, experts=ex, n_prompt=n_prompt - start, start=start,
                   cached=max(0, min(cached, n_prompt) - start), labels=labels)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WorkbenchError
-from . import INT16_MAX, Doc, id_list, inferred_facts, whole
+from .common import INT16_MAX, Doc, id_list, inferred_facts, labels_of, whole
 
 OFFSET_KEYS = ("routed_experts_prompt_start", "routed_experts_start_len")
 
@@ -143,13 +143,6 @@ def read_tokens(tokens) -> list[dict] | None:
     return out
 
 
-def _labels(tok_row: dict | None) -> dict:
-    if not tok_row:
-        return {}
-    return {k: v for k, v in tok_row.items() if k not in ("input_ids", "prompt_token_ids", "output_ids", "token_ids",
-                                                          "text") and isinstance(v, (str, int, float, bool))}
-
-
 def offset_of(r, default: int | None, *places) -> int:
     """Rows the engine skipped at the front: from the record (or the request saved with it), else `default`."""
     for where in (r, get(r, "sampling_params"), get(r, "request"), *places):
@@ -240,7 +233,7 @@ def iter_docs(records, tok_rows, routed_start: int | None = None):
             ids, n_prompt = place(rid if rid is not None else i, len(full), prompt, gen, start, n_prompt_decl)
             labels = {"request_id": None if rid is None else str(rid),
                       "completion": whole(get(c, "index", j), f"{what} index")}
-            labels.update(_labels(t))
+            labels.update(labels_of(t))
             yield Doc(token_ids=ids, experts=full, n_prompt=n_prompt - start, start=start,
                       cached=max(0, min(cached, n_prompt) - start), labels=labels)
 
