@@ -218,14 +218,13 @@ def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray 
 
 def _remove_fresh(w, out: Path) -> None:
     """A refusal after the folder was made (should the dry pass miss one): leave nothing that blocks a retry."""
+    from ..safefs import remove_file
     from ..store import LOCK, MANIFEST
 
     w.discard_uncommitted()
     w.release()
     for name in (MANIFEST, LOCK):
-        f = out / name
-        if f.is_file() and not f.is_symlink():
-            f.unlink()
+        remove_file(out, name)  # regular files only, never through a link (the one deletion path)
     for d in out.iterdir() if out.is_dir() else []:
         if d.is_dir() and not d.is_symlink():
             try:
