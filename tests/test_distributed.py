@@ -22,12 +22,22 @@ KEYS = {"routing": ["doc_id", "pos", "layer"], "expert_stats": ["doc_id", "pos",
 
 # Runs the real CLI under torchrun; rank 1 SIGKILLs itself right after listing its 2nd part.
 KILLER = textwrap.dedent("""
-    import os, signal, sys
+    import json, os, signal, sys, time
     import workbench.distributed as d
     orig = d.RankWriter.commit_part
     def commit(self, *a, **k):
         orig(self, *a, **k)
         if self.rank == 1 and len(self.parts) == 2:
+            # the kill must land after rank 0 committed a part too (the test checks both rank files); on a
+            # loaded machine rank 0 can lag, so wait for its file, bounded, rather than flake
+            other = self.file.with_name("rank-0.json")
+            for _ in range(600):
+                try:
+                    if json.loads(other.read_text())["parts"]:
+                        break
+                except (OSError, ValueError, KeyError):
+                    pass
+                time.sleep(0.1)
             os.kill(os.getpid(), signal.SIGKILL)
     d.RankWriter.commit_part = commit
     from workbench.cli import main
