@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..manifest import Manifest
 from ..probes.base import list_array
 from ..store import RunWriter, open_run
 
@@ -45,17 +46,16 @@ def write_synthetic_run(path, n_tokens: int = 20_000, n_layers: int = 4, n_exper
     class_bias[0, :, : max(1, n_experts // 8)] = 1.5  # the "behaviour" experts of the target class
     base = rng.normal(0, 0.5, (n_layers, n_experts)).astype(np.float32)
     heads = np.arange(4, dtype=np.int16)
-    manifest = {
-        "identity": {"synthetic": seed, "n_tokens": n_tokens},
-        "model": {"spec": "synthetic", "path": "", "model_type": "synthetic", "family": "synthetic",
-                  "routing_rule": "softmax_topk", "norm_topk_prob": True, "n_layers": first_dense + n_layers,
-                  "moe_layers": moe_layers, "n_experts": n_experts, "top_k": top_k, "shared_experts": 0,
-                  "hidden_size": 64, "vocab_size": len(_WORDS), "revision": None, "file_hashes": {}},
-        "dataset": {"name": "synthetic", "source": "workbench.app.synthetic", "records": n_docs},
-        "label_columns": ["lang", "key", "set", "class"] if labels else [],
-        "probes": {p: {} for p in probes}, "settings": {"seq_len": seq_len, "synthetic": True},
-        "interventions": {}, "dtype": "float32", "device": "cpu", "versions": {},
-    }
+    manifest = Manifest.new(
+        identity={"synthetic": seed, "n_tokens": n_tokens},
+        model={"spec": "synthetic", "path": "", "model_type": "synthetic", "family": "synthetic",
+               "routing_rule": "softmax_topk", "norm_topk_prob": True, "n_layers": first_dense + n_layers,
+               "moe_layers": moe_layers, "n_experts": n_experts, "top_k": top_k, "shared_experts": 0,
+               "hidden_size": 64, "vocab_size": len(_WORDS), "revision": None, "file_hashes": {}},
+        dataset={"name": "synthetic", "source": "workbench.app.synthetic", "records": n_docs},
+        label_columns=["lang", "key", "set", "class"] if labels else [],
+        probes={p: {} for p in probes}, settings={"seq_len": seq_len, "synthetic": True},
+        interventions={}, dtype="float32", device="cpu", versions={}).to_json()
     w = RunWriter(path, manifest, overwrite=overwrite)
     docs_per_part = max(1, part_tokens // seq_len)
     from tqdm.auto import tqdm

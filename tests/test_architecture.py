@@ -216,3 +216,27 @@ def test_router_output_is_read_through_router_out():
                              or isinstance(node.slice, ast.Constant) and node.slice.value in (1, 2))):
                     found.append(f"{mod}:{node.lineno}")
     assert not found, f"router tuples unpacked by hand: {found}"
+
+
+def _manifest_literals(tree) -> list[int]:
+    """Lines of dict literals (or dict(...) calls) that name both "identity" and "versions": a run manifest."""
+    lines = []
+    for node in ast.walk(tree):
+        keys = set()
+        if isinstance(node, ast.Dict):
+            keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+            keys = {k.arg for k in node.keywords}
+        if {"identity", "versions"} <= keys:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_one_manifest_builder():
+    """A new run's manifest is built by Manifest.new only (capture, generation capture and the importers each
+    wrote their own dict before)."""
+    found = [f"{mod}:{line}" for mod, path in MODULES.items() if mod != "workbench.manifest"
+             for line in _manifest_literals(ast.parse(path.read_text()))]
+    assert not found, f"manifest dicts built outside workbench.manifest: {found}"
+    old = ast.parse('m = {"identity": i, "model": mm.describe(), "versions": versions()}')
+    assert _manifest_literals(old) == [1]  # the check sees the shape the old builders had

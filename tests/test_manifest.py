@@ -90,3 +90,17 @@ def test_settings_and_schema_problems():
     m = Manifest.from_json({"parts": [], "settings": {"batch_size": 0, "seq_len": None}, "schema_version": 2})
     assert m.problems() == ["settings.batch_size 0 is not a positive integer", "schema version 2 is not 1"]
     assert problem(m.to_json()) is None  # the store opens it as before: only parts decide that
+
+
+def test_new_gives_the_key_order_every_writer_used():
+    """One builder for capture, generation capture and imports: the keys in the order manifest.json always had."""
+    from workbench.manifest import Manifest
+
+    common = dict(identity={"a": 1}, model={"spec": "m"}, dataset={"name": "d"}, label_columns=[], probes={},
+                  settings={"batch_size": 2, "seq_len": None}, interventions={}, dtype=None, device=None,
+                  versions={"torch": "x"})
+    order = ["identity", "model", "dataset", "label_columns", "probes", "settings", "interventions", "dtype",
+             "device", "versions"]
+    assert list(Manifest.new(**common).to_json()) == order
+    imported = Manifest.new(**common, source="vllm").to_json()
+    assert list(imported) == ["identity", "source", *order[1:]] and imported["settings"] == common["settings"]

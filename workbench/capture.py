@@ -17,6 +17,7 @@ import torch
 
 from .data import load_dataset
 from .errors import WorkbenchError
+from .manifest import Manifest
 from .models.loading import MoEModel, load_model, seeded
 from .pipeline import (CutDocuments, PartWriter, ProbePipeline, Sequence, TokenDecoder, attached, batch_context,
                        batched, build_sequences, iter_sequences, labels_table, progress_bar, run_batches, versions)
@@ -146,19 +147,13 @@ def capture(model, data, out, probes=("routing",), logits: bool = False, batch_s
     identity = {"model": {k: mm.describe()[k] for k in ("spec", "model_type", "file_hashes")},
                 "data": ds.sha256, "settings": settings, "interventions": inter,
                 "dtype": str(next(mm.model.parameters()).dtype)}
-    manifest = {
-        "identity": identity,
+    manifest = Manifest.new(
+        identity=identity,
         # model.moe_layers = the MoE layers this run holds; model_moe_layers = all of the model's
-        "model": mm.describe() if layers is None else {**pm.describe(), "model_moe_layers": mm.moe_layers},
-        "dataset": ds.describe(),
-        "label_columns": ds.label_columns + (["src_doc"] if seq_len else []),
-        "probes": settings["probes"],
-        "settings": settings,
-        "interventions": inter,
-        "dtype": identity["dtype"],
-        "device": str(mm.device),
-        "versions": versions(),
-    }
+        model=mm.describe() if layers is None else {**pm.describe(), "model_moe_layers": mm.moe_layers},
+        dataset=ds.describe(), label_columns=ds.label_columns + (["src_doc"] if seq_len else []),
+        probes=settings["probes"], settings=settings, interventions=inter, dtype=identity["dtype"],
+        device=str(mm.device), versions=versions()).to_json()
     schedule = _schedule(mm, out)
     sink = schedule.open(out, manifest, resume, overwrite)
     if sink is None:  # already complete
@@ -216,10 +211,10 @@ def capture_generate(model, prompts, out, max_new_tokens: int = 32, probes=("rou
                 "max_new_tokens": max_new_tokens, "do_sample": do_sample, "seed": seed}
     identity = {"model": {k: mm.describe()[k] for k in ("spec", "model_type", "file_hashes")},
                 "data": ds.sha256, "settings": settings, "interventions": inter}
-    manifest = {"identity": identity, "model": mm.describe(), "dataset": ds.describe(),
-                "label_columns": ds.label_columns, "probes": settings["probes"], "settings": settings,
-                "interventions": inter, "dtype": str(next(mm.model.parameters()).dtype),
-                "device": str(mm.device), "versions": versions()}
+    manifest = Manifest.new(identity=identity, model=mm.describe(), dataset=ds.describe(),
+                            label_columns=ds.label_columns, probes=settings["probes"], settings=settings,
+                            interventions=inter, dtype=str(next(mm.model.parameters()).dtype),
+                            device=str(mm.device), versions=versions()).to_json()
     w = RunWriter(out, manifest, overwrite=overwrite)
     if w.already_complete:
         return open_run(out)

@@ -144,6 +144,20 @@ class Manifest:
     order: list = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
+    def new(cls, *, identity: dict, model: dict, dataset: dict, label_columns: list, probes: dict, settings: dict,
+            interventions: dict, dtype: str | None, device: str | None, versions: dict,
+            source: str | None = None) -> Manifest:
+        """The manifest a new run starts with, for every writer (capture, generation capture, engine import):
+        one builder, so every manifest.json has the same keys in the same order. The store adds
+        schema_version, status, parts and the times."""
+        d: dict[str, Any] = {"identity": identity}
+        if source is not None:
+            d["source"] = source  # an engine import: which engine recorded the routing
+        d.update(model=model, dataset=dataset, label_columns=label_columns, probes=probes, settings=settings,
+                 interventions=interventions, dtype=dtype, device=device, versions=versions)
+        return cls.from_json(d)
+
+    @classmethod
     def from_json(cls, d: dict) -> Manifest:
         """Read a manifest object; lenient (a malformed entry is kept as found, for problems() to name)."""
         if not isinstance(d, dict):

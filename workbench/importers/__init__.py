@@ -160,6 +160,7 @@ def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray 
     `docs_factory` is called more than once: a dry pass converts and checks everything (so a refused
     input leaves no run folder, and the manifest's counts cover every row, also after --resume), then
     the write, which on resume skips the documents already written. A part holds whole documents."""
+    from ..manifest import Manifest
     from ..pipeline import TokenDecoder as _Decoder, progress_bar as _progress, versions as _versions
     from ..store import RunWriter, open_run
 
@@ -197,11 +198,11 @@ def write_run(docs_factory, out, engine: str, model_info: dict, p2l: np.ndarray 
     settings = {"import": engine, "expert_ids": id_kind}
     if engine_version is not None:
         settings["engine_version"] = ".".join(map(str, engine_version))
-    manifest = {"identity": identity, "source": engine, "model": facts,
-                "dataset": {"name": f"{engine} import", **(source_desc or {})},
-                "label_columns": [], "probes": {"routing": {"weights": False, "logits": False}},
-                "settings": settings, "interventions": {},
-                "dtype": None, "device": None, "versions": _versions()}
+    manifest = Manifest.new(identity=identity, source=engine, model=facts,
+                            dataset={"name": f"{engine} import", **(source_desc or {})},
+                            label_columns=[], probes={"routing": {"weights": False, "logits": False}},
+                            settings=settings, interventions={}, dtype=None, device=None,
+                            versions=_versions()).to_json()
     fresh = not Path(out).exists()
     w = RunWriter(out, manifest, resume=resume, overwrite=overwrite)
     if w.already_complete:
