@@ -6,8 +6,6 @@ the fault campaign did, runs the command, and compares the outside folder byte f
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -23,21 +21,7 @@ from workbench.app.synthetic import write_synthetic_run
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 
-from reliability._faults import corpus, snapshot  # tests/ is on sys.path (no __init__.py)
-
-
-def _cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _sentence(rc, err, needle) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("workbench")]
-    assert rc == 2 and "Traceback" not in err, (rc, err[-1500:])
-    assert len(lines) == 1 and needle in lines[0], err[-1500:]
-    return lines[0]
+from reliability._faults import cli as _cli, cli_sentence as _sentence, corpus, snapshot  # tests/ is on sys.path
 
 
 def _home(root: Path) -> Path:

@@ -5,8 +5,6 @@ NaN/inf routing weights are reported in a sentence."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -24,24 +22,9 @@ import pytest
 import workbench as wb
 from workbench.analysis import AnalysisResult, persist
 from workbench.app.synthetic import write_synthetic_run
-from workbench.cli import main
 from workbench.store import RunLocked, file_checksum, lock_replace, reading
 
-from reliability._faults import wb as wb_proc  # tests/ is on sys.path (no __init__.py)
-
-
-def _cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _sentence(rc, err, needle) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("workbench")]
-    assert rc == 2 and "Traceback" not in err, (rc, err[-1500:])
-    assert len(lines) == 1 and needle in lines[0], err[-1500:]
-    return lines[0]
+from reliability._faults import cli as _cli, cli_sentence as _sentence, wb as wb_proc  # tests/ is on sys.path
 
 
 @pytest.fixture(scope="module")

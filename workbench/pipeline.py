@@ -172,8 +172,9 @@ def to_device(arr: np.ndarray, device) -> torch.Tensor:
     return t.to(device)
 
 
-def batch_context(seqs: list[Sequence], pad_id: int, device) -> tuple[BatchContext, np.ndarray, np.ndarray, np.ndarray]:
-    """The padded batch on `device` plus its host-side rows: (ctx, token ids, source records, lengths)."""
+def pad_batch(seqs, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad sequences (anything with `.ids` and `.doc_id`) as capture batches them, on the host:
+    (input ids [B, S], attention mask [B, S], lengths [B], doc [Tv], pos [Tv]) for the Tv valid tokens."""
     lengths = np.array([len(s.ids) for s in seqs])
     S = int(lengths.max())
     ids = np.full((len(seqs), S), pad_id, np.int64)
@@ -181,9 +182,15 @@ def batch_context(seqs: list[Sequence], pad_id: int, device) -> tuple[BatchConte
     for b, s in enumerate(seqs):
         ids[b, : len(s.ids)] = s.ids
         mask[b, : len(s.ids)] = 1
-    flat_valid = np.flatnonzero(mask.reshape(-1))
     doc = np.repeat(np.array([s.doc_id for s in seqs], np.int64), lengths)
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    return ids, mask, lengths, doc, pos
+
+
+def batch_context(seqs: list[Sequence], pad_id: int, device) -> tuple[BatchContext, np.ndarray, np.ndarray, np.ndarray]:
+    """The padded batch on `device` plus its host-side rows: (ctx, token ids, source records, lengths)."""
+    ids, mask, lengths, doc, pos = pad_batch(seqs, pad_id)
+    flat_valid = np.flatnonzero(mask.reshape(-1))
     ctx = BatchContext(input_ids=to_device(ids, device), attention_mask=to_device(mask, device),
                        valid=to_device(flat_valid, device), doc_ids=np.array([s.doc_id for s in seqs]),
                        pos=pos, doc=doc)

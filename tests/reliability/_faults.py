@@ -21,6 +21,27 @@ def wb(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(WB + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
 
 
+def cli(*argv) -> tuple[int, str, str]:
+    """The CLI's main() in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from workbench.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def cli_sentence(rc: int, err: str, needle: str) -> str:
+    """An in-process CLI call failed with exit 2 and one `workbench...` line holding `needle`, no traceback."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("workbench")]
+    assert rc == 2 and "Traceback" not in err, (rc, err[-1500:])
+    assert len(lines) == 1 and needle in lines[0], err[-1500:]
+    return lines[0]
+
+
 def one_sentence(r: subprocess.CompletedProcess, code: int = 2, needle: str | None = None) -> str:
     """The process failed with `code` and said why in a single stderr line, with no traceback."""
     err = r.stderr.strip()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WorkbenchError
+from ..pipeline import pad_batch
 
 
 @dataclass
@@ -42,16 +43,8 @@ def make_batches(seqs: list[Seq], batch_size: int, pad_id: int) -> list[Batch]:
     out = []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start:start + batch_size]
-        lengths = np.array([len(s.ids) for s in chunk])
-        S = int(lengths.max())
-        ids = np.full((len(chunk), S), pad_id, np.int64)
-        mask = np.zeros((len(chunk), S), np.int64)
-        for b, s in enumerate(chunk):
-            ids[b, :len(s.ids)] = s.ids
-            mask[b, :len(s.ids)] = 1
+        ids, mask, _, doc, pos = pad_batch(chunk, pad_id)
         rows = np.flatnonzero(mask.reshape(-1)).astype(np.int64)
-        doc = np.repeat(np.array([s.doc_id for s in chunk], np.int64), lengths)
-        pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
         out.append(Batch(chunk, ids, mask, rows, doc, pos))
     return out
 
